@@ -1,0 +1,249 @@
+"""``nucseg <stage> ...``: one subcommand per pipeline stage; Snakemake rules call these."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """Expose each field of a parameter dataclass as ``--field-name`` (defaults from the dataclass)."""
+    group = parser.add_argument_group(f"{cls.__name__} (defaults shown)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"(default: {default})")
+        elif isinstance(default, tuple):
+            group.add_argument(flag, dest=f.name, nargs=len(default), type=type(default[0]), default=default,
+                               metavar=("LO", "HI") if len(default) == 2 else None,
+                               help=f"(default: {' '.join(map(str, default))})")
+        else:
+            group.add_argument(flag, dest=f.name, type=type(default), default=default,
+                               help=f"(default: {default})")
+
+
+def _dataclass_from_args(cls, args: argparse.Namespace, **overrides):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**{**values, **overrides})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .qc import QCParams
+    from .segment import SegmentParams
+    from .synth import SynthParams
+    from .tissue import TissueParams
+    from .train import TrainParams
+
+    parser = argparse.ArgumentParser(
+        prog="nucseg", description="Label-free nucleus segmentation for H&E whole-slide images. "
+        "Each subcommand is one pipeline stage; `snakemake` chains them over cohorts of slides.")
+    parser.add_argument("--version", action="version", version=f"nucseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    p = sub.add_parser("download", help="fetch one slide (GDC UUID, http(s) URL or local path), verified")
+    p.add_argument("--source", required=True, help="GDC file UUID, http(s) URL or local path")
+    p.add_argument("--out", required=True, type=Path, help="destination slide file")
+    p.add_argument("--slide-id", required=True)
+    p.add_argument("--md5", default=None, help="expected md5 (verified when given)")
+    p.add_argument("--size", type=int, default=None, help="expected size in bytes (verified when given)")
+    p.add_argument("--api-url", default=None, help="GDC API base URL (default: the public GDC)")
+    p.add_argument("--copy", action="store_true", help="copy local sources instead of symlinking")
+    p.add_argument("--retries", type=int, default=5)
+
+    p = sub.add_parser("tissue", help="tissue detection + WSI QC facts for one slide")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--out-dir", required=True, type=Path,
+                   help="writes tissue.parquet, tissue.png, tiles.parquet, patches.npz, wsi.json")
+    p.add_argument("--slide-id", default=None, help="default: the file name stem")
+    _add_backend_mpp(p)
+    p.add_argument("--mpp-work", type=float, default=0.25, help="working resolution, µm/px (default 0.25)")
+    _add_dataclass_flags(p, TissueParams)
+
+    p = sub.add_parser("synth", help="synthetic training patches from real tissue textures")
+    p.add_argument("--patches", nargs="*", default=[], type=Path, help="patches.npz files of the tissue stage")
+    p.add_argument("--texture-dir", nargs="*", default=[], metavar="DIR:MPP",
+                   help="folders of unlabelled H&E images with their µm/px, e.g. data/tissue:0.25")
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--contact-sheet", type=Path, default=None, help="PNG: synthetic above real patches")
+    _add_dataclass_flags(p, SynthParams)
+
+    p = sub.add_parser("train", help="train the segmentation network (importance-weighted)")
+    p.add_argument("--synth", nargs="+", required=True, type=Path, help="synth output folder(s)")
+    p.add_argument("--out-dir", required=True, type=Path, help="model folder (model.pt, model_card.json)")
+    _add_dataclass_flags(p, TrainParams)
+
+    p = sub.add_parser("segment", help="segment all nuclei of one slide into GeoParquet")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="nuclei.parquet")
+    p.add_argument("--checkpoint", type=Path, default=None, help="model.pt (default: the shipped model)")
+    p.add_argument("--tissue-mask", type=Path, default=None, help="tissue.parquet of the tissue stage")
+    p.add_argument("--slide-id", default=None)
+    p.add_argument("--config-hash", default=None, help="recorded in the output metadata")
+    _add_backend_mpp(p)
+    _add_dataclass_flags(p, SegmentParams)
+
+    p = sub.add_parser("qc", help="segmentation QC and grade of one slide")
+    for name, help_ in (("--wsi", "wsi.json"), ("--nuclei", "nuclei.parquet"), ("--tiles", "tiles.parquet"),
+                        ("--slide", "slide file"), ("--out-json", "qc.json"),
+                        ("--out-patches", "qc_patches.parquet")):
+        p.add_argument(name, required=True, type=Path, help=help_)
+    p.add_argument("--cancer-type", required=True)
+    p.add_argument("--source", default="")
+    p.add_argument("--config-hash", default="")
+    p.add_argument("--backend", default="tiffslide", choices=("tiffslide", "openslide"))
+    _add_dataclass_flags(p, QCParams)
+
+    p = sub.add_parser("aggregate", help="combine per-slide QC rows into a Parquet table")
+    p.add_argument("inputs", nargs="+", type=Path, help="qc.json files or aggregate .parquet files")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--summary", type=Path, default=None, help="also write grades per cancer type (TSV)")
+    p.add_argument("--config-hash", default=None)
+
+    p = sub.add_parser("demo-slide", help="generate one demo slide (pyramidal TIFF with mpp)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--width", type=int, default=2560)
+    p.add_argument("--height", type=int, default=2048)
+    p.add_argument("--mpp", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _add_backend_mpp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="tiffslide", choices=("tiffslide", "openslide"), help="slide reader")
+    p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px")
+    p.add_argument("--mpp-fallback", type=float, default=None,
+                   help="µm/px used (and recorded as fallback) when the slide has none")
+
+
+def _parse_texture_dirs(values: list[str]) -> list[dict]:
+    out = []
+    for v in values:
+        path, sep, mpp = v.rpartition(":")
+        if not sep:
+            raise SystemExit(f"--texture-dir {v!r}: expected DIR:MPP")
+        out.append({"path": path, "mpp": float(mpp)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format=f"%(asctime)s nucseg {args.command} %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    progress = not (args.quiet or args.no_progress)
+    try:
+        return _COMMANDS[args.command](args, progress) or 0
+    except Exception as exc:
+        logging.getLogger("nucseg").error("%s failed: %s: %s", args.command, type(exc).__name__, exc)
+        if os.environ.get("NUCSEG_DEBUG"):
+            raise
+        return 1
+
+
+def _cmd_download(args, progress):
+    from .download import GDC_API_URL, fetch_slide
+
+    fetch_slide(args.source, args.out, args.slide_id, md5=args.md5, size=args.size,
+                api_url=args.api_url or GDC_API_URL, link=not args.copy, retries=args.retries)
+
+
+def _cmd_tissue(args, progress):
+    from .tissue import TissueParams, detect_tissue
+
+    facts = detect_tissue(args.slide, args.out_dir, args.slide_id or args.slide.stem, mpp_work=args.mpp_work,
+                          mpp_override=args.mpp, mpp_fallback=args.mpp_fallback, backend=args.backend,
+                          params=_dataclass_from_args(TissueParams, args))
+    print(json.dumps({k: facts[k] for k in ("slide_id", "status", "failure_reason", "mpp", "mpp_source",
+                                            "tissue_area_mm2", "n_tissue_tiles")}))
+
+
+def _cmd_synth(args, progress):
+    import numpy as np
+
+    from . import io
+    from .synth import SynthParams, contact_sheet, generate_dataset, load_textures
+
+    params = _dataclass_from_args(SynthParams, args)
+    textures = load_textures(args.patches, _parse_texture_dirs(args.texture_dir), params.mpp)
+    meta = generate_dataset(textures, args.out_dir, params, progress=progress)
+    if args.contact_sheet:
+        with np.load(args.out_dir / meta["shards"][0]["file"]) as shard, np.load(args.out_dir / "real.npz") as real:
+            io.write_png(args.contact_sheet, contact_sheet(shard["image"], real["patches"]))
+    print(json.dumps({k: meta[k] for k in ("n_patches", "n_textures", "n_real")}))
+
+
+def _cmd_train(args, progress):
+    from .train import TrainParams, train_model
+
+    card = train_model(args.synth, args.out_dir, _dataclass_from_args(TrainParams, args), progress=progress)
+    print(json.dumps({k: card[k] for k in ("model_id", "global_step", "wall_time_s", "metrics")}))
+
+
+def _cmd_segment(args, progress):
+    from .segment import SegmentParams, segment_slide
+
+    weights = args.checkpoint or default_weights()
+    summary = segment_slide(args.slide, args.out, weights, tissue_path=args.tissue_mask, slide_id=args.slide_id,
+                            mpp_override=args.mpp, mpp_fallback=args.mpp_fallback, backend=args.backend,
+                            params=_dataclass_from_args(SegmentParams, args),
+                            extra_metadata={"config_hash": args.config_hash} if args.config_hash else None,
+                            progress=progress)
+    print(json.dumps({k: summary[k] for k in ("slide_id", "status", "n_nuclei", "n_blocks", "seconds")}))
+
+
+def default_weights() -> Path:
+    """The model shipped inside the package."""
+    path = Path(__file__).parent / "weights" / "default.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped default model at {path}; pass --checkpoint")
+    return path
+
+
+def _cmd_qc(args, progress):
+    from .qc import QCParams, slide_qc
+
+    row = slide_qc(args.wsi, args.nuclei, args.tiles, args.slide, args.out_json, args.out_patches,
+                   cancer_type=args.cancer_type, source=args.source, config_hash=args.config_hash,
+                   backend=args.backend, params=_dataclass_from_args(QCParams, args))
+    print(json.dumps({k: row[k] for k in ("slide_id", "status", "grade", "pct_bad_patches", "n_nuclei")}))
+
+
+def _cmd_aggregate(args, progress):
+    from . import io
+    from .qc import aggregate, grade_summary
+
+    table = aggregate(args.inputs, args.out, {"config_hash": args.config_hash})
+    summary = grade_summary(table)
+    if args.summary:
+        with io.atomic_path(args.summary) as tmp:
+            summary.to_csv(tmp, sep="\t")
+    print(summary.to_string())
+
+
+def _cmd_demo_slide(args, progress):
+    from .demo import make_demo_slide
+
+    make_demo_slide(args.out, args.width, args.height, args.mpp, args.seed)
+
+
+_COMMANDS = {"download": _cmd_download, "tissue": _cmd_tissue, "synth": _cmd_synth, "train": _cmd_train,
+             "segment": _cmd_segment, "qc": _cmd_qc, "aggregate": _cmd_aggregate,
+             "demo-slide": _cmd_demo_slide}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Atomic file output, provenance metadata and the Parquet/GeoParquet writers shared by all stages.
+
+Every output is written to a temporary name in its destination directory and moved into place with
+``os.replace``, so a killed job never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from . import __version__
+
+PROVENANCE_PREFIX = "nucseg."
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
+
+    Parameters
+    ----------
+    path : path-like
+        Final destination.
+    suffix : str, optional
+        Suffix of the temporary file (some writers choose the format by extension). Defaults to the
+        destination's suffix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name keeps the real extension last: some writers pick the format by it.
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp" + (path.suffix if suffix is None else suffix),
+        dir=path.parent,
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (numpy scalars are converted)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Write arrays to a compressed ``.npz`` atomically."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an 8/16-bit grey or RGB image as PNG atomically."""
+    import cv2
+
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    with atomic_path(path, suffix=".png") as tmp:
+        if not cv2.imwrite(str(tmp), image):
+            raise OSError(f"could not write PNG {path}")
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Short, stable hash of a configuration mapping (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(**facts: Any) -> dict[str, str]:
+    """Key-value metadata every Parquet output carries (DESIGN.md: Provenance).
+
+    Values are stored as strings under ``nucseg.<key>``; ``nucseg.version`` is always set.
+    """
+    meta = {f"{PROVENANCE_PREFIX}version": __version__}
+    for key, value in facts.items():
+        if value is not None:
+            meta[f"{PROVENANCE_PREFIX}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, str]:
+    """Return the ``nucseg.*`` key-value metadata of a Parquet file, prefix stripped."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    out = {}
+    for key, value in meta.items():
+        key = key.decode()
+        if key.startswith(PROVENANCE_PREFIX):
+            out[key[len(PROVENANCE_PREFIX):]] = value.decode()
+    return out
+
+
+def write_table(path: str | os.PathLike, frame, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a pandas DataFrame to Parquet atomically with extra key-value metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})})
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_geoparquet(path: str | os.PathLike, gdf, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a GeoDataFrame as GeoParquet 1.1 (bbox covering column) atomically, with metadata."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path, suffix=".parquet") as tmp:
+        gdf.to_parquet(tmp, schema_version="1.1.0", write_covering_bbox=True, index=False)
+        if metadata:
+            # geopandas has no hook for extra key-value metadata: rewrite the footer's schema.
+            table = pq.read_table(tmp)
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+            pq.write_table(table, tmp)

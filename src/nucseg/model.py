@@ -1,0 +1,124 @@
+"""The segmentation network (a small U-Net written here, no torchvision) and its weights file.
+
+The network maps an RGB patch at the working resolution to two logits per pixel: nucleus foreground
+and nucleus boundary. Weights are shipped as a plain ``torch.save`` dict of tensors plus a JSON string
+of the architecture, loadable with ``weights_only=True``; the model id is the file's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .io import atomic_path, file_sha256
+
+OUTPUTS = ("foreground", "boundary")
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al., 2015) with batch norm and bilinear upsampling.
+
+    Parameters
+    ----------
+    base : int
+        Channels of the first level; doubled at each of ``depth`` downsamplings.
+    depth : int
+        Number of downsamplings; input sides must be multiples of ``2**depth``.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = len(OUTPUTS), base: int = 16,
+                 depth: int = 3):
+        super().__init__()
+        self.depth = depth
+        chans = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList([_block(in_channels, chans[0])] +
+                                  [_block(chans[i], chans[i + 1]) for i in range(depth)])
+        self.up = nn.ModuleList([_block(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth))])
+        self.head = nn.Conv2d(chans[0], out_channels, 1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+    @property
+    def multiple(self) -> int:
+        return 2**self.depth
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC (or float 0-255 NCHW) RGB to the network's float NCHW input in [-1, 1]."""
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float()
+    return images / 127.5 - 1.0
+
+
+def save_weights(model: UNet, path, meta: dict) -> str:
+    """Save weights-only (tensors + JSON architecture/metadata); return the model id (sha256)."""
+    arch = {"base": model.down[0][0].out_channels, "depth": model.depth,
+            "in_channels": model.down[0][0].in_channels, "out_channels": model.head.out_channels}
+    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "arch": json.dumps(arch), "meta": json.dumps(meta, default=str)}
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
+    return file_sha256(path)
+
+
+def load_weights(path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+    """Load a weights file written by :func:`save_weights` (``weights_only=True``, no pickled code).
+
+    Returns the model in eval mode and its metadata (with ``model_id`` and ``mpp`` set).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights {path} not found")
+    payload = torch.load(path, map_location=device, weights_only=True)
+    model = UNet(**json.loads(payload["arch"]))
+    model.load_state_dict(payload["state_dict"])
+    meta = json.loads(payload["meta"])
+    meta["model_id"] = file_sha256(path)
+    return model.to(device).eval(), meta
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def predict(model: UNet, images: np.ndarray, device: torch.device) -> np.ndarray:
+    """Probabilities ``(N, 2, H, W)`` float32 for uint8 NHWC images; sides padded to the net's multiple."""
+    n, h, w, _ = images.shape
+    m = model.multiple
+    ph, pw = (-h) % m, (-w) % m
+    if ph or pw:
+        images = np.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
+    x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+    if device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x)
+    else:
+        with torch.autocast(device.type, dtype=torch.float16):
+            logits = model(x)
+    return torch.sigmoid(logits.float())[:, :, :h, :w].cpu().numpy()

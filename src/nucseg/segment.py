@@ -1,0 +1,252 @@
+"""Whole-slide nucleus segmentation: tiled inference over tissue, seam-free instance ownership.
+
+The slide is cut into blocks on a grid at the working resolution. Each block has a *core* (its grid
+cell) and a *read region* (the core grown by a margin wider than the largest nucleus). The network and
+instance extraction run on the read region; a nucleus is kept only by the block whose core contains
+its centroid, so every nucleus belongs to exactly one block and none is cut at a block border
+(the scheme of stardist's ``big.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import shapely
+import torch
+from shapely.geometry import Polygon, box
+from torch.utils.data import DataLoader, Dataset
+
+from . import io
+from .instances import InstanceParams, describe_instances, extract_instances
+from .model import load_weights, predict, resolve_device
+from .slides import open_slide, resolve_mpp
+from .synth import hematoxylin_od
+
+log = logging.getLogger(__name__)
+
+NUCLEI_COLUMNS = ["centroid_x", "centroid_y", "area_um2", "perimeter_um", "eccentricity", "solidity",
+                  "mean_hematoxylin_od", "tile_x", "tile_y", "score"]
+
+
+@dataclass
+class SegmentParams:
+    tile_size: int = 512          # block core edge at the working resolution (px)
+    margin_um: float = 16.0       # read margin; must exceed the largest nucleus diameter
+    batch_size: int = 4
+    workers: int = 0              # DataLoader processes reading tiles
+    device: str = "auto"
+    foreground_threshold: float = 0.5
+    marker_threshold: float = 0.5
+    min_area_um2: float = 6.0
+    max_area_um2: float = 400.0
+
+    def instance_params(self) -> InstanceParams:
+        return InstanceParams(foreground_threshold=self.foreground_threshold,
+                              marker_threshold=self.marker_threshold, min_area_um2=self.min_area_um2,
+                              max_area_um2=self.max_area_um2)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block in working-resolution pixels: core ``[cx, cx+core) × [cy, cy+core)`` and its read origin."""
+
+    cx: int
+    cy: int
+    core: int
+    margin: int
+
+    @property
+    def read_origin(self) -> tuple[int, int]:
+        return self.cx - self.margin, self.cy - self.margin
+
+    @property
+    def read_size(self) -> int:
+        return self.core + 2 * self.margin
+
+
+def plan_blocks(slide_size: tuple[int, int], scale: float, core: int, margin: int,
+                tissue: shapely.Geometry | None) -> list[Block]:
+    """Blocks whose core intersects ``tissue`` (level-0 geometry; None = whole slide).
+
+    ``scale`` is working px per level-0 px.
+    """
+    work_w, work_h = math.ceil(slide_size[0] * scale), math.ceil(slide_size[1] * scale)
+    if tissue is not None:
+        shapely.prepare(tissue)
+    blocks = []
+    for cy in range(0, work_h, core):
+        for cx in range(0, work_w, core):
+            if tissue is not None:
+                cell = box(cx / scale, cy / scale, (cx + core) / scale, (cy + core) / scale)
+                if not tissue.intersects(cell):
+                    continue
+            blocks.append(Block(cx, cy, core, margin))
+    return blocks
+
+
+class BlockReader(Dataset):
+    """Reads each block's read region at the working resolution (white outside the slide).
+
+    The slide is opened lazily in each DataLoader worker (slide handles cannot be pickled).
+    """
+
+    def __init__(self, path, backend: str, blocks: list[Block], scale: float, slide_size):
+        self.path, self.backend, self.blocks, self.scale, self.slide_size = path, backend, blocks, scale, slide_size
+        self._slide = None
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int):
+        if self._slide is None:
+            self._slide = open_slide(self.path, self.backend)
+        b = self.blocks[i]
+        size = b.read_size
+        out = np.full((size, size, 3), 255, np.uint8)
+        rx, ry = b.read_origin
+        # Clip the read to the slide, in working px, then map to level-0.
+        work_w = self.slide_size[0] * self.scale
+        work_h = self.slide_size[1] * self.scale
+        x0, y0 = max(rx, 0), max(ry, 0)
+        x1, y1 = min(rx + size, math.floor(work_w)), min(ry + size, math.floor(work_h))
+        if x1 > x0 and y1 > y0:
+            region = self._slide.read_scaled((x0 / self.scale, y0 / self.scale, (x1 - x0) / self.scale,
+                                              (y1 - y0) / self.scale), self.scale, (x1 - x0, y1 - y0))
+            out[y0 - ry:y1 - ry, x0 - rx:x1 - rx] = region
+        return i, out
+
+
+def load_tissue(path) -> tuple[shapely.Geometry | None, dict]:
+    """Union of the tissue polygons of a ``tissue.parquet`` and its provenance (mpp, status)."""
+    import geopandas as gpd
+
+    gdf = gpd.read_parquet(path)
+    meta = io.read_provenance(path)
+    geom = shapely.union_all(gdf.geometry.values) if len(gdf) else shapely.Polygon()
+    return geom, meta
+
+
+def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: str | None = None,
+                  mpp_override: float | None = None, mpp_fallback: float | None = None,
+                  backend: str = "tiffslide", params: SegmentParams = SegmentParams(),
+                  extra_metadata: dict | None = None, progress: bool = True) -> dict:
+    """Segment every nucleus of a slide's tissue and write a GeoParquet 1.1 file.
+
+    Parameters
+    ----------
+    weights : path
+        Model weights (``model.pt``).
+    tissue_path : path, optional
+        ``tissue.parquet`` of the tissue stage: its polygons restrict inference and its metadata gives
+        the slide mpp. If its status is ``failed`` an empty nuclei file is written (graded by QC).
+        Without it, the tissue is detected here with :func:`nucseg.tissue.tissue_mask`.
+
+    Returns
+    -------
+    dict
+        Summary: number of nuclei, blocks, seconds, mpp.
+    """
+    started = time.monotonic()
+    slide_id = slide_id or Path(slide_path).stem
+    device = resolve_device(params.device)
+    model, model_meta = load_weights(weights, device)
+    mpp_work = float(model_meta.get("mpp", 0.25))
+    tissue, tissue_meta = (load_tissue(tissue_path) if tissue_path else (None, {}))
+    status = tissue_meta.get("status", "ok")
+    meta = {"slide_id": slide_id, "model_id": model_meta["model_id"], "mpp_work": mpp_work, **(extra_metadata or {})}
+    records, polygons, n_blocks = [], [], 0
+    if status == "ok":
+        with open_slide(slide_path, backend) as slide:
+            if "mpp" in tissue_meta and mpp_override is None:
+                mpp, mpp_source = float(tissue_meta["mpp"]), tissue_meta.get("mpp_source", "slide")
+            else:
+                info = resolve_mpp(slide.mpp, mpp_override, mpp_fallback)
+                mpp, mpp_source = info.mpp, info.source
+            if tissue is None:
+                tissue = _detect_tissue(slide, mpp)
+            slide_size = slide.dimensions
+        meta.update(mpp=mpp, mpp_source=mpp_source)
+        scale = mpp / mpp_work
+        margin = math.ceil(params.margin_um / mpp_work / 8) * 8
+        core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
+        blocks = plan_blocks(slide_size, scale, core, margin, tissue)
+        n_blocks = len(blocks)
+        records, polygons = _run_blocks(slide_path, backend, blocks, scale, slide_size, model, device,
+                                        mpp_work, params, tissue, progress)
+    meta.update(status=status, seconds=round(time.monotonic() - started, 2))
+    gdf = _to_geodataframe(polygons, records)
+    io.write_geoparquet(out_path, gdf, io.provenance(**meta))
+    summary = {"slide_id": slide_id, "status": status, "n_nuclei": len(gdf), "n_blocks": n_blocks,
+               "seconds": round(time.monotonic() - started, 2), "device": device.type, **meta}
+    log.info("slide %s: %d nuclei in %d blocks, %.1f s on %s", slide_id, len(gdf), n_blocks,
+             summary["seconds"], device.type)
+    return summary
+
+
+def _detect_tissue(slide, mpp: float):
+    from .tissue import TissueParams, mask_to_polygons, tissue_mask
+
+    params = TissueParams()
+    thumb, scale = slide.read_thumbnail(params.mask_mpp, mpp)
+    mask = tissue_mask(thumb, mpp / scale, params)
+    return shapely.union_all(mask_to_polygons(mask, scale))
+
+
+def _run_blocks(slide_path, backend, blocks, scale, slide_size, model, device, mpp_work, params, tissue,
+                progress):
+    from tqdm import tqdm
+
+    reader = BlockReader(slide_path, backend, blocks, scale, slide_size)
+    loader = DataLoader(reader, batch_size=params.batch_size, num_workers=params.workers,
+                        collate_fn=lambda items: items, pin_memory=device.type == "cuda")
+    inst_params = params.instance_params()
+    records, polygons = [], []
+    in_tissue = tissue if tissue is not None and not tissue.is_empty else None
+    if in_tissue is not None:
+        shapely.prepare(in_tissue)
+    for batch in tqdm(loader, desc="segment", unit="batch", disable=not progress):
+        images = np.stack([img for _, img in batch])
+        probs = predict(model, images, device)
+        for (i, image), prob in zip(batch, probs):
+            block = blocks[i]
+            labels = extract_instances(prob, mpp_work, inst_params)
+            polys, feats = describe_instances(labels, hematoxylin_od(image), prob[0])
+            if feats.empty:
+                continue
+            rx, ry = block.read_origin
+            # Ownership: the centroid must fall in this block's core.
+            lx, ly = feats.centroid_x.to_numpy() + rx, feats.centroid_y.to_numpy() + ry
+            own = ((lx >= block.cx) & (lx < block.cx + block.core) &
+                   (ly >= block.cy) & (ly < block.cy + block.core))
+            cx0, cy0 = lx / scale, ly / scale
+            if in_tissue is not None:
+                own &= shapely.contains_xy(in_tissue, cx0, cy0)
+            for k in np.flatnonzero(own):
+                f = feats.iloc[k]
+                polygons.append((polys[k] + (rx, ry)) / scale)
+                records.append((cx0[k], cy0[k], f.area_px * mpp_work**2, f.perimeter_px * mpp_work,
+                                f.eccentricity, f.solidity, f.mean_hematoxylin_od,
+                                round(block.cx / scale), round(block.cy / scale), f.score))
+    return records, polygons
+
+
+def _to_geodataframe(polygons, records):
+    import geopandas as gpd
+
+    frame = pd.DataFrame(records, columns=NUCLEI_COLUMNS)
+    frame = frame.astype({c: "float64" for c in NUCLEI_COLUMNS if c not in ("tile_x", "tile_y")})
+    frame = frame.astype({"tile_x": "int64", "tile_y": "int64"})
+    geoms = [shapely.make_valid(Polygon(p)) for p in polygons]
+    geoms = [g if g.geom_type == "Polygon" else _largest_polygon(g) for g in geoms]
+    return gpd.GeoDataFrame(frame, geometry=geoms, crs=None)
+
+
+def _largest_polygon(geom):
+    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type == "Polygon"]
+    return max(parts, key=lambda g: g.area) if parts else Polygon()

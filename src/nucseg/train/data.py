@@ -1,0 +1,109 @@
+"""Streaming access to synthetic shards, augmentation, and the Lightning DataModule."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+def list_shards(synth_dirs: list[str | Path]) -> list[tuple[Path, int, int]]:
+    """``(shard path, first global index, count)`` for every shard of the given synth outputs."""
+    shards, start = [], 0
+    for d in synth_dirs:
+        d = Path(d)
+        meta = json.loads((d / "params.json").read_text())
+        for s in meta["shards"]:
+            shards.append((d / s["file"], start, int(s["count"])))
+            start += int(s["count"])
+    return shards
+
+
+def read_shard_images(path: Path) -> np.ndarray:
+    with np.load(path) as data:
+        return data["image"]
+
+
+def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Flips, rot90 and stain/brightness jitter. ``image`` HWC uint8, ``targets`` CHW."""
+    k = int(rng.integers(4))
+    image, targets = np.rot90(image, k, axes=(0, 1)), np.rot90(targets, k, axes=(1, 2))
+    if rng.random() < 0.5:
+        image, targets = image[:, ::-1], targets[:, :, ::-1]
+    img = image.astype(np.float32)
+    # Per-channel gain and offset approximate stain-intensity differences between labs.
+    img = img * rng.uniform(0.9, 1.1, 3) + rng.normal(0, 6, 3)
+    mean = img.mean()
+    img = (img - mean) * rng.uniform(0.85, 1.15) + mean
+    return np.clip(img, 0, 255).astype(np.uint8), np.ascontiguousarray(targets)
+
+
+class ShardStream(IterableDataset):
+    """Iterate synthetic samples shard by shard (only one shard per worker in memory).
+
+    Yields ``(image uint8 HWC, targets float32 (2,H,W), weight float32, index int64)``.
+    """
+
+    def __init__(self, shards, weights: np.ndarray | None, augment: bool, seed: int = 0):
+        self.shards = shards
+        self.weights = weights
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return sum(c for _, _, c in self.shards)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.seed, self.epoch, wid])
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        self.epoch += 1
+        for k in order[wid::nworkers]:
+            path, start, count = self.shards[k]
+            with np.load(path) as data:
+                images, inst, bnd = data["image"], data["instances"], data["boundary"]
+            for i in rng.permutation(count):
+                targets = np.stack([inst[i] > 0, bnd[i] > 0]).astype(np.float32)
+                image = images[i]
+                if self.augment:
+                    image, targets = augment(image, targets, rng)
+                w = 1.0 if self.weights is None else float(self.weights[start + i])
+                yield (torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(targets),
+                       torch.tensor(w, dtype=torch.float32), torch.tensor(start + i))
+
+
+class SynthDataModule(pl.LightningDataModule):
+    """Synthetic shards for training, with importance weights per sample and a held-out shard for validation."""
+
+    def __init__(self, synth_dirs, weights: np.ndarray | None = None, batch_size: int = 8,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.shards = list_shards(synth_dirs)
+        if not self.shards:
+            raise ValueError(f"no synthetic shards under {synth_dirs}")
+        self.weights = weights
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        # The last shard is held out when there are several: validation on unseen synthetic patches.
+        self.train_shards = self.shards[:-1] if len(self.shards) > 1 else self.shards
+        self.val_shards = self.shards[-1:]
+
+    def train_dataloader(self):
+        ds = ShardStream(self.train_shards, self.weights, augment=True, seed=self.seed)
+        return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        return DataLoader(ShardStream(self.val_shards, None, augment=False, seed=self.seed),
+                          batch_size=self.batch_size, num_workers=0)
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(sum(c for _, _, c in self.train_shards) / self.batch_size)

@@ -1,0 +1,142 @@
+"""Training orchestration: discriminator → importance weights → weighted segmentation network."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+from .. import __version__, io
+from ..model import save_weights
+from .data import SynthDataModule, list_shards, read_shard_images
+from .modules import DiscriminatorModule, SegmentationModule, importance_weights
+from .params import TrainParams
+
+log = logging.getLogger(__name__)
+
+
+def _trainer(out_dir: Path, max_steps: int, params: TrainParams, progress: bool, name: str, **kw) -> pl.Trainer:
+    use_gpu = params.accelerator in ("auto", "gpu") and torch.cuda.is_available()
+    return pl.Trainer(
+        max_steps=max_steps, accelerator="gpu" if use_gpu else "cpu", devices=1,
+        precision="16-mixed" if use_gpu else "32-true", default_root_dir=out_dir,
+        logger=pl.loggers.CSVLogger(out_dir, name=name, version=0), enable_progress_bar=progress,
+        enable_model_summary=False, log_every_n_steps=10, deterministic=False, **kw)
+
+
+def _random_crops(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    n, h, w, _ = images.shape
+    ys, xs = rng.integers(0, h - size + 1, n), rng.integers(0, w - size + 1, n)
+    return np.stack([im[y:y + size, x:x + size] for im, y, x in zip(images, ys, xs)])
+
+
+def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainParams,
+                        progress: bool) -> DiscriminatorModule:
+    """Fit P(real | patch) on real tissue patches vs a sample of synthetic patches."""
+    rng = np.random.default_rng(params.seed)
+    synth = []
+    budget = params.disc_max_synthetic
+    for path, _, count in shards:
+        if budget <= 0:
+            break
+        images = read_shard_images(path)[:budget]
+        synth.append(_random_crops(images, params.disc_crop, rng))
+        budget -= len(images)
+    synth = np.concatenate(synth)
+    real = _random_crops(real, min(params.disc_crop, real.shape[1], real.shape[2]), rng)
+    if real.shape[1] != synth.shape[1]:
+        synth = synth[:, :real.shape[1], :real.shape[2]]
+    images = torch.from_numpy(np.concatenate([real, synth]))
+    labels = torch.cat([torch.ones(len(real)), torch.zeros(len(synth))])
+    # Balance the classes: real patches are usually far fewer than synthetic ones.
+    sample_w = torch.where(labels > 0, 1.0 / len(real), 1.0 / len(synth)).double()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=32,
+                        sampler=WeightedRandomSampler(sample_w, num_samples=len(labels),
+                                                      generator=torch.Generator().manual_seed(params.seed)))
+    module = DiscriminatorModule(lr=params.disc_lr)
+    _trainer(out_dir, params.disc_steps, params, progress, "discriminator",
+             enable_checkpointing=False).fit(module, loader)
+    return module.eval()
+
+
+@torch.inference_mode()
+def score_synthetic(disc: DiscriminatorModule, shards, clip, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """P(real) and the clipped importance weight of every synthetic sample, in global index order."""
+    probs = []
+    for path, _, _ in shards:
+        images = torch.from_numpy(read_shard_images(path))
+        for i in range(0, len(images), batch):
+            probs.append(disc(images[i:i + batch]).float())
+    p = torch.cat(probs)
+    return p.numpy(), importance_weights(p, clip).numpy()
+
+
+def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: TrainParams = TrainParams(),
+                progress: bool = True) -> dict:
+    """Train the segmentation network from synthetic shards; write weights and a model card.
+
+    Outputs in ``out_dir``: ``model.pt`` (weights only), ``model_card.json``, ``importance_weights.npz``,
+    ``checkpoints/last.ckpt`` (resume point: rerunning continues from it), CSV logs under
+    ``segmentation/`` and ``discriminator/``.
+    """
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(params.seed, workers=True, verbose=False)
+    shards = list_shards(synth_dirs)
+    real = np.concatenate([np.load(Path(d) / "real.npz")["patches"] for d in synth_dirs])
+    log.info("training on %d synthetic patches from %d shard(s); %d real patches for the discriminator",
+             sum(c for *_, c in shards), len(shards), len(real))
+
+    weights_file = out_dir / "importance_weights.npz"
+    if weights_file.exists():
+        with np.load(weights_file) as data:
+            p_real, weights = data["p_real"], data["weight"]
+    elif len(real) == 0:
+        raise ValueError("no real patches for the discriminator")
+    else:
+        disc = train_discriminator(real, shards, out_dir, params, progress)
+        p_real, weights = score_synthetic(disc, shards, params.weight_clip)
+        io.write_npz(weights_file, p_real=p_real, weight=weights)
+    w_stats = {"mean": float(weights.mean()), "std": float(weights.std()),
+               "quantiles": dict(zip(["min", "q10", "q50", "q90", "max"],
+                                     np.quantile(weights, [0, .1, .5, .9, 1]).round(4).tolist())),
+               "clipped_low": float((weights <= params.weight_clip[0] + 1e-6).mean()),
+               "clipped_high": float((weights >= params.weight_clip[1] - 1e-6).mean())}
+    log.info("importance weights: %s", w_stats)
+
+    dm = SynthDataModule(synth_dirs, weights if params.weighted else None, params.batch_size,
+                         params.num_workers, params.seed)
+    module = SegmentationModule(base=params.base, depth=params.depth, lr=params.lr, weighted=params.weighted,
+                                boundary_weight=params.boundary_weight, max_steps=params.max_steps)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True,
+                                           every_n_train_steps=max(1, min(200, params.max_steps // 5)))
+    trainer = _trainer(out_dir, params.max_steps, params, progress, "segmentation", callbacks=[ckpt_cb],
+                       limit_val_batches=4, check_val_every_n_epoch=1)
+    resume = out_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    wall = time.monotonic() - started
+    card = {
+        "name": out_dir.name, "nucseg_version": __version__, "architecture": "UNet",
+        "outputs": ["foreground", "boundary"], "mpp": params.mpp, "params": asdict(params),
+        "training_data": {"synth_dirs": [str(d) for d in synth_dirs], "n_synthetic": int(len(weights)),
+                          "n_real_for_discriminator": int(len(real)), "manual_labels": 0},
+        "importance_weights": w_stats, "metrics": metrics, "global_step": int(trainer.global_step),
+        "wall_time_s": round(wall, 1),
+        "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu",
+                     "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+    }
+    card["model_id"] = save_weights(module.net, out_dir / "model.pt",
+                                    {"mpp": params.mpp, "name": out_dir.name, "metrics": metrics})
+    io.write_json(out_dir / "model_card.json", card)
+    log.info("model %s written (%.0f s, step %d, %s)", card["model_id"][:12], wall, trainer.global_step, metrics)
+    return card

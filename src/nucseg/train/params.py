@@ -1,0 +1,32 @@
+"""Training parameters (kept free of heavy imports: the CLI builds its flags from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainParams:
+    max_steps: int = 2000
+    batch_size: int = 8
+    lr: float = 2e-3
+    base: int = 16
+    depth: int = 3
+    weighted: bool = True
+    weight_clip: tuple[float, float] = (0.2, 2.0)
+    disc_steps: int = 300
+    disc_lr: float = 1e-3
+    disc_crop: int = 128
+    disc_max_synthetic: int = 2000
+    boundary_weight: float = 1.0
+    mpp: float = 0.25
+    seed: int = 0
+    num_workers: int = 0
+    accelerator: str = "auto"
+
+
+def params_from_dict(values: dict) -> TrainParams:
+    unknown = set(values) - set(TrainParams.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown train parameter(s): {sorted(unknown)}")
+    return TrainParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
