@@ -1,0 +1,31 @@
+# nucseg: label-free nucleus segmentation of H&E whole-slide images.
+# download -> tissue -> synth -> train -> segment -> qc -> aggregate; see README.md and ../shared/DESIGN.md.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/tissue.smk"
+include: "workflow/rules/synth.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/qc.smk"
+
+
+if "demo" in config:
+
+    include: "workflow/rules/demo.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,59 @@
+rule qc:
+    input:
+        facts="results/{cancer_type}/{slide_id}/wsi.json",
+        nuclei="results/{cancer_type}/{slide_id}/nuclei.parquet",
+        tiles="results/{cancer_type}/{slide_id}/tiles.parquet",
+        slide=slide_path("{slide_id}"),
+    output:
+        row="results/{cancer_type}/{slide_id}/qc.json",
+        patches="results/{cancer_type}/{slide_id}/qc_patches.parquet",
+    params:
+        source=lambda wc: SLIDE_ROWS[wc.slide_id]["source"],
+        flags=cfg_flags(config["qc"]),
+        config_hash=config_hash("mpp_work", "segment", "model", "qc"),
+        backend=config["slide_backend"],
+    log:
+        "logs/qc/{cancer_type}/{slide_id}.log",
+    conda:
+        "../../envs/nucseg.yaml"
+    shell:
+        "nucseg --no-progress qc --wsi {input.facts} --nuclei {input.nuclei} --tiles {input.tiles} "
+        "--slide {input.slide} --out-json {output.row} --out-patches {output.patches} "
+        "--cancer-type {wildcards.cancer_type} --source '{params.source}' --backend {params.backend} "
+        "--config-hash {params.config_hash} {params.flags} > {log} 2>&1"
+
+
+rule qc_cohort:
+    input:
+        lambda wc: per_slide("results/{cancer_type}/{slide_id}/qc.json", wc.cancer_type),
+    output:
+        "results/qc/{cancer_type}.parquet",
+    params:
+        config_hash=config_hash("mpp_work", "segment", "model", "qc"),
+    log:
+        "logs/qc/{cancer_type}.log",
+    conda:
+        "../../envs/nucseg.yaml"
+    shell:
+        "nucseg --no-progress aggregate {input} --out {output} --config-hash {params.config_hash} > {log} 2>&1"
+
+
+rule qc_all:
+    input:
+        expand("results/qc/{cancer_type}.parquet", cancer_type=SELECTED),
+    output:
+        table="results/qc/slides.parquet",
+        grades=report("results/qc/grades.tsv", category="Quality control"),
+    params:
+        config_hash=config_hash("mpp_work", "segment", "model", "qc"),
+    log:
+        "logs/qc/all.log",
+    conda:
+        "../../envs/nucseg.yaml"
+    shell:
+        "nucseg --no-progress aggregate {input} --out {output.table} --summary {output.grades} "
+        "--config-hash {params.config_hash} > {log} 2>&1"
+
+
+# "slides" is the all-types aggregate, not a cancer type.
+ruleorder: qc_all > qc_cohort

@@ -1,0 +1,19 @@
+rule train:
+    input:
+        synth=lambda wc: expand("results/synth/{cancer_type}/shards", cancer_type=train_types()),
+    output:
+        weights="results/models/{model_name}/model.pt",
+        card="results/models/{model_name}/model_card.json",
+    params:
+        flags=cfg_flags({**config["model"]["train"], "mpp": config["mpp_work"]}),
+    threads: config["model"].get("threads", 2)
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+    retries: 1
+    log:
+        "logs/train/{model_name}.log",
+    conda:
+        "../../envs/nucseg.yaml"
+    shell:
+        "nucseg --no-progress train --synth {input.synth} --out-dir $(dirname {output.weights}) "
+        "{params.flags} > {log} 2>&1"
