@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 GDC_API_URL = "https://api.gdc.cancer.gov"
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 CHUNK = 1 << 20
+STREAM_CHUNK = 1 << 16  # small: a dropped connection loses at most this much of what was received
 
 
 class DownloadError(RuntimeError):
@@ -65,11 +66,11 @@ def verify(path: Path, slide_id: str, md5: str | None = None, size: int | None =
 
 def fetch_slide(source: str, dest: str | os.PathLike, slide_id: str, *, md5: str | None = None,
                 size: int | None = None, api_url: str = GDC_API_URL, link: bool = True,
-                retries: int = 5, timeout: float = 60.0, backoff: float = 2.0) -> Path:
+                retries: int = 5, timeout: float = 60.0, backoff: float = 1.0) -> Path:
     """Materialise a slide at ``dest`` from a GDC UUID, http(s) URL or local path.
 
     Remote files stream to ``dest + ".part"``, resume with HTTP Range after a dropped connection,
-    retry with exponential backoff on 5xx and network errors, are verified against ``md5``/``size``
+    retry with exponential backoff (``backoff * 2**k`` seconds) on 5xx and network errors, are verified against ``md5``/``size``
     and renamed into place. A local file is symlinked (``link=True``) or copied, and verified too.
     A file failing verification is removed and :class:`DownloadError` raised.
     """
@@ -126,7 +127,7 @@ def _stream_with_resume(url: str, part: Path, slide_id: str, *, retries: int, ti
                 mode = "ab" if have else "wb"
                 started, received = time.monotonic(), 0
                 with open(part, mode) as fh:
-                    for block in resp.iter_content(CHUNK):
+                    for block in resp.iter_content(STREAM_CHUNK):
                         fh.write(block)
                         received += len(block)
                 rate = received / max(time.monotonic() - started, 1e-6) / 1e6
@@ -140,7 +141,7 @@ def _stream_with_resume(url: str, part: Path, slide_id: str, *, retries: int, ti
             attempt += 1
             if attempt > retries:
                 raise DownloadError(f"slide {slide_id}: giving up on {url} after {retries} retries: {exc}")
-            wait = backoff ** (attempt - 1)
+            wait = backoff * 2 ** (attempt - 1)
             log.warning("slide %s: %s; retry %d/%d in %.1fs", slide_id, exc, attempt, retries, wait)
             time.sleep(wait)
 

@@ -139,7 +139,7 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
     elong = rng.uniform(*params.elongation)
     theta = rng.uniform(0, np.pi)
     mean_r = np.mean(params.radius_um) * bias * px
-    target = int(coverage * tissue.sum() / (np.pi * mean_r**2))
+    target = int(rng.poisson(coverage * tissue.sum() / (np.pi * mean_r**2)))
     image = background.astype(np.float32)
     instances = np.zeros((h, w), np.int32)
     occupied = np.zeros((h, w), bool)

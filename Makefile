@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each sets up .venv first).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= 2
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup demo test test-fast dryrun aperio clean distclean
+
+setup: $(STAMP)
+
+# torch first, pinned: the CPU build installs quickly; an unpinned torch pulls GBs of CUDA wheels.
+$(STAMP): pyproject.toml envs/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -r envs/requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+demo: setup
+	$(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES)
+	@echo "grades:" && cat results/qc/grades.tsv
+
+dryrun: setup
+	$(BIN)/snakemake --configfile config/demo.yaml -n
+
+# The real Aperio slides in ../shared/data/slides/aperio (not part of a fresh clone).
+aperio: setup
+	$(BIN)/snakemake --configfile config/demo.yaml config/aperio.yaml --cores $(CORES)
+
+test: setup
+	$(BIN)/python -m pytest -q -rs
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -rs -m "not slow"
+
+clean:
+	rm -rf results logs .snakemake resources/demo
+
+distclean: clean
+	rm -rf $(VENV) resources

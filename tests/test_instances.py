@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from nucseg.instances import InstanceParams, describe_instances, extract_instances, relabel
+
+
+def disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+
+
+def test_touching_nuclei_are_separated_by_boundary_probability():
+    shape = (80, 80)
+    a, b = disc(shape, 40, 28, 12), disc(shape, 40, 50, 12)
+    fg = (a | b).astype(np.float32)
+    bnd = np.zeros(shape, np.float32)
+    bnd[:, 38:41] = 1.0 * fg[:, 38:41]      # the seam between them
+    labels = extract_instances(np.stack([fg, bnd]), mpp=0.25)
+    assert labels.max() == 2
+    assert labels[40, 28] != labels[40, 50] and labels[40, 28] > 0
+    # Without the boundary they merge: the boundary channel is what separates them.
+    merged = extract_instances(np.stack([fg, np.zeros(shape, np.float32)]), mpp=0.25)
+    assert merged.max() == 1
+
+
+def test_size_limits_in_um2():
+    shape = (100, 100)
+    fg = (disc(shape, 20, 20, 2) | disc(shape, 60, 60, 10)).astype(np.float32)
+    prob = np.stack([fg, np.zeros(shape, np.float32)])
+    # r=2 px at 0.25 µm/px is 0.8 µm² (< 6 µm²): dropped; r=10 px is ~20 µm²: kept.
+    labels = extract_instances(prob, mpp=0.25)
+    assert labels.max() == 1 and labels[60, 60] == 1
+    # The same pixels at 1 µm/px are 13 and 314 µm²: both kept.
+    assert extract_instances(prob, mpp=1.0, params=InstanceParams(min_marker_um2=1)).max() == 2
+
+
+def test_features_of_a_disc_and_an_ellipse():
+    labels = np.zeros((60, 100), np.int32)
+    labels[disc(labels.shape, 30, 25, 10)] = 1
+    yy, xx = np.mgrid[:60, :100]
+    labels[((yy - 30) / 8.0) ** 2 + ((xx - 70) / 20.0) ** 2 <= 1] = 2
+    hema = np.where(labels == 1, 0.3, 0.1).astype(np.float32)
+    polys, feats = describe_instances(labels, hema, np.full(labels.shape, 0.9, np.float32))
+    assert len(polys) == 2
+    d, e = feats.iloc[0], feats.iloc[1]
+    assert d.area_px == pytest.approx(np.pi * 100, rel=0.05)
+    assert (d.centroid_x, d.centroid_y) == pytest.approx((25.5, 30.5), abs=0.1)  # pixel-centre convention
+    assert d.eccentricity < 0.2 and d.solidity > 0.9  # OpenCV: contour area / hull area
+    assert e.eccentricity == pytest.approx(np.sqrt(1 - (8 / 20) ** 2), abs=0.05)
+    assert d.mean_hematoxylin_od == pytest.approx(0.3) and e.mean_hematoxylin_od == pytest.approx(0.1)
+    assert d.perimeter_px == pytest.approx(2 * np.pi * 10, rel=0.15)
+
+
+def test_relabel_is_consecutive():
+    labels = np.array([[0, 5, 5], [9, 0, 2]])
+    out = relabel(labels)
+    assert sorted(np.unique(out)) == [0, 1, 2, 3]
+    assert (out[labels == 0] == 0).all()

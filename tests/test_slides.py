@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from nucseg.slides import SlideError, open_slide, resolve_mpp
+
+from .conftest import CMU, FIXTURES, TCGA_TS, need
+
+
+@pytest.mark.parametrize("backend", ["tiffslide", "openslide"])
+def test_demo_slide_pyramid_and_mpp(demo_slide, backend):
+    with open_slide(demo_slide, backend) as slide:
+        assert slide.dimensions == (1536, 1280)
+        assert len(slide.level_dimensions) >= 2
+        assert slide.mpp == pytest.approx(0.25)
+        # A read at 1 µm/px uses the 4x level and returns the requested size.
+        assert slide.best_level(4.0) == 1
+        region = slide.read_scaled((0, 0, 800, 400), 0.25)
+        assert region.shape == (100, 200, 3) and region.dtype == np.uint8
+
+
+@pytest.mark.parametrize("backend", ["tiffslide", "openslide"])
+def test_real_aperio_slides(backend):
+    with open_slide(need(CMU), backend) as slide:
+        assert slide.dimensions == (2220, 2967)
+        assert slide.mpp == pytest.approx(0.499, abs=1e-3)
+        thumb, scale = slide.read_thumbnail(8.0, slide.mpp)
+        assert thumb.shape[1] == round(2220 * slide.mpp / 8.0)
+        assert 150 < thumb.mean() < 250
+    with open_slide(need(TCGA_TS), backend) as slide:
+        assert slide.level_downsamples[1] == pytest.approx(2.0, rel=0.01)
+        assert slide.mpp is None  # this file really has no mpp
+        # JPEG 2000 tiles decode to tissue, not blank.
+        region = slide.read_region((2000, 1700), 0, (256, 256))
+        assert region.std() > 5
+
+
+def test_resolve_mpp_order():
+    assert resolve_mpp(0.5, override=0.25).source == "override"
+    assert resolve_mpp(0.5, fallback=0.25).mpp == 0.5
+    info = resolve_mpp(None, fallback=0.25)
+    assert (info.mpp, info.source) == (0.25, "fallback")
+    # The 72-dpi default of generic TIFFs is ~353 µm/px: not a microscope pixel size.
+    assert resolve_mpp(352.8, fallback=0.5).source == "fallback"
+    with pytest.raises(SlideError, match="no fallback"):
+        resolve_mpp(None)
+
+
+def test_unreadable_files_raise_naming_the_file(tmp_path, demo_slide):
+    text = tmp_path / "notes.svs"
+    text.write_text("not a slide")
+    with pytest.raises(SlideError, match="notes.svs"):
+        open_slide(text)
+    with pytest.raises(SlideError, match="not found"):
+        open_slide(tmp_path / "missing.svs")
+    truncated = tmp_path / "truncated.tiff"
+    truncated.write_bytes(demo_slide.read_bytes()[:5000])
+    with pytest.raises(SlideError, match="truncated.tiff"):
+        with open_slide(truncated) as slide:
+            slide.read_region((0, 0), 0, slide.dimensions)
+
+
+def test_format_fixture_with_nonsense_mpp():
+    with open_slide(need(FIXTURES / "boxes.tiff")) as slide:
+        assert len(slide.level_dimensions) == 4
+        assert resolve_mpp(slide.mpp, fallback=0.5).source == "fallback"
