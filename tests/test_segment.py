@@ -1,0 +1,94 @@
+import geopandas as gpd
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import shapely
+
+from nucseg import io
+from nucseg.segment import SegmentParams, plan_blocks, segment_slide
+
+from .conftest import TCGA_TS, need
+
+
+def test_blocks_cover_tissue_once():
+    tissue = shapely.box(0, 0, 1000, 300)
+    blocks = plan_blocks((2000, 2000), scale=0.5, core=128, margin=16, tissue=tissue)
+    cores = {(b.cx, b.cy) for b in blocks}
+    assert len(cores) == len(blocks)
+    # Tissue spans 500 x 150 working px: 4 columns x 2 rows of 128-px cores.
+    assert {cx for cx, _ in cores} == {0, 128, 256, 384} and {cy for _, cy in cores} == {0, 128}
+    assert all(b.read_size == 160 for b in blocks)
+
+
+@pytest.fixture(scope="module")
+def segmented(demo_slide, demo_tissue, small_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seg")
+    results = {}
+    for tile in (256, 512):
+        path = out / f"nuclei_{tile}.parquet"
+        segment_slide(demo_slide, path, small_model, tissue_path=demo_tissue / "tissue.parquet",
+                      slide_id="demo", params=SegmentParams(tile_size=tile), progress=False)
+        results[tile] = path
+    return results
+
+
+def test_output_is_geoparquet_with_provenance(segmented, small_model):
+    path = segmented[512]
+    geo = pq.read_schema(path).metadata[b"geo"].decode()
+    assert '"version": "1.1.0"' in geo and '"covering"' in geo
+    meta = io.read_provenance(path)
+    assert meta["model_id"] == io.file_sha256(small_model)
+    assert meta["mpp"] == "0.25" and meta["mpp_source"] == "slide" and meta["status"] == "ok"
+    gdf = gpd.read_parquet(path)
+    assert gdf.crs is None and len(gdf) > 100
+    for col in ("centroid_x", "centroid_y", "area_um2", "perimeter_um", "eccentricity", "solidity",
+                "mean_hematoxylin_od", "tile_x", "tile_y", "score"):
+        assert col in gdf.columns and gdf[col].notna().all()
+    assert gdf.geometry.is_valid.all()
+    # Features agree with the geometry: polygon area through pixel centres is a bit under the pixel count.
+    ratio = gdf.geometry.area * 0.25**2 / gdf.area_um2
+    assert ratio.median() == pytest.approx(0.85, abs=0.12)
+    assert (gdf.area_um2 > 6).all()
+
+
+def test_nuclei_inside_tissue_and_tile_independent(segmented, demo_tissue):
+    a, b = gpd.read_parquet(segmented[256]), gpd.read_parquet(segmented[512])
+    tissue = shapely.union_all(gpd.read_parquet(demo_tissue / "tissue.parquet").geometry.values)
+    assert shapely.contains_xy(tissue, a.centroid_x, a.centroid_y).all()
+    assert abs(len(a) - len(b)) <= 0.005 * len(b) + 1
+    # Every nucleus of one tiling has a partner with IoU >= 0.9 in the other (for >= 99 %).
+    idx_a, idx_b = b.sindex.query(a.geometry, predicate="intersects")
+    inter = a.geometry.values[idx_a].intersection(b.geometry.values[idx_b]).area
+    union = a.geometry.values[idx_a].union(b.geometry.values[idx_b]).area
+    best = np.zeros(len(a))
+    np.maximum.at(best, idx_a, inter / union)
+    assert (best >= 0.9).mean() >= 0.99
+    # No duplicates within one output.
+    i, j = a.sindex.query(a.geometry, predicate="intersects")
+    pairs = i < j
+    iou = (a.geometry.values[i[pairs]].intersection(a.geometry.values[j[pairs]]).area /
+           a.geometry.values[i[pairs]].union(a.geometry.values[j[pairs]]).area)
+    assert (iou <= 0.3).all()
+
+
+def test_failed_wsi_qc_gives_empty_output(tmp_path, small_model):
+    from nucseg.tissue import detect_tissue
+
+    bogus = tmp_path / "bogus.svs"
+    bogus.write_bytes(b"II*\x00" + b"\x00" * 100)
+    detect_tissue(bogus, tmp_path / "t", "bogus")
+    summary = segment_slide(bogus, tmp_path / "n.parquet", small_model, tissue_path=tmp_path / "t" / "tissue.parquet",
+                            progress=False)
+    assert summary["status"] == "failed" and summary["n_nuclei"] == 0
+    assert io.read_provenance(tmp_path / "n.parquet")["status"] == "failed"
+
+
+def test_real_slide_without_mpp(tmp_path, small_model):
+    """The 2-level JPEG 2000 TCGA slide, mpp from the fallback, openslide backend."""
+    slide = need(TCGA_TS)
+    summary = segment_slide(slide, tmp_path / "n.parquet", small_model, mpp_fallback=0.25, backend="openslide",
+                            params=SegmentParams(tile_size=1024), progress=False)
+    meta = io.read_provenance(tmp_path / "n.parquet")
+    assert meta["mpp_source"] == "fallback" and summary["n_blocks"] > 10
+    gdf = gpd.read_parquet(tmp_path / "n.parquet")
+    assert (gdf.centroid_x < 4443).all() and (gdf.centroid_y < 3567).all()

@@ -1,0 +1,60 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nucseg.model import UNet, load_weights, predict
+from nucseg.train.modules import importance_weights, per_sample_loss
+
+
+def test_importance_weight_formula_and_clip():
+    p = torch.tensor([0.5, 0.6, 0.1, 0.9, 0.0, 1.0])
+    w = importance_weights(p, (0.2, 2.0))
+    assert w[0] == pytest.approx(1.0) and w[1] == pytest.approx(1.5)
+    assert w[2] == pytest.approx(0.2)      # 0.111 clipped up
+    assert w[3] == pytest.approx(2.0)      # 9 clipped down
+    assert w[4] == pytest.approx(0.2) and w[5] == pytest.approx(2.0)
+
+
+def test_per_sample_loss_is_per_sample():
+    targets = torch.zeros(2, 2, 16, 16)
+    targets[:, 0, 4:12, 4:12] = 1
+    good = torch.where(targets > 0, 10.0, -10.0)
+    logits = torch.stack([good[0], -good[1]])   # first right, second wrong
+    loss = per_sample_loss(logits, targets)
+    assert loss.shape == (2,) and loss[0] < 0.05 < 1.0 < loss[1]
+
+
+def test_unet_shapes_and_padding():
+    net = UNet(base=4, depth=3).eval()
+    probs = predict(net, np.zeros((2, 50, 70, 3), np.uint8), torch.device("cpu"))
+    assert probs.shape == (2, 2, 50, 70) and (probs >= 0).all() and (probs <= 1).all()
+
+
+def test_training_writes_weights_card_and_resumes(small_model):
+    model, meta = load_weights(small_model)
+    card = json.loads((small_model.parent / "model_card.json").read_text())
+    assert meta["model_id"] == card["model_id"] and len(card["model_id"]) == 64
+    assert card["training_data"]["manual_labels"] == 0
+    assert card["global_step"] == 150
+    w = np.load(small_model.parent / "importance_weights.npz")["weight"]
+    assert len(w) == card["training_data"]["n_synthetic"] and (w >= 0.2 - 1e-6).all() and (w <= 2 + 1e-6).all()
+    assert (small_model.parent / "checkpoints" / "last.ckpt").exists()
+    assert card["metrics"]["val_dice"] > 0.5   # it learned the synthetic task
+
+
+def test_resume_from_last_checkpoint(small_model, tmp_path):
+    import shutil
+
+    from nucseg.train import TrainParams, train_model
+
+    root = small_model.parent.parent
+    out = tmp_path / "model"
+    shutil.copytree(small_model.parent, out)
+    weights_mtime = (out / "importance_weights.npz").stat().st_mtime_ns
+    params = TrainParams(max_steps=160, batch_size=8, disc_steps=20, base=8, lr=5e-3)
+    card = train_model([root / "synth"], out, params, progress=False)
+    # 150 steps were done: training continues to 160; the importance weights are reused, not recomputed.
+    assert card["global_step"] == 160
+    assert (out / "importance_weights.npz").stat().st_mtime_ns == weights_mtime
