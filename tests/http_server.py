@@ -1,19 +1,30 @@
-"""A small HTTP file server on 127.0.0.1 for download tests: GDC-style ``/data/{id}`` with Range
-support and fault injection (HTTP 500s, connections dropped mid-body)."""
+"""A small GDC-like HTTP server on 127.0.0.1 for download tests.
+
+Speaks the parts of the GDC API nucseg uses: ``POST /files`` (filters ignored except the project,
+paging by ``from``/``size``) and ``GET /data/{id}`` with Range support. Fault injection: HTTP 500s,
+connections dropped mid-body, wrong bytes (md5 mismatch), slow responses.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
 class FileServer:
-    def __init__(self, files: dict[str, Path]):
+    def __init__(self, files: dict[str, Path], catalogue: list[dict] | None = None):
+        """``files``: id -> file served at /data/{id}; ``catalogue``: GDC file hits for POST /files."""
         self.files = files
+        self.catalogue = catalogue or []
         self.fail_next = 0          # answer this many requests with HTTP 500
         self.drop_after: int | None = None  # close the next body after this many bytes
+        self.corrupt: set[str] = set()      # ids served with one byte flipped
+        self.delay = 0.0                    # seconds before each response
         self.requests: list[dict] = []
         server = self
 
@@ -21,8 +32,30 @@ class FileServer:
             def log_message(self, *args):
                 pass
 
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                server.requests.append({"path": self.path, "body": body})
+                if self.path.rstrip("/") != "/files":
+                    self.send_error(404)
+                    return
+                project = _project_of(body.get("filters", {}))
+                hits = [h for h in server.catalogue
+                        if project is None or h["cases"][0]["project"]["project_id"] == project]
+                start, size = int(body.get("from", 0)), int(body.get("size", 10))
+                page = hits[start:start + size]
+                payload = json.dumps({"data": {"hits": page, "pagination": {
+                    "count": len(page), "total": len(hits), "size": size, "from": start,
+                    "page": start // max(size, 1) + 1, "pages": -(-len(hits) // max(size, 1))}},
+                    "warnings": {}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def do_GET(self):
                 server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+                time.sleep(server.delay)
                 if server.fail_next > 0:
                     server.fail_next -= 1
                     self.send_error(500, "injected failure")
@@ -32,6 +65,8 @@ class FileServer:
                     self.send_error(404)
                     return
                 data = server.files[name].read_bytes()
+                if name in server.corrupt:
+                    data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
                 start = 0
                 m = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 if m:
@@ -59,6 +94,14 @@ class FileServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
+    @staticmethod
+    def hit(file_id: str, path: Path, file_name: str, project: str) -> dict:
+        """A GDC files hit for ``path`` as the real endpoint returns it."""
+        data = path.read_bytes()
+        return {"id": file_id, "file_id": file_id, "file_name": file_name, "md5sum": hashlib.md5(data).hexdigest(),
+                "file_size": len(data), "experimental_strategy": "Diagnostic Slide",
+                "cases": [{"submitter_id": file_name[:12], "project": {"project_id": project}}]}
+
     def __enter__(self):
         self.thread.start()
         return self
@@ -66,3 +109,11 @@ class FileServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _project_of(filters: dict) -> str | None:
+    for clause in filters.get("content", []):
+        content = clause.get("content", {})
+        if content.get("field") == "cases.project.project_id":
+            return content["value"][0]
+    return None

@@ -63,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-url", default=None, help="GDC API base URL (default: the public GDC)")
     p.add_argument("--copy", action="store_true", help="copy local sources instead of symlinking")
     p.add_argument("--retries", type=int, default=5)
+    p.add_argument("--on-failure", choices=("record", "fail"), default="fail",
+                   help="record: a permanent failure (wrong md5/size, HTTP 4xx, missing file) leaves a failure "
+                        "record at --out, so QC grades the slide 'failed WSI QC', and exits 0; transient "
+                        "failures always exit 1 (default: fail)")
+
+    p = sub.add_parser("cohort", help="build sample sheets from the GDC (files endpoint or a manifest)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--project", help="GDC project, e.g. TCGA-BRCA")
+    src.add_argument("--from-manifest", type=Path, help="GDC Data Transfer Tool manifest (id filename md5 size state)")
+    src.add_argument("--all-seed-types", action="store_true",
+                     help="every cancer type of the TCIA release (BLCA ... UCEC, COAD, READ, STAD, UVM)")
+    p.add_argument("--cancer-type", help="cohort key (default: the project without 'TCGA-')")
+    p.add_argument("--slide-type", choices=("diagnostic", "tissue", "all"), default="diagnostic")
+    p.add_argument("--out", type=Path, help="sample sheet to write (TSV)")
+    p.add_argument("--out-dir", type=Path, default=Path("config/cohorts"), help="with --all-seed-types")
+    p.add_argument("--api-url", default=None, help="GDC API base URL (default: the public GDC)")
 
     p = sub.add_parser("tissue", help="tissue detection + WSI QC facts for one slide")
     p.add_argument("slide", type=Path)
@@ -155,10 +171,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_download(args, progress):
-    from .download import GDC_API_URL, fetch_slide
+    from .download import GDC_API_URL, DownloadError, fetch_slide, write_failure_record
 
-    fetch_slide(args.source, args.out, args.slide_id, md5=args.md5, size=args.size,
-                api_url=args.api_url or GDC_API_URL, link=not args.copy, retries=args.retries)
+    try:
+        fetch_slide(args.source, args.out, args.slide_id, md5=args.md5, size=args.size,
+                    api_url=args.api_url or GDC_API_URL, link=not args.copy, retries=args.retries)
+    except DownloadError as exc:
+        if args.on_failure != "record" or not exc.permanent:
+            raise
+        logging.getLogger("nucseg").error("%s; recorded for QC (failure record at %s)", exc, args.out)
+        write_failure_record(args.out, args.slide_id, args.source, str(exc))
+        print(json.dumps({"slide_id": args.slide_id, "status": "failed", "reason": str(exc)}))
+        return 0
+    print(json.dumps({"slide_id": args.slide_id, "status": "ok", "path": str(args.out)}))
+
+
+def _cmd_cohort(args, progress):
+    from .download import GDC_API_URL, SEED_PROJECTS, build_cohort, cohort_from_manifest, write_sheet
+    from .download.gdc import query_note
+
+    api = args.api_url or GDC_API_URL
+    if args.all_seed_types:
+        jobs = [(f"TCGA-{t}", t, args.out_dir / f"{t}.tsv") for t in SEED_PROJECTS]
+    elif args.project:
+        cancer_type = args.cancer_type or args.project.removeprefix("TCGA-")
+        jobs = [(args.project, cancer_type, args.out or args.out_dir / f"{cancer_type}.tsv")]
+    else:
+        if not (args.cancer_type and args.out):
+            raise SystemExit("--from-manifest needs --cancer-type and --out")
+        sheet = cohort_from_manifest(args.from_manifest, args.cancer_type)
+        write_sheet(sheet, args.out, f"from GDC manifest {args.from_manifest.name}")
+        print(json.dumps({"cancer_type": args.cancer_type, "slides": len(sheet), "out": str(args.out)}))
+        return
+    for project, cancer_type, out in jobs:
+        sheet = build_cohort(project, args.slide_type, api)
+        write_sheet(sheet, out, query_note(project, args.slide_type, api))
+        print(json.dumps({"cancer_type": cancer_type, "slides": len(sheet), "out": str(out)}))
 
 
 def _cmd_tissue(args, progress):
@@ -240,7 +288,7 @@ def _cmd_demo_slide(args, progress):
     make_demo_slide(args.out, args.width, args.height, args.mpp, args.seed)
 
 
-_COMMANDS = {"download": _cmd_download, "tissue": _cmd_tissue, "synth": _cmd_synth, "train": _cmd_train,
+_COMMANDS = {"download": _cmd_download, "cohort": _cmd_cohort, "tissue": _cmd_tissue, "synth": _cmd_synth, "train": _cmd_train,
              "segment": _cmd_segment, "qc": _cmd_qc, "aggregate": _cmd_aggregate,
              "demo-slide": _cmd_demo_slide}
 

@@ -21,6 +21,7 @@ import shapely
 from shapely.geometry import Polygon
 
 from . import io
+from .download import read_failure_record
 from .slides import SlideError, open_slide, resolve_mpp
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,9 @@ def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
     preview = np.zeros((1, 1, 3), np.uint8)
     patches = np.zeros((0, params.patch_size, params.patch_size, 3), np.uint8)
     try:
+        failure = read_failure_record(slide_path)
+        if failure is not None:
+            raise _DownloadFailed(failure["reason"])
         with open_slide(slide_path, backend) as slide:
             facts.update(width=slide.dimensions[0], height=slide.dimensions[1],
                          n_levels=len(slide.level_dimensions), slide_mpp=slide.mpp)
@@ -197,14 +201,19 @@ def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
                 raise SlideError(f"too little tissue: {area_mm2:.4f} mm² < {params.min_tissue_mm2} mm²")
             patches = sample_patches(slide, tiles, params.n_patches, params.patch_size,
                                      info.mpp / mpp_work, seed_from(slide_id))
-    except SlideError as exc:
+    except (SlideError, _DownloadFailed) as exc:
         reason = str(exc).replace(str(slide_path) + ": ", "")
-        facts.update(status="failed", failure_stage="wsi_qc", failure_reason=reason)
-        log.error("slide %s: failed WSI QC: %s", slide_id, reason)
+        stage = "download" if isinstance(exc, _DownloadFailed) else "wsi_qc"
+        facts.update(status="failed", failure_stage=stage, failure_reason=reason)
+        log.error("slide %s: failed %s: %s", slide_id, stage, reason)
         polygons, tiles = [], tiles.iloc[0:0]
     facts["seconds"] = round(time.monotonic() - started, 3)
     _write_outputs(out_dir, slide_id, facts, polygons, tiles, preview, patches)
     return facts
+
+
+class _DownloadFailed(Exception):
+    pass
 
 
 def _preview(thumb: np.ndarray, mask: np.ndarray) -> np.ndarray:

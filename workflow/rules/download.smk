@@ -14,7 +14,8 @@ def _is_uuid(text):
 
 def download_flags(wildcards):
     row = SLIDE_ROWS[wildcards.slide_id]
-    flags = [f"--api-url {config['gdc']['api_url']}", f"--retries {config['download']['retries']}"]
+    flags = [f"--api-url {config['gdc']['api_url']}", f"--retries {config['download']['retries']}",
+             f"--on-failure {config['download']['on_failure']}"]
     if row.get("md5"):
         flags.append(f"--md5 {row['md5']}")
     if row.get("size"):
@@ -36,6 +37,7 @@ rule download:
         "logs/download/{slide_id}.log",
     resources:
         gdc_connections=1,
+    retries: 2
     conda:
         "../../envs/nucseg.yaml"
     shell:

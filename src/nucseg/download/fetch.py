@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -18,17 +19,57 @@ CHUNK = 1 << 20
 STREAM_CHUNK = 1 << 16  # small: a dropped connection loses at most this much of what was received
 
 
+FAILURE_MAGIC = b'{"nucseg_download_failure"'
+
+
 class DownloadError(RuntimeError):
-    """A slide could not be fetched or failed verification; the message names the slide."""
+    """A slide could not be fetched or failed verification; the message names the slide.
+
+    ``permanent`` is true when retrying cannot help (wrong md5/size, HTTP 4xx, missing local file).
+    """
+
+    def __init__(self, message: str, permanent: bool = True):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def write_failure_record(path: str | os.PathLike, slide_id: str, source: str, reason: str) -> None:
+    """Put a small JSON failure record where the slide would be.
+
+    Downstream stages recognise it (:func:`read_failure_record`) and grade the slide "failed WSI QC"
+    with this reason, so one bad download does not leave a hole in the cohort's tables. It is not a
+    slide: every slide reader rejects it.
+    """
+    from ..io import atomic_path
+
+    record = {"nucseg_download_failure": {"slide_id": slide_id, "source": source, "reason": reason,
+                                          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record) + "\n")
+
+
+def read_failure_record(path: str | os.PathLike) -> dict | None:
+    """The failure record written in place of a slide, or None if ``path`` is not one."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(FAILURE_MAGIC))
+            if head != FAILURE_MAGIC:
+                return None
+            fh.seek(0)
+            return json.loads(fh.read(1 << 16))["nucseg_download_failure"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def source_kind(source: str) -> str:
-    """Classify a sheet ``source``: ``"gdc"``, ``"http"`` or ``"local"``."""
+    """Classify a sheet ``source``: ``"gdc"``, ``"http"``, ``"s3"`` or ``"local"``."""
     source = source.strip()
     if UUID_RE.match(source):
         return "gdc"
     if source.startswith(("http://", "https://")):
         return "http"
+    if source.startswith("s3://"):
+        return "s3"
     if "://" in source:
         raise ValueError(f"unsupported source scheme: {source!r}")
     return "local"
@@ -93,9 +134,12 @@ def fetch_slide(source: str, dest: str | os.PathLike, slide_id: str, *, md5: str
         log.info("slide %s: %s %s -> %s", slide_id, "linked" if link else "copied", src, dest)
         return dest
 
-    url = source_url(source, api_url)
     part = dest.with_name(dest.name + ".part")
-    _stream_with_resume(url, part, slide_id, retries=retries, timeout=timeout, backoff=backoff)
+    if kind == "s3":
+        _fetch_s3(source, part, slide_id)
+    else:
+        _stream_with_resume(source_url(source, api_url), part, slide_id, retries=retries, timeout=timeout,
+                            backoff=backoff)
     try:
         verify(part, slide_id, md5, size)
     except DownloadError:
@@ -120,19 +164,23 @@ def _stream_with_resume(url: str, part: Path, slide_id: str, *, retries: int, ti
                 if resp.status_code >= 500:
                     raise _Retryable(f"HTTP {resp.status_code}")
                 if resp.status_code >= 400:
-                    raise DownloadError(f"slide {slide_id}: HTTP {resp.status_code} from {url}")
+                    raise DownloadError(f"slide {slide_id}: HTTP {resp.status_code} from {url}", permanent=True)
                 if have and resp.status_code != 206:
                     have = 0  # server ignored Range: start over
                 total = _expected_total(resp, have)
                 mode = "ab" if have else "wb"
-                started, received = time.monotonic(), 0
+                if have:
+                    log.info("slide %s: resuming at byte %d", slide_id, have)
+                started = last_report = time.monotonic()
+                received = 0
                 with open(part, mode) as fh:
                     for block in resp.iter_content(STREAM_CHUNK):
                         fh.write(block)
                         received += len(block)
-                rate = received / max(time.monotonic() - started, 1e-6) / 1e6
-                log.info("slide %s: %d bytes received (%.1f MB/s), %d in file", slide_id, received,
-                         rate, have + received)
+                        if time.monotonic() - last_report > 10:
+                            last_report = time.monotonic()
+                            _report(slide_id, have + received, total, received, started)
+                _report(slide_id, have + received, total, received, started)
                 if total is not None and part.stat().st_size < total:
                     raise _Retryable(f"connection closed at {part.stat().st_size}/{total} bytes")
                 return
@@ -140,10 +188,32 @@ def _stream_with_resume(url: str, part: Path, slide_id: str, *, retries: int, ti
                 requests.exceptions.ChunkedEncodingError) as exc:
             attempt += 1
             if attempt > retries:
-                raise DownloadError(f"slide {slide_id}: giving up on {url} after {retries} retries: {exc}")
+                raise DownloadError(f"slide {slide_id}: giving up on {url} after {retries} retries: {exc}",
+                                    permanent=False)
             wait = backoff * 2 ** (attempt - 1)
             log.warning("slide %s: %s; retry %d/%d in %.1fs", slide_id, exc, attempt, retries, wait)
             time.sleep(wait)
+
+
+def _report(slide_id: str, have: int, total: int | None, received: int, started: float) -> None:
+    rate = received / max(time.monotonic() - started, 1e-6) / 1e6
+    of = f" of {total}" if total else ""
+    log.info("slide %s: %d%s bytes (%.1f MB/s)", slide_id, have, of, rate)
+
+
+def _fetch_s3(source: str, part: Path, slide_id: str) -> None:
+    """Anonymous S3 download through fsspec/s3fs (optional extra: ``pip install nucseg[s3]``)."""
+    try:
+        import fsspec
+    except ImportError as exc:
+        raise DownloadError(f"slide {slide_id}: s3:// sources need fsspec and s3fs installed") from exc
+    try:
+        with fsspec.open(source, "rb", anon=True) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst, CHUNK)
+    except (ImportError, ValueError) as exc:
+        raise DownloadError(f"slide {slide_id}: cannot read {source}: {exc}") from exc
+    except OSError as exc:
+        raise DownloadError(f"slide {slide_id}: cannot read {source}: {exc}", permanent=False) from exc
 
 
 def _expected_total(resp, have: int) -> int | None:
