@@ -92,3 +92,49 @@ def test_real_slide_without_mpp(tmp_path, small_model):
     assert meta["mpp_source"] == "fallback" and summary["n_blocks"] > 10
     gdf = gpd.read_parquet(tmp_path / "n.parquet")
     assert (gdf.centroid_x < 4443).all() and (gdf.centroid_y < 3567).all()
+
+
+def test_exports(segmented, tmp_path):
+    import csv
+    import json
+
+    from nucseg.export import to_qupath, to_tcia
+
+    gdf = gpd.read_parquet(segmented[512])
+    n = to_qupath(segmented[512], tmp_path / "n.geojson")
+    doc = json.loads((tmp_path / "n.geojson").read_text())
+    assert n == len(gdf) == len(doc["features"])
+    f = doc["features"][0]
+    assert f["geometry"]["type"] == "Polygon" and f["properties"]["objectType"] == "detection"
+    assert f["properties"]["measurements"]["area_um2"] == pytest.approx(gdf.area_um2.iloc[0], rel=1e-4)
+    files = to_tcia(segmented[512], tmp_path / "tcia")
+    assert len(files) == len(gdf.groupby(["tile_x", "tile_y"]))
+    rows = [r for p in files for r in csv.DictReader(open(p))]
+    assert len(rows) == len(gdf) and set(rows[0]) == {"AreaInPixels", "PhysicalSize", "Polygon"}
+    coords = [float(v) for v in rows[0]["Polygon"].strip("[]").split(":")]
+    poly = shapely.Polygon(np.reshape(coords, (-1, 2)))
+    assert poly.area == pytest.approx(float(rows[0]["AreaInPixels"]), abs=1.0)
+    assert files[0].name.startswith("demo_x")
+
+
+def test_streamed_row_groups_and_abort(tmp_path):
+    import pandas as pd
+
+    from nucseg.segment import NUCLEI_SCHEMA
+
+    polys = [shapely.box(i, i, i + 3, i + 2) for i in range(25)]
+    frame = pd.DataFrame({c: np.arange(25, dtype="int64" if c.startswith("tile") else "float64")
+                          for c in NUCLEI_SCHEMA})
+    with io.GeoParquetWriter(tmp_path / "n.parquet", NUCLEI_SCHEMA, {"nucseg.x": "1"}, row_group_size=10) as w:
+        for k in range(0, 25, 5):
+            w.write(frame.iloc[k:k + 5], polys[k:k + 5])
+        assert not (tmp_path / "n.parquet").exists()   # nothing visible until closed
+    assert pq.ParquetFile(tmp_path / "n.parquet").num_row_groups == 3
+    back = gpd.read_parquet(tmp_path / "n.parquet")
+    assert len(back) == 25 and back.geometry.iloc[7].equals(polys[7]) and back.crs is None
+    assert back.total_bounds.tolist() == [0, 0, 27, 26]
+    with pytest.raises(RuntimeError):
+        with io.GeoParquetWriter(tmp_path / "killed.parquet", NUCLEI_SCHEMA) as w:
+            w.write(frame.iloc[:5], polys[:5])
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == [tmp_path / "n.parquet"]

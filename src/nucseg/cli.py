@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", type=Path, default=None, help="also write grades per cancer type (TSV)")
     p.add_argument("--config-hash", default=None)
 
+    p = sub.add_parser("export", help="export a nuclei.parquet for QuPath (GeoJSON) or as TCIA per-tile CSVs")
+    p.add_argument("nuclei", type=Path, help="nuclei.parquet of the segment stage")
+    p.add_argument("--format", required=True, choices=("qupath", "tcia"))
+    p.add_argument("--out", required=True, type=Path, help="qupath: .geojson file; tcia: output folder")
+    p.add_argument("--slide-id", default=None, help="tcia file-name prefix (default: from the file's metadata)")
+
     p = sub.add_parser("demo-slide", help="generate one demo slide (pyramidal TIFF with mpp)")
     p.add_argument("out", type=Path)
     p.add_argument("--width", type=int, default=2560)
@@ -282,6 +288,15 @@ def _cmd_aggregate(args, progress):
     print(summary.to_string())
 
 
+def _cmd_export(args, progress):
+    from .export import to_qupath, to_tcia
+
+    if args.format == "qupath":
+        print(json.dumps({"features": to_qupath(args.nuclei, args.out), "out": str(args.out)}))
+    else:
+        print(json.dumps({"files": len(to_tcia(args.nuclei, args.out, args.slide_id)), "out": str(args.out)}))
+
+
 def _cmd_demo_slide(args, progress):
     from .demo import make_demo_slide
 
@@ -290,7 +305,7 @@ def _cmd_demo_slide(args, progress):
 
 _COMMANDS = {"download": _cmd_download, "cohort": _cmd_cohort, "tissue": _cmd_tissue, "synth": _cmd_synth, "train": _cmd_train,
              "segment": _cmd_segment, "qc": _cmd_qc, "aggregate": _cmd_aggregate,
-             "demo-slide": _cmd_demo_slide}
+             "export": _cmd_export, "demo-slide": _cmd_demo_slide}
 
 
 if __name__ == "__main__":

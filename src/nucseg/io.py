@@ -33,21 +33,24 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         Suffix of the temporary file (some writers choose the format by extension). Defaults to the
         destination's suffix.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name keeps the real extension last: some writers pick the format by it.
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp" + (path.suffix if suffix is None else suffix),
-        dir=path.parent,
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temp_beside(path, suffix)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def temp_beside(path: str | os.PathLike, suffix: str | None = None) -> Path:
+    """Create an empty temporary file in ``path``'s directory (hidden, same extension last)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name keeps the real extension last: some writers pick the format by it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent,
+                               suffix=".tmp" + (path.suffix if suffix is None else suffix))
+    os.close(fd)
+    return Path(tmp)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -148,3 +151,101 @@ def write_geoparquet(path: str | os.PathLike, gdf, metadata: Mapping[str, str] |
             table = pq.read_table(tmp)
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
             pq.write_table(table, tmp)
+
+
+class GeoParquetWriter:
+    """Stream polygons to a GeoParquet 1.1 file in row groups; the file appears only on :meth:`close`.
+
+    Writes WKB geometries with a ``bbox`` covering column and the ``geo`` metadata geopandas writes
+    (``to_parquet(schema_version="1.1.0", write_covering_bbox=True)``), plus extra key-value metadata.
+    Memory stays bounded by ``row_group_size`` rows whatever the total.
+
+    Parameters
+    ----------
+    columns : dict
+        Attribute column name -> pyarrow type, in output order (geometry and bbox come last).
+    """
+
+    def __init__(self, path, columns: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
+                 row_group_size: int = 50_000):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self._tmp = temp_beside(self.path, ".parquet")
+        bbox_type = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
+        geometry_field = pa.field("geometry", pa.binary(),
+                                  metadata={"ARROW:extension:name": "geoarrow.wkb", "ARROW:extension:metadata": "{}"})
+        self.schema = pa.schema([pa.field(k, t) for k, t in columns.items()] + [geometry_field, ("bbox", bbox_type)])
+        # Without the stored Arrow schema, readers take the schema metadata from the footer, where
+        # close() adds "geo" (known only at the end: the bbox of all rows).
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, store_schema=False)
+        self._metadata = dict(metadata or {})
+        self._pending: list = []
+        self._pending_rows = 0
+        self.row_group_size = row_group_size
+        self.n_rows = 0
+        self.bounds = [np.inf, np.inf, -np.inf, -np.inf]
+        self.geometry_types: set[str] = set()
+
+    def write(self, frame, geometries) -> None:
+        """Append rows: a pandas DataFrame of the attribute columns and a matching array of shapely geometries."""
+        import pyarrow as pa
+        import shapely
+
+        geometries = np.asarray(geometries, dtype=object)
+        if len(geometries) == 0:
+            return
+        bounds = shapely.bounds(geometries)
+        self.bounds = [min(self.bounds[0], bounds[:, 0].min()), min(self.bounds[1], bounds[:, 1].min()),
+                       max(self.bounds[2], bounds[:, 2].max()), max(self.bounds[3], bounds[:, 3].max())]
+        self.geometry_types.update(shapely.get_type_id(geometries).tolist())
+        arrays = [pa.array(frame[name].to_numpy(), type=self.schema.field(name).type)
+                  for name in self.schema.names[:-2]]
+        arrays.append(pa.array(shapely.to_wkb(geometries), type=pa.binary()))
+        arrays.append(pa.StructArray.from_arrays([pa.array(bounds[:, i]) for i in range(4)],
+                                                 names=["xmin", "ymin", "xmax", "ymax"]))
+        self._pending.append(pa.Table.from_arrays(arrays, schema=self.schema))
+        self._pending_rows += len(geometries)
+        if self._pending_rows >= self.row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._pending:
+            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_size)
+            self.n_rows += self._pending_rows
+            self._pending, self._pending_rows = [], 0
+
+    def close(self, metadata: Mapping[str, str] | None = None) -> None:
+        """Finish the file (adding ``metadata``) and move it into place."""
+        self._metadata.update(metadata or {})
+        self._flush()
+        names = {0: "Point", 1: "LineString", 3: "Polygon", 6: "MultiPolygon"}
+        geo = {"primary_column": "geometry", "version": "1.1.0",
+               "creator": {"library": "nucseg", "version": __version__},
+               "columns": {"geometry": {
+                   "encoding": "WKB", "crs": None,
+                   "geometry_types": sorted(names.get(t, "Geometry") for t in self.geometry_types),
+                   "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}}}}}
+        if self.n_rows:
+            geo["columns"]["geometry"]["bbox"] = [float(v) for v in self.bounds]
+        self._writer.add_key_value_metadata({"geo": json.dumps(geo), **self._metadata})
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file (nothing appears at ``path``)."""
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False

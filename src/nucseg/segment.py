@@ -30,8 +30,15 @@ from .synth import hematoxylin_od
 
 log = logging.getLogger(__name__)
 
-NUCLEI_COLUMNS = ["centroid_x", "centroid_y", "area_um2", "perimeter_um", "eccentricity", "solidity",
-                  "mean_hematoxylin_od", "tile_x", "tile_y", "score"]
+def _nuclei_schema() -> dict:
+    import pyarrow as pa
+
+    f64 = pa.float64()
+    return {"centroid_x": f64, "centroid_y": f64, "area_um2": f64, "perimeter_um": f64, "eccentricity": f64,
+            "solidity": f64, "mean_hematoxylin_od": f64, "tile_x": pa.int64(), "tile_y": pa.int64(), "score": f64}
+
+
+NUCLEI_SCHEMA = _nuclei_schema()
 
 
 @dataclass
@@ -41,6 +48,7 @@ class SegmentParams:
     batch_size: int = 4
     workers: int = 0              # DataLoader processes reading tiles
     device: str = "auto"
+    row_group_size: int = 50_000  # nuclei per Parquet row group (bounds the writer's memory)
     foreground_threshold: float = 0.5
     marker_threshold: float = 0.5
     min_area_um2: float = 6.0
@@ -159,33 +167,39 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
     mpp_work = float(model_meta.get("mpp", 0.25))
     tissue, tissue_meta = (load_tissue(tissue_path) if tissue_path else (None, {}))
     status = tissue_meta.get("status", "ok")
-    meta = {"slide_id": slide_id, "model_id": model_meta["model_id"], "mpp_work": mpp_work, **(extra_metadata or {})}
-    records, polygons, n_blocks = [], [], 0
-    if status == "ok":
-        with open_slide(slide_path, backend) as slide:
-            if "mpp" in tissue_meta and mpp_override is None:
-                mpp, mpp_source = float(tissue_meta["mpp"]), tissue_meta.get("mpp_source", "slide")
-            else:
-                info = resolve_mpp(slide.mpp, mpp_override, mpp_fallback)
-                mpp, mpp_source = info.mpp, info.source
-            if tissue is None:
-                tissue = _detect_tissue(slide, mpp)
-            slide_size = slide.dimensions
-        meta.update(mpp=mpp, mpp_source=mpp_source)
-        scale = mpp / mpp_work
-        margin = math.ceil(params.margin_um / mpp_work / 8) * 8
-        core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
-        blocks = plan_blocks(slide_size, scale, core, margin, tissue)
-        n_blocks = len(blocks)
-        records, polygons = _run_blocks(slide_path, backend, blocks, scale, slide_size, model, device,
-                                        mpp_work, params, tissue, progress)
-    meta.update(status=status, seconds=round(time.monotonic() - started, 2))
-    gdf = _to_geodataframe(polygons, records)
-    io.write_geoparquet(out_path, gdf, io.provenance(**meta))
-    summary = {"slide_id": slide_id, "status": status, "n_nuclei": len(gdf), "n_blocks": n_blocks,
-               "seconds": round(time.monotonic() - started, 2), "device": device.type, **meta}
-    log.info("slide %s: %d nuclei in %d blocks, %.1f s on %s", slide_id, len(gdf), n_blocks,
-             summary["seconds"], device.type)
+    meta = {"slide_id": slide_id, "model_id": model_meta["model_id"], "mpp_work": mpp_work, "status": status,
+            **(extra_metadata or {})}
+    n_blocks = 0
+    writer = io.GeoParquetWriter(out_path, NUCLEI_SCHEMA, row_group_size=params.row_group_size)
+    try:
+        if status == "ok":
+            with open_slide(slide_path, backend) as slide:
+                if "mpp" in tissue_meta and mpp_override is None:
+                    mpp, mpp_source = float(tissue_meta["mpp"]), tissue_meta.get("mpp_source", "slide")
+                else:
+                    info = resolve_mpp(slide.mpp, mpp_override, mpp_fallback)
+                    mpp, mpp_source = info.mpp, info.source
+                if tissue is None:
+                    tissue = _detect_tissue(slide, mpp)
+                slide_size = slide.dimensions
+            meta.update(mpp=mpp, mpp_source=mpp_source)
+            scale = mpp / mpp_work
+            margin = math.ceil(params.margin_um / mpp_work / 8) * 8
+            core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
+            blocks = plan_blocks(slide_size, scale, core, margin, tissue)
+            n_blocks = len(blocks)
+            reader = BlockReader(slide_path, backend, blocks, scale, slide_size)
+            for frame, geoms in _segment_blocks(reader, model, device, mpp_work, params, tissue, progress):
+                writer.write(frame, geoms)
+    except BaseException:
+        writer.abort()
+        raise
+    meta["seconds"] = round(time.monotonic() - started, 2)
+    writer.close(io.provenance(**meta))
+    summary = {"slide_id": slide_id, "status": status, "n_nuclei": writer.n_rows, "n_blocks": n_blocks,
+               "device": device.type, **meta}
+    log.info("slide %s: %d nuclei in %d blocks, %.1f s on %s", slide_id, writer.n_rows, n_blocks,
+             meta["seconds"], device.type)
     return summary
 
 
@@ -198,55 +212,75 @@ def _detect_tissue(slide, mpp: float):
     return shapely.union_all(mask_to_polygons(mask, scale))
 
 
-def _run_blocks(slide_path, backend, blocks, scale, slide_size, model, device, mpp_work, params, tissue,
-                progress):
+def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params: SegmentParams, tissue,
+                    progress: bool):
+    """Yield ``(features frame, polygons)`` per batch of blocks.
+
+    Tiles are read in DataLoader workers; instance extraction and features of one batch run in a thread
+    while the network processes the next (at most two batches in flight, so memory stays bounded).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    reader = BlockReader(slide_path, backend, blocks, scale, slide_size)
     loader = DataLoader(reader, batch_size=params.batch_size, num_workers=params.workers,
-                        collate_fn=lambda items: items, pin_memory=device.type == "cuda")
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
     inst_params = params.instance_params()
-    records, polygons = [], []
-    in_tissue = tissue if tissue is not None and not tissue.is_empty else None
-    if in_tissue is not None:
-        shapely.prepare(in_tissue)
-    for batch in tqdm(loader, desc="segment", unit="batch", disable=not progress):
-        images = np.stack([img for _, img in batch])
-        probs = predict(model, images, device)
-        for (i, image), prob in zip(batch, probs):
-            block = blocks[i]
-            labels = extract_instances(prob, mpp_work, inst_params)
-            polys, feats = describe_instances(labels, hematoxylin_od(image), prob[0])
-            if feats.empty:
-                continue
-            rx, ry = block.read_origin
-            # Ownership: the centroid must fall in this block's core.
-            lx, ly = feats.centroid_x.to_numpy() + rx, feats.centroid_y.to_numpy() + ry
-            own = ((lx >= block.cx) & (lx < block.cx + block.core) &
-                   (ly >= block.cy) & (ly < block.cy + block.core))
-            cx0, cy0 = lx / scale, ly / scale
-            if in_tissue is not None:
-                own &= shapely.contains_xy(in_tissue, cx0, cy0)
-            for k in np.flatnonzero(own):
-                f = feats.iloc[k]
-                polygons.append((polys[k] + (rx, ry)) / scale)
-                records.append((cx0[k], cy0[k], f.area_px * mpp_work**2, f.perimeter_px * mpp_work,
-                                f.eccentricity, f.solidity, f.mean_hematoxylin_od,
-                                round(block.cx / scale), round(block.cy / scale), f.score))
-    return records, polygons
+    if tissue is not None and not tissue.is_empty:
+        shapely.prepare(tissue)
+    else:
+        tissue = None
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for batch in tqdm(loader, desc="segment", unit="batch", disable=not progress):
+            probs = predict(model, np.stack([img for _, img in batch]), device)
+            future = pool.submit(_postprocess_batch, batch, probs, reader.blocks, reader.scale, mpp_work,
+                                 inst_params, tissue)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
 
 
-def _to_geodataframe(polygons, records):
-    import geopandas as gpd
-
-    frame = pd.DataFrame(records, columns=NUCLEI_COLUMNS)
-    frame = frame.astype({c: "float64" for c in NUCLEI_COLUMNS if c not in ("tile_x", "tile_y")})
-    frame = frame.astype({"tile_x": "int64", "tile_y": "int64"})
-    geoms = [shapely.make_valid(Polygon(p)) for p in polygons]
-    geoms = [g if g.geom_type == "Polygon" else _largest_polygon(g) for g in geoms]
-    return gpd.GeoDataFrame(frame, geometry=geoms, crs=None)
+def _collate(items):
+    return items
 
 
-def _largest_polygon(geom):
+def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissue):
+    """Instances, ownership, polygons (level-0) and features of one batch of blocks."""
+    frames, polygons = [], []
+    for (i, image), prob in zip(batch, probs):
+        block = blocks[i]
+        labels = extract_instances(prob, mpp_work, inst_params)
+        polys, feats = describe_instances(labels, hematoxylin_od(image), prob[0])
+        if feats.empty:
+            continue
+        rx, ry = block.read_origin
+        # Ownership: the centroid must fall in this block's core (and on tissue).
+        lx, ly = feats.centroid_x.to_numpy() + rx, feats.centroid_y.to_numpy() + ry
+        own = (lx >= block.cx) & (lx < block.cx + block.core) & (ly >= block.cy) & (ly < block.cy + block.core)
+        cx0, cy0 = lx / scale, ly / scale
+        if tissue is not None:
+            own &= shapely.contains_xy(tissue, cx0, cy0)
+        keep = np.flatnonzero(own)
+        if not len(keep):
+            continue
+        f = feats.iloc[keep]
+        frames.append(pd.DataFrame({
+            "centroid_x": cx0[keep], "centroid_y": cy0[keep], "area_um2": f.area_px.to_numpy() * mpp_work**2,
+            "perimeter_um": f.perimeter_px.to_numpy() * mpp_work, "eccentricity": f.eccentricity.to_numpy(),
+            "solidity": f.solidity.to_numpy(), "mean_hematoxylin_od": f.mean_hematoxylin_od.to_numpy(),
+            "tile_x": np.full(len(keep), round(block.cx / scale), np.int64),
+            "tile_y": np.full(len(keep), round(block.cy / scale), np.int64), "score": f.score.to_numpy()}))
+        polygons.extend(_valid_polygon((polys[k] + (rx, ry)) / scale) for k in keep)
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(NUCLEI_SCHEMA))
+    return frame, polygons
+
+
+def _valid_polygon(points: np.ndarray) -> Polygon:
+    geom = shapely.make_valid(Polygon(points))
+    if geom.geom_type == "Polygon":
+        return geom
     parts = [g for g in getattr(geom, "geoms", []) if g.geom_type == "Polygon"]
-    return max(parts, key=lambda g: g.area) if parts else Polygon()
+    return max(parts, key=lambda g: g.area) if parts else Polygon(points).buffer(0)
