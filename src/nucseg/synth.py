@@ -35,9 +35,9 @@ class SynthParams:
     n_patches: int = 512
     patch_size: int = 256
     mpp: float = 0.25
-    radius_um: tuple[float, float] = (2.3, 4.0)   # the paper: 8.5-13 px at 40x, widened for large nuclei
+    radius_um: tuple[float, float] = (2.4, 5.0)   # the paper: 8.5-13 px at 40x, widened for large nuclei
     size_bias: tuple[float, float] = (0.75, 1.35)  # per-patch factor shared by all its nuclei
-    elongation: tuple[float, float] = (1.0, 1.7)   # per-patch shared warp
+    elongation: tuple[float, float] = (1.0, 2.2)   # per-patch shared warp
     vertices: tuple[int, int] = (10, 17)
     irregularity: float = 0.35
     spikiness: float = 0.12
