@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", type=Path, default=None, help="also write grades per cancer type (TSV)")
     p.add_argument("--config-hash", default=None)
 
+    p = sub.add_parser("evaluate", help="metrics (AJI, Dice, PQ, F1) on annotated tiles")
+    p.add_argument("--dataset", required=True, type=Path,
+                   help="images/ + annotations/*.xml (MoNuSeg) or images/ + labels/ (instance maps)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="model.pt (default: the shipped model)")
+    p.add_argument("--method", choices=("model", "classical"), default="model",
+                   help="classical: hematoxylin + Otsu + distance-transform watershed baseline")
+    p.add_argument("--mpp", type=float, default=None, help="µm/px of images without manifest/XML value")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="metrics JSON (default: print)")
+    p.add_argument("--save-predictions", type=Path, default=None, help="folder for <id>.png uint16 instance maps")
+
     p = sub.add_parser("export", help="export a nuclei.parquet for QuPath (GeoJSON) or as TCIA per-tile CSVs")
     p.add_argument("nuclei", type=Path, help="nuclei.parquet of the segment stage")
     p.add_argument("--format", required=True, choices=("qupath", "tcia"))
@@ -288,6 +299,18 @@ def _cmd_aggregate(args, progress):
     print(summary.to_string())
 
 
+def _cmd_evaluate(args, progress):
+    from . import io
+    from .evaluate import evaluate, load_dataset
+
+    weights = None if args.method == "classical" else (args.checkpoint or default_weights())
+    result = evaluate(load_dataset(args.dataset, args.mpp), args.method, weights, args.device,
+                      args.save_predictions, progress)
+    if args.out:
+        io.write_json(args.out, result)
+    print(json.dumps(result["mean"] if args.out else result, indent=None if args.out else 2))
+
+
 def _cmd_export(args, progress):
     from .export import to_qupath, to_tcia
 
@@ -305,7 +328,7 @@ def _cmd_demo_slide(args, progress):
 
 _COMMANDS = {"download": _cmd_download, "cohort": _cmd_cohort, "tissue": _cmd_tissue, "synth": _cmd_synth, "train": _cmd_train,
              "segment": _cmd_segment, "qc": _cmd_qc, "aggregate": _cmd_aggregate,
-             "export": _cmd_export, "demo-slide": _cmd_demo_slide}
+             "evaluate": _cmd_evaluate, "export": _cmd_export, "demo-slide": _cmd_demo_slide}
 
 
 if __name__ == "__main__":

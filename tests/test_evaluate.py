@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from nucseg.evaluate import (instance_metrics, load_dataset, predict_classical, rasterize,
+                             read_aperio_xml)
+
+from .conftest import MONUSEG, need
+
+
+def square(labels, label, y, x, h=10, w=10):
+    labels[y:y + h, x:x + w] = label
+    return labels
+
+
+def test_perfect_and_empty_predictions():
+    true = square(square(np.zeros((40, 40), np.int32), 1, 2, 2), 2, 20, 20)
+    m = instance_metrics(true, true.copy() * 3)   # label values do not matter
+    assert m["aji"] == m["dice"] == m["pq"] == m["f1"] == 1.0 and m["tp"] == 2
+    e = instance_metrics(true, np.zeros_like(true))
+    assert e["aji"] == 0 and e["dice"] == 0 and e["f1"] == 0 and e["fn"] == 2
+
+
+def test_merged_prediction():
+    true = square(square(np.zeros((30, 30), np.int32), 1, 5, 0), 2, 5, 10)
+    pred = square(np.zeros_like(true), 7, 5, 0, w=20)
+    m = instance_metrics(true, pred)
+    # Each true square has IoU 100/200 with the merged object: AJI = 200 / (200 + 200).
+    assert m["aji"] == pytest.approx(0.5) and m["dice"] == 1.0
+    assert m["tp"] == 0 and m["pq"] == 0 and m["f1"] == 0    # IoU must exceed 0.5
+
+
+def test_shifted_and_spurious_objects():
+    true = square(np.zeros((40, 40), np.int32), 1, 5, 5)
+    pred = square(square(np.zeros_like(true), 1, 5, 7), 2, 30, 30, 4, 4)
+    m = instance_metrics(true, pred)
+    iou = 80 / 120
+    # AJI: (80) / (120 + 16 for the unmatched prediction).
+    assert m["aji"] == pytest.approx(80 / 136)
+    assert m["tp"] == 1 and m["fp"] == 1 and m["fn"] == 0
+    assert m["sq"] == pytest.approx(iou) and m["dq"] == pytest.approx(1 / 1.5)
+    assert m["pq"] == pytest.approx(iou / 1.5) and m["f1"] == pytest.approx(2 / 3)
+    assert m["dice"] == pytest.approx(2 * 80 / (100 + 116))
+
+
+def test_rasterisation_uses_pixel_centres():
+    poly = np.array([[0.5, 0.5], [3.5, 0.5], [3.5, 3.5], [0.5, 3.5]])
+    labels = rasterize([poly, poly + 10], (20, 20))
+    assert (labels == 1).sum() == 9 and labels[1:4, 1:4].all() and not labels[0].any()
+    assert (labels == 2).sum() == 9
+
+
+def test_classical_baseline_finds_dark_discs(rng):
+    img = np.full((120, 120, 3), (230, 170, 210), np.float32) + rng.normal(0, 3, (120, 120, 3))
+    yy, xx = np.mgrid[:120, :120]
+    for cy, cx in [(30, 30), (30, 80), (85, 50)]:
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 100] = (90, 50, 140)
+    labels = predict_classical(np.clip(img, 0, 255).astype(np.uint8), mpp=0.25)
+    assert labels.max() == 3
+
+
+def test_monuseg_annotations_load():
+    root = need(MONUSEG)
+    polygons, mpp = read_aperio_xml(root / "annotations" / "TCGA-2Z-A9J9-01A-01-TS1.xml")
+    assert len(polygons) > 100 and 0.2 < mpp < 0.3
+    samples = load_dataset(root, default_mpp=0.25)  # one XML lacks MicronsPerPixel (40x: 0.25)
+    assert len(samples) == 18
+    s = samples[0]
+    assert s.image.shape == (1000, 1000, 3) and s.labels.max() > 100
+    # Nuclei are darker than the rest of the tile: image and annotation line up.
+    grey = s.image.mean(axis=2)
+    assert grey[s.labels > 0].mean() < grey[s.labels == 0].mean() - 20
