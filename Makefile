@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-fast dryrun aperio clean distclean
+.PHONY: setup demo test test-fast dryrun aperio cohorts clean distclean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ dryrun: setup
 # The real Aperio slides in ../shared/data/slides/aperio (not part of a fresh clone).
 aperio: setup
 	$(BIN)/snakemake --configfile config/demo.yaml config/aperio.yaml --cores $(CORES)
+
+# Sample sheets of the 14 seed cancer types from the GDC (needs internet; commit the result).
+cohorts: setup
+	$(BIN)/nucseg cohort --all-seed-types --out-dir config/cohorts
 
 test: setup
 	$(BIN)/python -m pytest -q -rs

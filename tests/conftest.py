@@ -59,3 +59,14 @@ def small_model(demo_tissue, tmp_path_factory) -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def real_model(small_model) -> Path:
+    """The model shipped in the package (trained on real tissue textures), else the small demo model."""
+    from nucseg.cli import default_weights
+
+    try:
+        return default_weights()
+    except FileNotFoundError:
+        return small_model

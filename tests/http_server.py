@@ -25,6 +25,8 @@ class FileServer:
         self.drop_after: int | None = None  # close the next body after this many bytes
         self.corrupt: set[str] = set()      # ids served with one byte flipped
         self.delay = 0.0                    # seconds before each response
+        self.slow_next = 0                  # this many responses wait slow_seconds first
+        self.slow_seconds = 0.0
         self.requests: list[dict] = []
         server = self
 
@@ -56,6 +58,9 @@ class FileServer:
             def do_GET(self):
                 server.requests.append({"path": self.path, "range": self.headers.get("Range")})
                 time.sleep(server.delay)
+                if server.slow_next > 0:
+                    server.slow_next -= 1
+                    time.sleep(server.slow_seconds)
                 if server.fail_next > 0:
                     server.fail_next -= 1
                     self.send_error(500, "injected failure")

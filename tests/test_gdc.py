@@ -94,6 +94,16 @@ def test_resumed_download_is_byte_identical_and_bad_md5_never_yields_a_slide(tmp
     assert not (tmp_path / "b.svs").exists() and not (tmp_path / "b.svs.part").exists()
 
 
+def test_slow_response_times_out_and_is_retried(tmp_path):
+    files, hits = catalogue(1)
+    with FileServer(files, hits) as server:
+        server.slow_next, server.slow_seconds = 1, 1.0
+        out = fetch_slide(IDS[0], tmp_path / "a.svs", "a", md5=hits[0]["md5sum"], api_url=server.url,
+                          timeout=0.3, backoff=0.01)
+        assert len([r for r in server.requests if r["path"].startswith("/data")]) == 2
+    assert hashlib.md5(out.read_bytes()).hexdigest() == hits[0]["md5sum"]
+
+
 def test_cli_cohort_and_failure_record(tmp_path):
     files, hits = catalogue()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

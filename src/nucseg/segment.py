@@ -115,18 +115,7 @@ class BlockReader(Dataset):
         if self._slide is None:
             self._slide = open_slide(self.path, self.backend)
         b = self.blocks[i]
-        size = b.read_size
-        out = np.full((size, size, 3), 255, np.uint8)
-        rx, ry = b.read_origin
-        # Clip the read to the slide, in working px, then map to level-0.
-        work_w = self.slide_size[0] * self.scale
-        work_h = self.slide_size[1] * self.scale
-        x0, y0 = max(rx, 0), max(ry, 0)
-        x1, y1 = min(rx + size, math.floor(work_w)), min(ry + size, math.floor(work_h))
-        if x1 > x0 and y1 > y0:
-            region = self._slide.read_scaled((x0 / self.scale, y0 / self.scale, (x1 - x0) / self.scale,
-                                              (y1 - y0) / self.scale), self.scale, (x1 - x0, y1 - y0))
-            out[y0 - ry:y1 - ry, x0 - rx:x1 - rx] = region
+        out = self._slide.read_grid(b.read_origin, (b.read_size, b.read_size), self.scale)
         return i, out
 
 
@@ -164,6 +153,8 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
     slide_id = slide_id or Path(slide_path).stem
     device = resolve_device(params.device)
     model, model_meta = load_weights(weights, device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU
     mpp_work = float(model_meta.get("mpp", 0.25))
     tissue, tissue_meta = (load_tissue(tissue_path) if tissue_path else (None, {}))
     status = tissue_meta.get("status", "ok")
@@ -279,8 +270,12 @@ def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissu
 
 
 def _valid_polygon(points: np.ndarray) -> Polygon:
-    geom = shapely.make_valid(Polygon(points))
-    if geom.geom_type == "Polygon":
-        return geom
-    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type == "Polygon"]
-    return max(parts, key=lambda g: g.area) if parts else Polygon(points).buffer(0)
+    """A valid polygon from a contour: self-touching outlines keep their largest part."""
+    poly = Polygon(points)
+    if poly.is_valid:
+        return poly
+    parts = shapely.get_parts(shapely.make_valid(poly))
+    while any(p.geom_type in ("MultiPolygon", "GeometryCollection") for p in parts):
+        parts = shapely.get_parts(parts)
+    polygons = [p for p in parts if p.geom_type == "Polygon"]
+    return max(polygons, key=lambda p: p.area) if polygons else poly.convex_hull

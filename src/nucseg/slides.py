@@ -162,6 +162,45 @@ class Slide:
         shrink = out_size[0] < region.shape[1]
         return cv2.resize(region, out_size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
+    def read_grid(self, origin: tuple[int, int], size: tuple[int, int], scale: float) -> np.ndarray:
+        """Pixels ``[x0, x0+w) × [y0, y0+h)`` of the slide resampled onto a global grid.
+
+        The grid has ``scale`` pixels per level-0 pixel and is anchored at the slide origin, so two reads
+        that overlap return identical pixels where they overlap, whatever their origins (block-wise
+        inference then does not depend on the tiling). Pixels outside the slide are white.
+        """
+        x0, y0 = origin
+        w, h = size
+        level = self.best_level(1.0 / scale)
+        ds = self.level_downsamples[level]
+        f = 1.0 / (scale * ds)  # source-level pixels per output pixel
+        lx0 = math.floor(((x0 + 0.5) / scale) / ds - 0.5) - 2
+        ly0 = math.floor(((y0 + 0.5) / scale) / ds - 0.5) - 2
+        lw = math.ceil(w * f) + 5
+        lh = math.ceil(h * f) + 5
+        lw_max, lh_max = self.level_dimensions[level]
+        cx0, cy0 = max(lx0, 0), max(ly0, 0)
+        cx1, cy1 = min(lx0 + lw, lw_max), min(ly0 + lh, lh_max)
+        region = np.full((lh, lw, 3), 255, np.uint8)
+        if cx1 > cx0 and cy1 > cy0:
+            loc = (round(cx0 * ds), round(cy0 * ds))
+            region[cy0 - ly0:cy1 - ly0, cx0 - lx0:cx1 - lx0] = self.read_region(loc, level, (cx1 - cx0, cy1 - cy0))
+        if f > 1.0:  # shrinking: low-pass first so the resampling does not alias
+            region = cv2.GaussianBlur(region, (0, 0), 0.5 * f)
+        # Output pixel u (centre at index u) samples region index (x0 + u + 0.5) * f - 0.5 - lx0.
+        tx = (x0 + 0.5) * f - 0.5 - lx0
+        ty = (y0 + 0.5) * f - 0.5 - ly0
+        matrix = np.array([[f, 0.0, tx], [0.0, f, ty]])
+        out = cv2.warpAffine(region, matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255))
+        # Outside the slide stays white even where interpolation touched the border.
+        work_w, work_h = self.dimensions[0] * scale, self.dimensions[1] * scale
+        if x0 < 0 or y0 < 0 or x0 + w > work_w or y0 + h > work_h:
+            xs, ys = np.arange(x0, x0 + w), np.arange(y0, y0 + h)
+            out[(ys < 0) | (ys >= math.floor(work_h))] = 255
+            out[:, (xs < 0) | (xs >= math.floor(work_w))] = 255
+        return out
+
     def read_thumbnail(self, target_mpp: float, level0_mpp: float) -> tuple[np.ndarray, float]:
         """Whole slide at about ``target_mpp`` from a low-resolution level.
 
