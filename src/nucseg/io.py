@@ -90,12 +90,6 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
             raise OSError(f"could not write PNG {path}")
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    """Short, stable hash of a configuration mapping (key order does not matter)."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

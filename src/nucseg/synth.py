@@ -345,16 +345,6 @@ class _Serial:
         return map(fn, items)
 
 
-def params_from_dict(values: dict) -> SynthParams:
-    """Build :class:`SynthParams` from a config mapping, rejecting unknown keys."""
-    fields = SynthParams.__dataclass_fields__
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown synth parameter(s): {sorted(unknown)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return SynthParams(**kwargs)
-
-
 def contact_sheet(synthetic: np.ndarray, real: np.ndarray, n: int = 8) -> np.ndarray:
     """Two rows: ``n`` synthetic patches above ``n`` real ones (RGB uint8)."""
     def row(arr):

@@ -1,6 +1,6 @@
 """Training stage: discriminator-based importance weights and the weighted segmentation network."""
 
-from .params import TrainParams, params_from_dict
+from .params import TrainParams
 
 
 def train_model(*args, **kwargs):
@@ -10,4 +10,4 @@ def train_model(*args, **kwargs):
     return _train_model(*args, **kwargs)
 
 
-__all__ = ["TrainParams", "params_from_dict", "train_model"]
+__all__ = ["TrainParams", "train_model"]

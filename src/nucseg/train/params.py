@@ -23,10 +23,3 @@ class TrainParams:
     seed: int = 0
     num_workers: int = 0
     accelerator: str = "auto"
-
-
-def params_from_dict(values: dict) -> TrainParams:
-    unknown = set(values) - set(TrainParams.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown train parameter(s): {sorted(unknown)}")
-    return TrainParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
