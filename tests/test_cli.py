@@ -6,7 +6,7 @@ import pytest
 from nucseg import __version__
 from nucseg.cli import build_parser, main
 
-STAGES = ["download", "cohort", "evaluate", "export", "tissue", "synth", "train", "segment", "qc", "aggregate", "demo-slide"]
+STAGES = ["download", "cohort", "evaluate", "export", "publish", "tissue", "synth", "train", "segment", "qc", "aggregate", "demo-slide"]
 
 
 def test_version(capsys):

@@ -64,7 +64,8 @@ def test_dry_run_plans_every_stage(tmp_path):
     shutil.copytree(REPO / "config", tmp_path / "config")
     (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(TEST_CONFIG))
     out = snakemake(tmp_path, "-n", "--quiet", "rules").stdout
-    for rule in ("demo_slide", "download", "tissue", "synth", "train", "segment", "qc", "qc_cohort", "qc_all"):
+    for rule in ("demo_slide", "download", "tissue", "synth", "train", "segment", "qc", "qc_cohort", "qc_all",
+                 "publish_nuclei"):
         assert rule in out
 
 
@@ -91,6 +92,26 @@ def test_every_output_exists_and_is_consistent(run):
     grades = pd.read_csv(work / "results/qc/grades.tsv", sep="\t", index_col=0)
     assert grades.loc["DEMO"].sum() == 3
     assert (work / "results/synth/DEMO/contact_sheet.png").stat().st_size > 0
+
+
+def test_nuclei_dataset_is_queryable_without_loading_everything(run):
+    import duckdb
+    import pyarrow.dataset as ds
+
+    work, _ = run
+    root = work / "results" / "nuclei"
+    dataset = ds.dataset(root, format="parquet", partitioning="hive")
+    assert {"cancer_type", "slide_id", "area_um2", "geometry"} <= set(dataset.schema.names)
+    one = dataset.to_table(filter=ds.field("slide_id") == "DEMO-02", columns=["area_um2"])
+    per_slide = gpd.read_parquet(work / "results/DEMO/DEMO-02/nuclei.parquet")
+    assert one.num_rows == len(per_slide)
+    counts = duckdb.sql(f"SELECT slide_id, count(*) AS n, avg(area_um2) AS mean_area FROM "
+                        f"read_parquet('{root}/*/*/*.parquet', hive_partitioning=true) "
+                        "GROUP BY slide_id ORDER BY slide_id").fetchall()
+    slides = pd.read_parquet(work / "results/qc/slides.parquet").set_index("slide_id")
+    assert [(sid, n) for sid, n, _ in counts] == [(sid, slides.n_nuclei[sid]) for sid in ("DEMO-01", "DEMO-02")]
+    # The broken slide's empty file is there too, but holds no rows.
+    assert (root / "cancer_type=DEMO" / "slide_id=DEMO-BROKEN" / "nuclei.parquet").exists()
 
 
 def test_broken_slide_is_recorded_not_fatal(run):

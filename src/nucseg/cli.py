@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="qupath: .geojson file; tcia: output folder")
     p.add_argument("--slide-id", default=None, help="tcia file-name prefix (default: from the file's metadata)")
 
+    p = sub.add_parser("publish", help="add a slide's nuclei.parquet to the hive-partitioned nuclei dataset")
+    p.add_argument("nuclei", type=Path)
+    p.add_argument("--dataset", required=True, type=Path, help="dataset root, e.g. results/nuclei")
+    p.add_argument("--cancer-type", required=True)
+    p.add_argument("--slide-id", required=True)
+
     p = sub.add_parser("demo-slide", help="generate one demo slide (pyramidal TIFF with mpp)")
     p.add_argument("out", type=Path)
     p.add_argument("--width", type=int, default=2560)
@@ -320,6 +326,14 @@ def _cmd_export(args, progress):
         print(json.dumps({"files": len(to_tcia(args.nuclei, args.out, args.slide_id)), "out": str(args.out)}))
 
 
+def _cmd_publish(args, progress):
+    from . import io
+
+    dest = io.link_or_copy(args.nuclei, args.dataset / f"cancer_type={args.cancer_type}"
+                           / f"slide_id={args.slide_id}" / "nuclei.parquet")
+    print(json.dumps({"out": str(dest)}))
+
+
 def _cmd_demo_slide(args, progress):
     from .demo import make_demo_slide
 
@@ -328,7 +342,7 @@ def _cmd_demo_slide(args, progress):
 
 _COMMANDS = {"download": _cmd_download, "cohort": _cmd_cohort, "tissue": _cmd_tissue, "synth": _cmd_synth, "train": _cmd_train,
              "segment": _cmd_segment, "qc": _cmd_qc, "aggregate": _cmd_aggregate,
-             "evaluate": _cmd_evaluate, "export": _cmd_export, "demo-slide": _cmd_demo_slide}
+             "evaluate": _cmd_evaluate, "export": _cmd_export, "publish": _cmd_publish, "demo-slide": _cmd_demo_slide}
 
 
 if __name__ == "__main__":

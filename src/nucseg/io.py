@@ -53,6 +53,21 @@ def temp_beside(path: str | os.PathLike, suffix: str | None = None) -> Path:
     return Path(tmp)
 
 
+def link_or_copy(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Place ``src`` at ``dest`` atomically: a hard link when on the same file system, else a copy."""
+    import shutil
+
+    dest = Path(dest)
+    tmp = temp_beside(dest)
+    tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically (numpy scalars are converted)."""
     with atomic_path(path) as tmp:

@@ -55,5 +55,20 @@ rule qc_all:
         "--config-hash {params.config_hash} > {log} 2>&1"
 
 
+rule publish_nuclei:
+    """The nuclei of every slide as one hive-partitioned dataset (cancer_type=/slide_id=)."""
+    input:
+        "results/{cancer_type}/{slide_id}/nuclei.parquet",
+    output:
+        "results/nuclei/cancer_type={cancer_type}/slide_id={slide_id}/nuclei.parquet",
+    log:
+        "logs/publish/{cancer_type}/{slide_id}.log",
+    conda:
+        "../../envs/nucseg.yaml"
+    shell:
+        "nucseg --no-progress publish {input} --dataset results/nuclei --cancer-type {wildcards.cancer_type} "
+        "--slide-id {wildcards.slide_id} > {log} 2>&1"
+
+
 # "slides" is the all-types aggregate, not a cancer type.
 ruleorder: qc_all > qc_cohort
