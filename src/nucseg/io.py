@@ -7,6 +7,7 @@ Every output is written to a temporary name in its destination directory and mov
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -46,6 +47,9 @@ def temp_beside(path: str | os.PathLike, suffix: str | None = None) -> Path:
     """Create an empty temporary file in ``path``'s directory (hidden, same extension last)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a writer killed earlier (SIGKILL skips cleanup): one writer per output at a time.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        stale.unlink(missing_ok=True)
     # The temporary name keeps the real extension last: some writers pick the format by it.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent,
                                suffix=".tmp" + (path.suffix if suffix is None else suffix))

@@ -24,6 +24,8 @@ rule qc:
 
 
 rule qc_cohort:
+    wildcard_constraints:
+        cancer_type=r"(?!slides\.parquet$)[A-Za-z0-9_-]+",  # results/qc/slides.parquet is qc_all's
     input:
         lambda wc: per_slide("results/{cancer_type}/{slide_id}/qc.json", wc.cancer_type),
     output:
@@ -69,6 +71,3 @@ rule publish_nuclei:
         "nucseg --no-progress publish {input} --dataset results/nuclei --cancer-type {wildcards.cancer_type} "
         "--slide-id {wildcards.slide_id} > {log} 2>&1"
 
-
-# "slides" is the all-types aggregate, not a cancer type.
-ruleorder: qc_all > qc_cohort
