@@ -128,6 +128,10 @@ def test_rerun_is_a_no_op_and_param_change_replans_only_downstream(run):
     out = snakemake(work, "-n", "--config", "qc={'n_patches': 11}").stdout
     planned = planned_jobs(out)
     assert planned == {"qc": 3, "qc_cohort": 1, "qc_all": 1, "all": 1}, out[-2000:]
+    # A segmentation parameter: segment and everything after it, never download, tissue or training.
+    out = snakemake(work, "-n", "--config", "segment={'min_area_um2': 7.0}").stdout
+    assert planned_jobs(out) == {"segment": 3, "publish_nuclei": 3, "qc": 3, "qc_cohort": 1, "qc_all": 1,
+                                 "all": 1}, out[-2000:]
 
 
 def planned_jobs(dry_run_output: str) -> dict[str, int]:

@@ -35,7 +35,7 @@ class SynthParams:
     n_patches: int = 512
     patch_size: int = 256
     mpp: float = 0.25
-    radius_um: tuple[float, float] = (2.4, 5.0)   # the paper: 8.5-13 px at 40x, widened for large nuclei
+    radius_um: tuple[float, float] = (2.4, 6.0)   # the paper: 8.5-13 px at 40x; widened for tumour nuclei
     size_bias: tuple[float, float] = (0.75, 1.35)  # per-patch factor shared by all its nuclei
     elongation: tuple[float, float] = (1.0, 2.2)   # per-patch shared warp
     vertices: tuple[int, int] = (10, 17)
@@ -43,7 +43,8 @@ class SynthParams:
     spikiness: float = 0.12
     coverage: tuple[float, float] = (0.04, 0.38)   # nuclear area fraction, set by the texture's H mass
     max_overlap: float = 0.15
-    distractors_per_patch: tuple[int, int] = (0, 6)
+    distractors_per_patch: tuple[int, int] = (0, 3)
+    vesicular_fraction: float = 0.45              # nuclei with pale, textured chromatin and a dark rim
     debris_per_patch: tuple[int, int] = (0, 12)
     shard_size: int = 128
     seed: int = 0
@@ -89,14 +90,16 @@ def nuclear_pixels(rgb: np.ndarray, hema: np.ndarray | None = None) -> np.ndarra
     dark = 255 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     # Otsu on H catches pale and dense nuclei; the percentile rule catches few, very dark ones when
     # Otsu splits at a high value.
-    otsu = max(0.02, float(threshold_otsu(hema))) if hema.max() > hema.min() else np.inf
+    otsu = max(0.02, 0.9 * float(threshold_otsu(hema))) if hema.max() > hema.min() else np.inf
     relative = (hema >= max(0.02, float(np.percentile(hema, 85)))) & (dark > np.percentile(dark, 70))
     return (hema > otsu) | relative
 
 
 def remove_nuclei(rgb: np.ndarray, nuclei: np.ndarray, mpp: float) -> np.ndarray:
     """Background texture: the image with its (candidate) nuclei inpainted away (OpenCV Telea)."""
-    radius = max(1, round(0.75 / mpp))
+    # Dilate past the stained rim: faint remnants of real nuclei in the background would be labelled
+    # background and teach the network to ignore pale nuclei.
+    radius = max(1, round(1.0 / mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2)
     mask = cv2.dilate(nuclei.astype(np.uint8), kernel)
     return cv2.inpaint(rgb, mask, max(3, radius * 2), cv2.INPAINT_TELEA)
@@ -161,7 +164,8 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
         if (occupied[region] & mask).sum() > params.max_overlap * mask.sum():
             continue
         label += 1
-        _composite(image, mask, region, colour, rng, px, alpha_range=(0.7, 0.95))
+        _composite(image, mask, region, colour, rng, px, alpha_range=(0.7, 0.95),
+                   vesicular=rng.random() < params.vesicular_fraction)
         instances[region][mask] = label
         occupied[region] |= mask
     for _ in range(int(rng.integers(params.distractors_per_patch[0], params.distractors_per_patch[1] + 1))):
@@ -170,13 +174,13 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
         mask, (y0, x0) = _raster(poly + rng.uniform(0, (w, h)), h, w)
         if mask is not None:
             region = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
-            _composite(image, mask, region, colour, rng, px, alpha_range=(0.12, 0.3), rim=2.0)
+            _composite(image, mask, region, colour, rng, px, alpha_range=(0.08, 0.18), rim=2.0)
     for _ in range(int(rng.integers(params.debris_per_patch[0], params.debris_per_patch[1] + 1))):
-        r = rng.uniform(0.25, 0.8) * px
+        r = rng.uniform(0.4, 1.0) * px
         mask, (y0, x0) = _raster(star_polygon(rng, r, 7, 0.5, 0.3) + rng.uniform(0, (w, h)), h, w)
         if mask is not None:
             region = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
-            _composite(image, mask, region, colour * rng.uniform(0.6, 1.1), rng, px, alpha_range=(0.4, 0.8))
+            _composite(image, mask, region, colour * rng.uniform(0.8, 1.1), rng, px, alpha_range=(0.25, 0.55))
     # Optical blur and sensor noise, as in a scanned slide.
     image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 0.9))
     image += rng.normal(0, rng.uniform(1.0, 3.0), image.shape).astype(np.float32)
@@ -196,18 +200,27 @@ def _raster(poly: np.ndarray, h: int, w: int):
     return canvas.astype(bool), (cy0, cx0)
 
 
-def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1.0) -> None:
+def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1.0,
+               vesicular: bool = False) -> None:
     """Alpha-blend one nucleus with a blurred rim and chromatin texture into ``image`` in place."""
     hh, ww = mask.shape
     alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), rim * rng.uniform(0.4, 0.9))
     alpha = np.maximum(alpha, mask * 0.85) * rng.uniform(*alpha_range)
-    chroma = _smooth_noise(rng, (hh, ww), max(0.6, 0.3 * px))
+    # Chromatin: fine and coarse texture (granules and clumps, ~0.3 and ~1 µm).
+    chroma = 0.6 * _smooth_noise(rng, (hh, ww), max(0.6, 0.3 * px)) + 0.4 * _smooth_noise(rng, (hh, ww), max(1.0, px))
     tone = colour * rng.uniform(0.75, 1.15) + rng.normal(0, 6, 3)
-    if rng.random() < 0.3:  # vesicular nucleus: pale centre, dark rim
-        dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    strength = 0.12
+    if vesicular:  # open chromatin: pale, textured centre, dark nuclear membrane, a nucleolus or two
+        dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
         centre = np.clip(dist / (dist.max() + 1e-6), 0, 1)
-        alpha = alpha * (1 - 0.45 * centre)
-    nucleus = tone[None, None, :] * (1 + 0.12 * chroma[..., None])
+        alpha = alpha * (1 - rng.uniform(0.35, 0.6) * np.sqrt(centre))
+        strength = rng.uniform(0.2, 0.35)
+        ys, xs = np.nonzero(centre > 0.5)
+        for _ in range(int(rng.integers(0, 3)) if len(ys) else 0):
+            k = rng.integers(len(ys))
+            cv2.circle(alpha, (int(xs[k]), int(ys[k])), max(1, round(rng.uniform(0.4, 0.8) * px)),
+                       float(alpha_range[1]), -1)
+    nucleus = tone[None, None, :] * (1 + strength * chroma[..., None])
     patch = image[region]
     a = alpha[..., None]
     image[region] = patch * (1 - a) + nucleus * a

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -30,17 +31,37 @@ def read_shard_images(path: Path) -> np.ndarray:
 
 
 def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Flips, rot90 and stain/brightness jitter. ``image`` HWC uint8, ``targets`` CHW."""
+    """Flips, rot90, scale, blur and stain/brightness jitter. ``image`` HWC uint8, ``targets`` CHW."""
     k = int(rng.integers(4))
     image, targets = np.rot90(image, k, axes=(0, 1)), np.rot90(targets, k, axes=(1, 2))
     if rng.random() < 0.5:
         image, targets = image[:, ::-1], targets[:, :, ::-1]
+    if rng.random() < 0.5:  # scanners and objectives differ slightly in pixel size
+        image, targets = _rescale(np.ascontiguousarray(image), np.ascontiguousarray(targets), rng.uniform(0.8, 1.25))
     img = image.astype(np.float32)
-    # Per-channel gain and offset approximate stain-intensity differences between labs.
-    img = img * rng.uniform(0.9, 1.1, 3) + rng.normal(0, 6, 3)
+    if rng.random() < 0.3:  # focus
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.2))
+    # Stain differences between labs: jitter the optical densities of hematoxylin and eosin.
+    od = -np.log(np.clip(img, 1, 255) / 255.0)
+    od = od * rng.uniform(0.85, 1.15, 3) + rng.normal(0, 0.03, 3)
+    img = 255.0 * np.exp(-np.clip(od, 0, None))
     mean = img.mean()
-    img = (img - mean) * rng.uniform(0.85, 1.15) + mean
+    img = (img - mean) * rng.uniform(0.85, 1.15) + mean + rng.normal(0, 6)
     return np.clip(img, 0, 255).astype(np.uint8), np.ascontiguousarray(targets)
+
+
+def _rescale(image: np.ndarray, targets: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Zoom by ``factor`` about the centre, keeping the size (reflect-padding when shrinking)."""
+    h, w = image.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    img = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    tgt = np.stack([cv2.resize(t, size, interpolation=cv2.INTER_NEAREST) for t in targets])
+    if factor >= 1:
+        y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+        return img[y:y + h, x:x + w], tgt[:, y:y + h, x:x + w]
+    py, px = h - img.shape[0], w - img.shape[1]
+    pad = ((py // 2, py - py // 2), (px // 2, px - px // 2))
+    return np.pad(img, pad + ((0, 0),), mode="reflect"), np.pad(tgt, ((0, 0),) + pad, mode="reflect")
 
 
 class ShardStream(IterableDataset):
