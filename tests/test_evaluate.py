@@ -69,3 +69,34 @@ def test_monuseg_annotations_load():
     # Nuclei are darker than the rest of the tile: image and annotation line up.
     grey = s.image.mean(axis=2)
     assert grey[s.labels > 0].mean() < grey[s.labels == 0].mean() - 20
+
+
+def test_label_map_layout_through_the_cli(tmp_path, rng):
+    import json
+
+    import cv2
+
+    from nucseg.cli import main
+
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    img = np.full((96, 96, 3), (230, 170, 210), np.float32) + rng.normal(0, 3, (96, 96, 3))
+    labels = np.zeros((96, 96), np.int32)
+    yy, xx = np.mgrid[:96, :96]
+    for i, (cy, cx) in enumerate([(25, 25), (25, 70), (70, 45)], start=1):
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= 64
+        img[m] = (90, 50, 140)
+        labels[m] = i
+    cv2.imwrite(str(root / "images" / "a.png"), np.clip(img, 0, 255).astype(np.uint8)[..., ::-1])
+    cv2.imwrite(str(root / "labels" / "a.png"), labels.astype(np.uint16))
+    np.save(root / "labels" / "b.npy", labels)
+    cv2.imwrite(str(root / "images" / "b.png"), np.clip(img, 0, 255).astype(np.uint8)[..., ::-1])
+    (root / "manifest.csv").write_text("id,mpp\na,0.25\nb,0.25\n")
+    assert main(["-q", "evaluate", "--dataset", str(root), "--method", "classical", "--out", str(tmp_path / "m.json"),
+                 "--save-predictions", str(tmp_path / "pred")]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert [r["id"] for r in result["images"]] == ["a", "b"]
+    assert result["mean"]["f1"] == 1.0 and result["mean"]["aji"] > 0.8
+    pred = cv2.imread(str(tmp_path / "pred" / "a.png"), cv2.IMREAD_UNCHANGED)
+    assert pred.dtype == np.uint16 and pred.shape == (96, 96) and pred.max() == 3

@@ -55,7 +55,7 @@ def _rescale(image: np.ndarray, targets: np.ndarray, factor: float) -> tuple[np.
     h, w = image.shape[:2]
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
     img = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-    tgt = np.stack([cv2.resize(t, size, interpolation=cv2.INTER_NEAREST) for t in targets])
+    tgt = np.stack([cv2.resize(t, size, interpolation=cv2.INTER_NEAREST_EXACT) for t in targets])
     if factor >= 1:
         y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
         return img[y:y + h, x:x + w], tgt[:, y:y + h, x:x + w]
