@@ -77,11 +77,10 @@ def default_checkpoint() -> Path:
         demo = REPO / "results" / "models" / "demo" / "model.pt"
         if demo.is_file():
             return demo
-        raise SystemExit("no model: pass --checkpoint (or run `make demo` first)")
+        raise SystemExit("no model: pass --checkpoint (or run `make demo` first)") from None
 
 
 def read_only(slide: Path, tile: int, workers: int) -> float:
-    import math
 
     from torch.utils.data import DataLoader
 

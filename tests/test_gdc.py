@@ -17,7 +17,7 @@ from nucseg.download import (DownloadError, build_cohort, cohort_from_manifest, 
                              read_failure_record, safe_slide_id)
 from nucseg.download.gdc import CohortError, parse_barcode, query_files
 
-from .conftest import APERIO, CMU, FIXTURES, REPO, TCGA_TS, need
+from .conftest import CMU, REPO, TCGA_TS, need
 from .http_server import FileServer
 
 IDS = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(1, 8)]

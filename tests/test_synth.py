@@ -5,7 +5,7 @@ import pytest
 from shapely.geometry import Point, Polygon
 
 from nucseg.synth import (SynthParams, boundary_map, draw_nuclei, generate_dataset, make_patch,
-                          remove_nuclei, star_polygon, texture_stats)
+                          star_polygon, texture_stats)
 
 
 def test_star_polygon_is_star_shaped_around_origin(rng):

@@ -189,7 +189,7 @@ def _stream_with_resume(url: str, part: Path, slide_id: str, *, retries: int, ti
             attempt += 1
             if attempt > retries:
                 raise DownloadError(f"slide {slide_id}: giving up on {url} after {retries} retries: {exc}",
-                                    permanent=False)
+                                    permanent=False) from exc
             wait = backoff * 2 ** (attempt - 1)
             log.warning("slide %s: %s; retry %d/%d in %.1fs", slide_id, exc, attempt, retries, wait)
             time.sleep(wait)

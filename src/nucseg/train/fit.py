@@ -43,7 +43,7 @@ def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainPa
     rng = np.random.default_rng(params.seed)
     synth = []
     budget = params.disc_max_synthetic
-    for path, _, count in shards:
+    for path, _, _ in shards:
         if budget <= 0:
             break
         images = read_shard_images(path)[:budget]
