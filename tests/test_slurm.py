@@ -66,7 +66,7 @@ def test_demo_through_slurm_matches_local_run(tmp_path, small_model):
                "--set-threads", "segment=1", "synth=1", "train=1")
     log = proc.stdout + proc.stderr
     job_ids = re.findall(r"submitted with SLURM jobid (\d+)", log)
-    # download, tissue, segment, qc, publish per slide (2 slides) + demo slides + the two aggregates.
+    # demo slide, download, tissue, segment, qc per slide (2 slides) + the two aggregates.
     assert len(job_ids) >= 12, log[-3000:]
     for rule in ("segment", "tissue", "qc"):
         logs = list((cluster / ".snakemake" / "slurm_logs").glob(f"rule_{rule}/**/*.log"))

@@ -64,8 +64,7 @@ def test_dry_run_plans_every_stage(tmp_path):
     shutil.copytree(REPO / "config", tmp_path / "config")
     (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(TEST_CONFIG))
     out = snakemake(tmp_path, "-n", "--quiet", "rules").stdout
-    for rule in ("demo_slide", "download", "tissue", "synth", "train", "segment", "qc", "qc_cohort", "qc_all",
-                 "publish_nuclei"):
+    for rule in ("demo_slide", "download", "tissue", "synth", "train", "segment", "qc", "qc_cohort", "qc_all"):
         assert rule in out
 
 
@@ -130,8 +129,7 @@ def test_rerun_is_a_no_op_and_param_change_replans_only_downstream(run):
     assert planned == {"qc": 3, "qc_cohort": 1, "qc_all": 1, "all": 1}, out[-2000:]
     # A segmentation parameter: segment and everything after it, never download, tissue or training.
     out = snakemake(work, "-n", "--config", "segment={'min_area_um2': 7.0}").stdout
-    assert planned_jobs(out) == {"segment": 3, "publish_nuclei": 3, "qc": 3, "qc_cohort": 1, "qc_all": 1,
-                                 "all": 1}, out[-2000:]
+    assert planned_jobs(out) == {"segment": 3, "qc": 3, "qc_cohort": 1, "qc_all": 1, "all": 1}, out[-2000:]
 
 
 def planned_jobs(dry_run_output: str) -> dict[str, int]:

@@ -146,11 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="qupath: .geojson file; tcia: output folder")
     p.add_argument("--slide-id", default=None, help="tcia file-name prefix (default: from the file's metadata)")
 
-    p = sub.add_parser("publish", help="add a slide's nuclei.parquet to the hive-partitioned nuclei dataset")
-    p.add_argument("nuclei", type=Path)
+    p = sub.add_parser("publish", help="add slides' nuclei.parquet files to the hive-partitioned nuclei dataset")
+    p.add_argument("nuclei", type=Path, nargs="+", help="results/{TYPE}/{slide_id}/nuclei.parquet files")
     p.add_argument("--dataset", required=True, type=Path, help="dataset root, e.g. results/nuclei")
     p.add_argument("--cancer-type", required=True)
-    p.add_argument("--slide-id", required=True)
 
     p = sub.add_parser("demo-slide", help="generate one demo slide (pyramidal TIFF with mpp)")
     p.add_argument("out", type=Path)
@@ -329,9 +328,11 @@ def _cmd_export(args, progress):
 def _cmd_publish(args, progress):
     from . import io
 
-    dest = io.link_or_copy(args.nuclei, args.dataset / f"cancer_type={args.cancer_type}"
-                           / f"slide_id={args.slide_id}" / "nuclei.parquet")
-    print(json.dumps({"out": str(dest)}))
+    # Slide ids are the names of the files' folders (results/{TYPE}/{slide_id}/nuclei.parquet).
+    part = args.dataset / f"cancer_type={args.cancer_type}"
+    for path in args.nuclei:
+        io.link_or_copy(path, part / f"slide_id={path.parent.name}" / "nuclei.parquet")
+    print(json.dumps({"partition": str(part), "slides": len(args.nuclei)}))
 
 
 def _cmd_demo_slide(args, progress):

@@ -101,6 +101,4 @@ def per_slide(pattern, cancer_type):
 def all_targets():
     targets = ["results/qc/slides.parquet", "results/qc/grades.tsv"]
     targets += [f"results/qc/{t}.parquet" for t in SELECTED]
-    for t in SELECTED:
-        targets += per_slide("results/nuclei/cancer_type={cancer_type}/slide_id={slide_id}/nuclei.parquet", t)
     return targets

@@ -24,12 +24,15 @@ rule qc:
 
 
 rule qc_cohort:
+    """Per cancer type: the QC table, and the type's partition of the hive-partitioned nuclei dataset."""
     wildcard_constraints:
         cancer_type=r"(?!slides\.parquet$)[A-Za-z0-9_-]+",  # results/qc/slides.parquet is qc_all's
     input:
-        lambda wc: per_slide("results/{cancer_type}/{slide_id}/qc.json", wc.cancer_type),
+        rows=lambda wc: per_slide("results/{cancer_type}/{slide_id}/qc.json", wc.cancer_type),
+        nuclei=lambda wc: per_slide("results/{cancer_type}/{slide_id}/nuclei.parquet", wc.cancer_type),
     output:
-        "results/qc/{cancer_type}.parquet",
+        table="results/qc/{cancer_type}.parquet",
+        nuclei=directory("results/nuclei/cancer_type={cancer_type}"),
     params:
         config_hash=config_hash("mpp_work", "segment", "model", "qc"),
     log:
@@ -37,7 +40,9 @@ rule qc_cohort:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress aggregate {input} --out {output} --config-hash {params.config_hash} > {log} 2>&1"
+        "(nucseg --no-progress aggregate {input.rows} --out {output.table} --config-hash {params.config_hash} && "
+        "nucseg --no-progress publish {input.nuclei} --dataset results/nuclei --cancer-type {wildcards.cancer_type}) "
+        "> {log} 2>&1"
 
 
 rule qc_all:
@@ -55,19 +60,3 @@ rule qc_all:
     shell:
         "nucseg --no-progress aggregate {input} --out {output.table} --summary {output.grades} "
         "--config-hash {params.config_hash} > {log} 2>&1"
-
-
-rule publish_nuclei:
-    """The nuclei of every slide as one hive-partitioned dataset (cancer_type=/slide_id=)."""
-    input:
-        "results/{cancer_type}/{slide_id}/nuclei.parquet",
-    output:
-        "results/nuclei/cancer_type={cancer_type}/slide_id={slide_id}/nuclei.parquet",
-    log:
-        "logs/publish/{cancer_type}/{slide_id}.log",
-    conda:
-        "../../envs/nucseg.yaml"
-    shell:
-        "nucseg --no-progress publish {input} --dataset results/nuclei --cancer-type {wildcards.cancer_type} "
-        "--slide-id {wildcards.slide_id} > {log} 2>&1"
-
