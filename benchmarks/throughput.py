@@ -90,7 +90,7 @@ def read_only(slide: Path, tile: int, workers: int) -> float:
     with open_slide(slide) as s:
         dims = s.dimensions
     blocks = plan_blocks(dims, 1.0, tile, 64, None)
-    loader = DataLoader(BlockReader(slide, "tiffslide", blocks, 1.0, dims), batch_size=4, num_workers=workers,
+    loader = DataLoader(BlockReader(slide, "tiffslide", blocks, 1.0), batch_size=4, num_workers=workers,
                         collate_fn=lambda x: x)
     started = time.perf_counter()
     for _ in loader:

@@ -104,8 +104,8 @@ class BlockReader(Dataset):
     The slide is opened lazily in each DataLoader worker (slide handles cannot be pickled).
     """
 
-    def __init__(self, path, backend: str, blocks: list[Block], scale: float, slide_size):
-        self.path, self.backend, self.blocks, self.scale, self.slide_size = path, backend, blocks, scale, slide_size
+    def __init__(self, path, backend: str, blocks: list[Block], scale: float):
+        self.path, self.backend, self.blocks, self.scale = path, backend, blocks, scale
         self._slide = None
 
     def __len__(self) -> int:
@@ -115,8 +115,7 @@ class BlockReader(Dataset):
         if self._slide is None:
             self._slide = open_slide(self.path, self.backend)
         b = self.blocks[i]
-        out = self._slide.read_grid(b.read_origin, (b.read_size, b.read_size), self.scale)
-        return i, out
+        return i, self._slide.read_grid(b.read_origin, (b.read_size, b.read_size), self.scale)
 
 
 def load_tissue(path) -> tuple[shapely.Geometry | None, dict]:
@@ -179,7 +178,7 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
             core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
             blocks = plan_blocks(slide_size, scale, core, margin, tissue)
             n_blocks = len(blocks)
-            reader = BlockReader(slide_path, backend, blocks, scale, slide_size)
+            reader = BlockReader(slide_path, backend, blocks, scale)
             for frame, geoms in _segment_blocks(reader, model, device, mpp_work, params, tissue, progress):
                 writer.write(frame, geoms)
     except BaseException:

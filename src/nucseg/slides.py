@@ -166,8 +166,9 @@ class Slide:
         """Pixels ``[x0, x0+w) × [y0, y0+h)`` of the slide resampled onto a global grid.
 
         The grid has ``scale`` pixels per level-0 pixel and is anchored at the slide origin, so two reads
-        that overlap return identical pixels where they overlap, whatever their origins (block-wise
-        inference then does not depend on the tiling). Pixels outside the slide are white.
+        that overlap return the same pixels where they overlap (up to one grey level of interpolation
+        rounding), whatever their origins: block-wise inference then does not depend on the tiling.
+        Pixels outside the slide are white.
         """
         x0, y0 = origin
         w, h = size
