@@ -38,3 +38,14 @@ def test_console_script_errors_name_the_stage_and_file(tmp_path):
                            "--out", str(tmp_path / "y.svs"), "--slide-id", "S1"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert "download failed" in proc.stderr and "slide S1" in proc.stderr and "x.svs" in proc.stderr
+
+
+def test_segment_uses_the_shipped_model_by_default(demo_slide, tmp_path):
+    from nucseg import io
+    from nucseg.cli import default_weights
+
+    weights = default_weights()
+    assert weights.is_file() and (weights.parent / "default_card.json").is_file()
+    assert main(["-q", "segment", str(demo_slide), "--out", str(tmp_path / "n.parquet")]) == 0
+    meta = io.read_provenance(tmp_path / "n.parquet")
+    assert meta["model_id"] == io.file_sha256(weights) and meta["status"] == "ok"
