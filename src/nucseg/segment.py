@@ -228,9 +228,35 @@ def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params:
                                  inst_params, tissue)
             if pending is not None:
                 yield pending.result()
+                _release_freed_memory()
             pending = future
         if pending is not None:
             yield pending.result()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc).
+
+    The network's large, short-lived activation buffers and the postprocessing thread fragment glibc's
+    heap: without this, peak RSS creeps up with the number of blocks (measured: 1.9 GB instead of 1.5 GB
+    on a 6,144² slide), i.e. with slide size.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _collate(items):
