@@ -41,8 +41,9 @@ def test_nuclei_drawn_only_on_tissue_with_limited_overlap(rng):
     tissue[:, :100] = True
     params = SynthParams(distractors_per_patch=(0, 0), debris_per_patch=(0, 0), max_overlap=0.15)
     image, inst = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.3, rng, params)
-    n = inst.max()
-    assert n > 5
+    assert inst.max() >= 3
+    # Coverage 0.3 of the tissue half, give or take the Poisson count and the overlap limit.
+    assert 0.1 < (inst[:, :100] > 0).mean() < 0.6
     ids, areas = np.unique(inst, return_counts=True)
     # Centres are drawn on tissue: all but the rims of border nuclei stay on the left half.
     assert (inst[:, 130:] > 0).sum() == 0
