@@ -99,12 +99,18 @@ def read_only(slide: Path, tile: int, workers: int) -> float:
 
 
 def network_only(checkpoint: Path, tile: int, batches: int = 6) -> float:
+    import math
+
     import torch
 
     from nucseg.model import load_weights, predict
+    from nucseg.segment import SegmentParams
 
-    model, _ = load_weights(checkpoint)
-    images = np.random.default_rng(0).integers(0, 255, (4, tile + 128, tile + 128, 3), dtype=np.uint8)
+    model, meta = load_weights(checkpoint)
+    model = model.to(memory_format=torch.channels_last)
+    # The same read size as `nucseg segment`: core plus the margin on both sides.
+    margin = math.ceil(SegmentParams().margin_um / float(meta.get("mpp", 0.25)) / 8) * 8
+    images = np.random.default_rng(0).integers(0, 255, (4, tile + 2 * margin, tile + 2 * margin, 3), dtype=np.uint8)
     predict(model, images, torch.device("cpu"))  # warm-up
     started = time.perf_counter()
     for _ in range(batches):
