@@ -18,9 +18,8 @@ def test_touching_nuclei_are_separated_by_boundary_probability():
     labels = extract_instances(np.stack([fg, bnd]), mpp=0.25)
     assert labels.max() == 2
     assert labels[40, 28] != labels[40, 50] and labels[40, 28] > 0
-    # Without the boundary they merge: the boundary channel is what separates them.
-    merged = extract_instances(np.stack([fg, np.zeros(shape, np.float32)]), mpp=0.25)
-    assert merged.max() == 1
+    # Where the boundary head misses the seam, the neck between them still splits them (distance-map markers).
+    assert extract_instances(np.stack([fg, np.zeros(shape, np.float32)]), mpp=0.25).max() == 2
 
 
 def test_size_limits_in_um2():
