@@ -6,7 +6,8 @@ import pytest
 from nucseg import __version__
 from nucseg.cli import build_parser, main
 
-STAGES = ["download", "cohort", "evaluate", "export", "publish", "tissue", "synth", "train", "segment", "qc", "aggregate", "demo-slide"]
+STAGES = ["download", "cohort", "evaluate", "export", "publish", "tissue", "synth", "refine", "train", "segment", "qc",
+          "aggregate", "report-figures", "demo-slide"]
 
 
 def test_version(capsys):

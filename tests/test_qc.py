@@ -62,3 +62,142 @@ def test_aggregate_types_and_summary(tmp_path):
     # Aggregates of aggregates (per type -> all) keep every row.
     again = aggregate([tmp_path / "out.parquet"], tmp_path / "all.parquet")
     assert len(again) == 3
+
+
+# ---------------------------------------------------------------- label-free signals
+
+def test_tta_disagreement_is_zero_for_identical_predictions_and_grows_with_change():
+    from nucseg.qc import tta_disagreement
+
+    prob = np.zeros((2, 64, 64), np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    for cy, cx in [(16, 16), (40, 44), (50, 14)]:
+        prob[0][(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = 0.95
+    same = np.stack([prob] * 4)
+    assert tta_disagreement(same, 0.25) == pytest.approx(0.0)
+    assert tta_disagreement(same[:1], 0.25) == 0.0      # nothing to compare
+    changed = same.copy()
+    changed[2:, 0, 10:22, 10:22] = 0.0                  # two augmentations lose a nucleus
+    assert 0.1 < tta_disagreement(changed, 0.25) < 1.0
+
+
+def test_foreground_entropy_bits():
+    from nucseg.qc import foreground_entropy
+
+    region = np.ones((8, 8), bool)
+    assert foreground_entropy(np.full((4, 8, 8), 0.5), region) == pytest.approx(1.0)
+    assert foreground_entropy(np.full((4, 8, 8), 0.999), region) < 0.02
+    assert foreground_entropy(np.full((4, 8, 8), 0.5), ~region) == 0.0
+
+
+def test_shape_outliers():
+    from nucseg.qc import shape_outliers
+
+    params = QCParams()
+    assert shape_outliers([30, 40], [0.95, 0.95], params) == 0.0           # too few nuclei to judge
+    assert shape_outliers([30, 40, 5, 500], [0.95, 0.6, 0.95, 0.95], params) == pytest.approx(0.75)
+
+
+def test_dihedral_tta_maps_predictions_back(monkeypatch):
+    """With a pixel-wise (hence equivariant) network every augmentation maps back onto the same output."""
+    import nucseg.model
+    from nucseg.qc import DIHEDRAL, tta_predict
+
+    def pixelwise(model, images, device):
+        return np.ascontiguousarray(images[..., :2].transpose(0, 3, 1, 2)).astype(np.float32) / 255
+
+    monkeypatch.setattr(nucseg.model, "predict", pixelwise)
+    images = np.random.default_rng(0).integers(0, 255, (3, 24, 24, 3), np.uint8)
+    probs = tta_predict(None, images, None, n_tta=len(DIHEDRAL), batch_size=2)
+    assert probs.shape == (3, 8, 2, 24, 24)
+    expected = pixelwise(None, images, None)
+    for k in range(len(DIHEDRAL)):
+        np.testing.assert_array_equal(probs[:, k], expected)
+
+
+def test_patch_score_is_the_largest_signal_ratio(rng):
+    from nucseg.qc import patch_signals
+
+    params = QCParams()
+    image, truth = patch_with_nuclei(rng, [(15, 15), (40, 45), (50, 15)])
+    probs = np.stack([np.stack([truth * 0.95, np.zeros_like(truth, float)])] * 4).astype(np.float32)
+    good = patch_signals(image, probs, truth, [60, 70, 80], [0.95, 0.95, 0.95], params)
+    assert not good["bad"] and good["score"] < 1 and good["disagreement"] == pytest.approx(0)
+    # Model signals alone: an unsure network (p = 0.5 everywhere on the nuclei) is flagged.
+    unsure = probs.copy()
+    unsure[:, 0][:, truth] = 0.55
+    out = patch_signals(image, unsure, truth, [60, 70, 80], [0.95, 0.95, 0.95], params)
+    assert out["bad"] and "uncertain foreground" in out["reason"]
+    # Nucleus shapes alone.
+    out = patch_signals(image, probs, truth, [3, 4, 900], [0.95, 0.95, 0.95], params)
+    assert out["bad"] and out["reason"] == "implausible nucleus size/shape" and out["score"] == pytest.approx(2.0)
+    # Without the model the model signals are NaN and do not count.
+    out = patch_signals(image, None, truth, [60, 70, 80], [0.95] * 3, params)
+    assert np.isnan(out["disagreement"]) and not out["bad"]
+
+
+@pytest.fixture(scope="module")
+def shipped_model():
+    import torch
+
+    from nucseg.cli import default_weights
+    from nucseg.model import load_weights
+
+    model, meta = load_weights(default_weights())
+    return model, meta, torch.device("cpu")
+
+
+def test_signals_on_a_real_tile_flag_an_out_of_focus_copy(shipped_model):
+    """MoNuSeg tile, shipped model: the patch's segmentation scores worse once the patch is blurred."""
+    import cv2
+
+    from nucseg.evaluate import load_dataset
+    from nucseg.instances import describe_instances, extract_instances
+    from nucseg.model import predict
+    from nucseg.qc import patch_signals, tta_predict
+
+    from .conftest import MONUSEG, need
+
+    model, meta, device = shipped_model
+    sample = load_dataset(need(MONUSEG), default_mpp=0.25)[0]
+    params = QCParams()
+    scores = []
+    for image in (sample.image, cv2.GaussianBlur(sample.image, (0, 0), 2.0 / 0.25)):
+        crop = np.ascontiguousarray(image[300:588, 300:588])            # 256 px patch + 16 px context
+        labels = extract_instances(predict(model, crop[None], device)[0], 0.25)[16:-16, 16:-16]
+        _, feats = describe_instances(labels)
+        probs = tta_predict(model, crop[None], device, params.tta)[0][..., 16:-16, 16:-16]
+        scores.append(patch_signals(crop[16:-16, 16:-16], probs, labels > 0, feats.area_px * 0.25**2,
+                                    feats.solidity, params))
+    sharp, blurred = scores
+    assert blurred["score"] > sharp["score"] and blurred["bad"]
+    assert blurred["missed"] > sharp["missed"]
+
+
+def test_slide_qc_end_to_end(demo_slide, demo_tissue, tmp_path):
+    """qc.json row, per-patch signals, overlay and timing on the demo slide with the shipped model."""
+    from nucseg.cli import default_weights
+    from nucseg.qc import PATCH_COLUMNS, slide_qc
+    from nucseg.segment import SegmentParams, segment_slide
+
+    weights = default_weights()
+    nuclei = tmp_path / "nuclei.parquet"
+    segment_slide(demo_slide, nuclei, weights, tissue_path=demo_tissue / "tissue.parquet", slide_id="demo",
+                  params=SegmentParams(device="cpu"), progress=False)
+    row = slide_qc(demo_tissue / "wsi.json", nuclei, demo_tissue / "tiles.parquet", demo_slide,
+                   tmp_path / "qc.json", tmp_path / "qc_patches.parquet", cancer_type="DEMO",
+                   params=QCParams(n_patches=6, device="cpu"), weights=weights,
+                   tissue_path=demo_tissue / "tissue.parquet", out_overlay=tmp_path / "qc_overlay.png")
+    assert row["status"] == "ok" and row["n_patches_checked"] == 6 and row["grade"] in GRADES_OK
+    assert json.loads(row["seconds_by_stage"])["qc"] > 0
+    patches = pd.read_parquet(tmp_path / "qc_patches.parquet")
+    assert list(patches.columns) == PATCH_COLUMNS and patches.disagreement.notna().all()
+    assert (patches.score >= 0).all() and patches.bad.dtype == bool
+    assert row["pct_bad_patches"] == pytest.approx(100 * patches.bad.mean())
+    import cv2
+
+    overlay = cv2.imread(str(tmp_path / "qc_overlay.png"))
+    assert overlay is not None and overlay.shape[1] >= 512
+
+
+GRADES_OK = ("Best", "Good", "Adequate", "Problematic", "Unacceptable")

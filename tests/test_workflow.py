@@ -1,4 +1,9 @@
-"""End-to-end: the real Snakemake workflow on a small demo cohort (plus a broken slide), in a temp dir."""
+"""End-to-end: the real Snakemake workflow on a small demo cohort plus broken slides, in a temp dir.
+
+The cohort: two good demo slides (40x, 20x); a slide without µm/px (fallback, recorded, still
+segmented); a truncated file; a file that is not a slide; a blank slide. One run serves every test here,
+including the HTML report checked in a real headless browser.
+"""
 
 from __future__ import annotations
 
@@ -47,36 +52,55 @@ def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("workflow")
     shutil.copytree(REPO / "config", work / "config")
     (work / "config" / "test.yaml").write_text(yaml.safe_dump(TEST_CONFIG))
-    # A truncated slide in the cohort: it must be graded, not crash the run.
-    broken = work / "incoming" / "broken.svs"
-    broken.parent.mkdir()
-    sheet = work / "config" / "cohorts" / "DEMO.tsv"
-    sheet.write_text(sheet.read_text() + "DEMO-BROKEN\tDEMO\tincoming/broken.svs\tDX\n")
-    from nucseg.demo import make_demo_slide
+    # Broken slides in the cohort: each must be graded with its failure named, not crash the run.
+    import numpy as np
+    import tifffile
 
-    make_demo_slide(work / "incoming" / "full.tiff", 512, 512, 0.25, seed=3)
-    broken.write_bytes((work / "incoming" / "full.tiff").read_bytes()[:4000])
+    from nucseg.demo import demo_slide_image, make_demo_slide, write_pyramidal_tiff
+
+    incoming = work / "incoming"
+    incoming.mkdir()
+    make_demo_slide(incoming / "full.tiff", 512, 512, 0.25, seed=3)
+    (incoming / "broken.svs").write_bytes((incoming / "full.tiff").read_bytes()[:4000])   # truncated
+    (incoming / "notaslide.svs").write_text("slide_id\tcancer_type\tsource\n")             # not a slide
+    # No resolution tags: the configured mpp_fallback is used, recorded, and the slide segmented.
+    tifffile.imwrite(incoming / "nompp.tiff", demo_slide_image((640, 768), 0.25, seed=4), tile=(256, 256),
+                     compression="jpeg", photometric="rgb")
+    write_pyramidal_tiff(incoming / "blank.tiff", np.full((512, 640, 3), (242, 240, 244), np.uint8), 0.25)
+    sheet = work / "config" / "cohorts" / "DEMO.tsv"
+    sheet.write_text(sheet.read_text() + "".join(f"{sid}\tDEMO\tincoming/{name}\tDX\n" for sid, name in BROKEN.items()))
     proc = snakemake(work)
     return work, proc
+
+
+BROKEN = {"DEMO-BROKEN": "broken.svs", "DEMO-NOTASLIDE": "notaslide.svs", "DEMO-NOMPP": "nompp.tiff",
+          "DEMO-BLANK": "blank.tiff"}
+OK_SLIDES = ["DEMO-01", "DEMO-02", "DEMO-NOMPP"]
+ALL_SLIDES = sorted(["DEMO-01", "DEMO-02", *BROKEN])
 
 
 def test_dry_run_plans_every_stage(tmp_path):
     shutil.copytree(REPO / "config", tmp_path / "config")
     (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(TEST_CONFIG))
     out = snakemake(tmp_path, "-n", "--quiet", "rules").stdout
-    for rule in ("demo_slide", "download", "tissue", "synth", "train", "segment", "qc", "qc_cohort", "qc_all"):
+    for rule in ("demo_slide", "download", "tissue", "synth", "train", "segment", "qc", "qc_cohort", "qc_all",
+                 "report_grades", "report_histograms", "report_thumbnails"):
         assert rule in out
 
 
 def test_every_output_exists_and_is_consistent(run):
     work, _ = run
     slides = pd.read_parquet(work / "results/qc/slides.parquet")
-    assert sorted(slides.slide_id) == ["DEMO-01", "DEMO-02", "DEMO-BROKEN"]
-    assert pd.read_parquet(work / "results/qc/DEMO.parquet").shape[0] == 3
+    assert sorted(slides.slide_id) == ALL_SLIDES
+    assert pd.read_parquet(work / "results/qc/DEMO.parquet").shape[0] == len(ALL_SLIDES)
     ok = slides[slides.status == "ok"]
-    assert sorted(ok.slide_id) == ["DEMO-01", "DEMO-02"]
-    assert (ok.n_nuclei > 20).all() and ok.grade.notna().all()
-    assert set(ok.mpp) == {0.25, 0.5} and set(ok.mpp_source) == {"slide"}
+    assert sorted(ok.slide_id) == OK_SLIDES
+    assert (ok.n_nuclei > 20).all() and ok.grade.notna().all() and (ok.n_patches_checked > 0).all()
+    assert set(ok.mpp) == {0.25, 0.5}
+    assert ok.set_index("slide_id").mpp_source.to_dict() == {"DEMO-01": "slide", "DEMO-02": "slide",
+                                                            "DEMO-NOMPP": "fallback"}
+    for seconds in ok.seconds_by_stage:   # per-stage timing, QC included
+        assert {"tissue", "segment", "qc"} <= set(json.loads(seconds))
     model_id = json.loads((work / "results/models/e2e/model_card.json").read_text())["model_id"]
     assert set(ok.model_id) == {model_id}
     for slide_id in ok.slide_id:
@@ -85,11 +109,16 @@ def test_every_output_exists_and_is_consistent(run):
         tissue = shapely.union_all(gpd.read_parquet(d / "tissue.parquet").geometry.values)
         assert shapely.contains_xy(tissue, nuclei.centroid_x, nuclei.centroid_y).all()
         meta = io.read_provenance(d / "nuclei.parquet")
-        assert meta["model_id"] == model_id and len(meta["config_hash"]) == 16 and meta["mpp_source"] == "slide"
-        assert (d / "tissue.png").stat().st_size > 0 and (d / "qc_patches.parquet").exists()
+        assert meta["model_id"] == model_id and len(meta["config_hash"]) == 16
+        assert meta["mpp_source"] == ("fallback" if slide_id == "DEMO-NOMPP" else "slide")
+        assert (d / "tissue.png").stat().st_size > 0 and (d / "qc_overlay.png").stat().st_size > 0
+        patches = pd.read_parquet(d / "qc_patches.parquet")
+        assert len(patches) and {"disagreement", "entropy", "missed", "false", "shape", "score"} <= set(patches)
+        assert patches.disagreement.notna().all()   # the model-based signals were measured
+        assert io.read_provenance(d / "qc_patches.parquet")["qc_model_id"] == model_id
         assert (work / "logs" / "segment" / "DEMO" / f"{slide_id}.log").read_text().strip()
     grades = pd.read_csv(work / "results/qc/grades.tsv", sep="\t", index_col=0)
-    assert grades.loc["DEMO"].sum() == 3
+    assert grades.loc["DEMO"].sum() == len(ALL_SLIDES)
     assert (work / "results/synth/DEMO/contact_sheet.png").stat().st_size > 0
 
 
@@ -108,17 +137,24 @@ def test_nuclei_dataset_is_queryable_without_loading_everything(run):
                         f"read_parquet('{root}/*/*/*.parquet', hive_partitioning=true) "
                         "GROUP BY slide_id ORDER BY slide_id").fetchall()
     slides = pd.read_parquet(work / "results/qc/slides.parquet").set_index("slide_id")
-    assert [(sid, n) for sid, n, _ in counts] == [(sid, slides.n_nuclei[sid]) for sid in ("DEMO-01", "DEMO-02")]
+    assert [(sid, n) for sid, n, _ in counts] == [(sid, slides.n_nuclei[sid]) for sid in OK_SLIDES]
     # The broken slide's empty file is there too, but holds no rows.
     assert (root / "cancer_type=DEMO" / "slide_id=DEMO-BROKEN" / "nuclei.parquet").exists()
 
 
-def test_broken_slide_is_recorded_not_fatal(run):
+@pytest.mark.parametrize("slide_id, reason", [("DEMO-BROKEN", "cannot read"),
+                                               ("DEMO-NOTASLIDE", "not a readable slide"),
+                                               ("DEMO-BLANK", "blank slide")])
+def test_broken_slides_are_recorded_not_fatal(run, slide_id, reason):
     work, _ = run
-    row = pd.read_parquet(work / "results/qc/slides.parquet").set_index("slide_id").loc["DEMO-BROKEN"]
+    row = pd.read_parquet(work / "results/qc/slides.parquet").set_index("slide_id").loc[slide_id]
     assert row.status == "failed" and row.grade == "Unacceptable" and row.failure_stage == "wsi_qc"
-    assert "broken" in (work / "logs/tissue/DEMO/DEMO-BROKEN.log").read_text().lower()
-    assert row.failure_reason
+    assert reason in row.failure_reason and row.n_nuclei == 0 and row.n_patches_checked == 0
+    assert slide_id in (work / f"logs/tissue/DEMO/{slide_id}.log").read_text()
+    facts = json.loads((work / f"results/DEMO/{slide_id}/wsi.json").read_text())
+    assert facts["status"] == "failed" and facts["failure_reason"] == row.failure_reason
+    # Every failure also has its card in the report's thumbnails (all Unacceptable slides are shown).
+    assert (work / f"results/report/thumbnails/Unacceptable/DEMO/{slide_id}.png").stat().st_size > 0
 
 
 def test_rerun_is_a_no_op_and_param_change_replans_only_downstream(run):
@@ -126,10 +162,40 @@ def test_rerun_is_a_no_op_and_param_change_replans_only_downstream(run):
     assert "Nothing to be done" in snakemake(work, "-n").stdout + snakemake(work, "-n").stderr
     out = snakemake(work, "-n", "--config", "qc={'n_patches': 11}").stdout
     planned = planned_jobs(out)
-    assert planned == {"qc": 3, "qc_cohort": 1, "qc_all": 1, "all": 1}, out[-2000:]
+    n = len(ALL_SLIDES)
+    report = {"report_grades": 1, "report_histograms": 1, "report_thumbnails": 1}
+    assert planned == {"qc": n, "qc_cohort": 1, "qc_all": 1, **report, "all": 1}, out[-2000:]
     # A segmentation parameter: segment and everything after it, never download, tissue or training.
     out = snakemake(work, "-n", "--config", "segment={'min_area_um2': 7.0}").stdout
-    assert planned_jobs(out) == {"segment": 3, "qc": 3, "qc_cohort": 1, "qc_all": 1, "all": 1}, out[-2000:]
+    assert planned_jobs(out) == {"segment": n, "qc": n, "qc_cohort": 1, "qc_all": 1, **report, "all": 1}, out[-2000:]
+
+
+def test_report_renders_in_a_headless_browser(run):
+    """`snakemake --report`: grade table, histograms, slide thumbnails and contact sheets, as Chromium shows them."""
+    from . import report_browser as browser
+
+    work, _ = run
+    snakemake(work, "--report", "report.html")
+    report = work / "report.html"
+    assert report.stat().st_size > 0
+    if browser.chromium() is None:
+        pytest.skip("chromium not installed (apt-get install chromium; .ci/run does): the report was built "
+                    "but not rendered")
+    dom = browser.render(report, ["Quality control", "Grades", "eye:grade table per cancer type"], work)
+    assert browser.clicked(dom) == 3
+    (table,) = browser.iframe_documents(dom)
+    assert "grade-table" in table and "<th>DEMO</th>" in table and "Unacceptable" in table
+    for label, name in (("% bad patches per slide", "pct_bad_patches.png"),
+                        ("nuclei per mm² of tissue", "nuclei_density.png")):
+        dom = browser.render(report, ["Quality control", "Distributions", f"eye:{label}"], work)
+        assert browser.decoded_images(dom).get(name, (0, 0))[0] >= 600, (name, browser.decoded_images(dom))
+    # Every Unacceptable slide has a thumbnail; the browser lists them and shows one.
+    dom = browser.render(report, ["Slides", "Unacceptable", "eye:DEMO-BLANK"], work)
+    text = browser.visible_text(dom)
+    assert all(s in text for s in ("DEMO-BLANK", "DEMO-BROKEN", "DEMO-NOTASLIDE"))
+    assert browser.decoded_images(dom).get("DEMO-BLANK.png", (0, 0))[0] > 0
+    dom = browser.render(report, ["Synthetic data", "eye:DEMO"], work)
+    assert browser.decoded_images(dom).get("contact_sheet.png", (0, 0))[0] > 0
 
 
 def planned_jobs(dry_run_output: str) -> dict[str, int]:

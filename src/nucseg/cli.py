@@ -41,6 +41,7 @@ def _dataclass_from_args(cls, args: argparse.Namespace, **overrides):
 
 def build_parser() -> argparse.ArgumentParser:
     from .qc import QCParams
+    from .refiner import RefinerParams
     from .segment import SegmentParams
     from .synth import SynthParams
     from .tissue import TissueParams
@@ -97,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contact-sheet", type=Path, default=None, help="PNG: synthetic above real patches")
     _add_dataclass_flags(p, SynthParams)
 
+    p = sub.add_parser("refine", help="GAN refiner (SimGAN): make synthetic patches look like real tissue")
+    p.add_argument("--synth", required=True, type=Path, help="synth output folder (shards, params.json)")
+    p.add_argument("--patches", nargs="*", default=[], type=Path,
+                   help="patches.npz files of the tissue stage (real tissue for the discriminator)")
+    p.add_argument("--texture-dir", nargs="*", default=[], metavar="DIR:MPP",
+                   help="folders of unlabelled H&E images with their µm/px, e.g. data/tissue:0.25")
+    p.add_argument("--out-dir", required=True, type=Path, help="refined shards (same format as --synth)")
+    p.add_argument("--weights", type=Path, default=None, help="refiner weights (default: OUT_DIR/refiner.pt)")
+    p.add_argument("--contact-sheet", type=Path, default=None, help="PNG: synthetic, refined and real patches")
+    _add_dataclass_flags(p, RefinerParams)
+
     p = sub.add_parser("train", help="train the segmentation network (importance-weighted)")
     p.add_argument("--synth", nargs="+", required=True, type=Path, help="synth output folder(s)")
     p.add_argument("--out-dir", required=True, type=Path, help="model folder (model.pt, model_card.json)")
@@ -121,7 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="")
     p.add_argument("--config-hash", default="")
     p.add_argument("--backend", default="tiffslide", choices=("tiffslide", "openslide"))
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="model.pt for the model-based signals (default: the shipped model)")
+    p.add_argument("--tissue", type=Path, default=None, help="tissue.parquet (outline in the overlay)")
+    p.add_argument("--out-overlay", type=Path, default=None,
+                   help="PNG: thumbnail with tissue, nuclei and checked patches (for the report)")
     _add_dataclass_flags(p, QCParams)
+
+    p = sub.add_parser("report-figures", help="figures for `snakemake --report` from the QC tables")
+    p.add_argument("kind", choices=("histograms", "grades", "thumbnails"),
+                   help="histograms: %% bad patches and nucleus density (PNG, in --out folder); grades: the grade "
+                        "table per cancer type (HTML file --out); thumbnails: QC overlays of every Unacceptable "
+                        "slide and a sample of the others (--out folder)")
+    p.add_argument("--slides", required=True, type=Path, help="results/qc/slides.parquet")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overlays", nargs="*", default=[], type=Path, help="qc_overlay.png files (thumbnails)")
+    p.add_argument("--n-thumbnails", type=int, default=12, help="slides shown besides the Unacceptable ones")
 
     p = sub.add_parser("aggregate", help="combine per-slide QC rows into a Parquet table")
     p.add_argument("inputs", nargs="+", type=Path, help="qc.json files or aggregate .parquet files")
@@ -256,6 +283,18 @@ def _cmd_synth(args, progress):
     print(json.dumps({k: meta[k] for k in ("n_patches", "n_textures", "n_real")}))
 
 
+def _cmd_refine(args, progress):
+    from .refiner import RefinerParams, refine_dataset
+    from .synth import load_textures
+
+    params = _dataclass_from_args(RefinerParams, args)
+    real = load_textures(args.patches, _parse_texture_dirs(args.texture_dir), params.mpp)
+    result = refine_dataset(args.synth, args.out_dir, real, params, weights_path=args.weights,
+                            contact_sheet_path=args.contact_sheet, progress=progress)
+    print(json.dumps({"refiner_id": result["refiner_id"], "n_patches": result["n_patches"],
+                      "n_real": result["n_real"], "metrics": result["metrics"]}))
+
+
 def _cmd_train(args, progress):
     from .train import TrainParams, train_model
 
@@ -288,8 +327,28 @@ def _cmd_qc(args, progress):
 
     row = slide_qc(args.wsi, args.nuclei, args.tiles, args.slide, args.out_json, args.out_patches,
                    cancer_type=args.cancer_type, source=args.source, config_hash=args.config_hash,
-                   backend=args.backend, params=_dataclass_from_args(QCParams, args))
-    print(json.dumps({k: row[k] for k in ("slide_id", "status", "grade", "pct_bad_patches", "n_nuclei")}))
+                   backend=args.backend, params=_dataclass_from_args(QCParams, args),
+                   weights=args.checkpoint or default_weights(), tissue_path=args.tissue,
+                   out_overlay=args.out_overlay)
+    print(json.dumps({k: row[k] for k in ("slide_id", "status", "grade", "pct_bad_patches", "n_nuclei",
+                                          "seconds_by_stage")}))
+
+
+def _cmd_report_figures(args, progress):
+    import pandas as pd
+
+    from . import io, report
+
+    slides = pd.read_parquet(args.slides)
+    if args.kind == "histograms":
+        written = report.histograms(slides, args.out)
+    elif args.kind == "grades":
+        with io.atomic_path(args.out) as tmp:
+            tmp.write_text(report.grade_table_html(slides))
+        written = [args.out]
+    else:
+        written = report.thumbnails(slides, args.overlays, args.out, args.n_thumbnails)
+    print(json.dumps({"kind": args.kind, "files": [str(p) for p in written]}))
 
 
 def _cmd_aggregate(args, progress):
@@ -341,8 +400,8 @@ def _cmd_demo_slide(args, progress):
     make_demo_slide(args.out, args.width, args.height, args.mpp, args.seed)
 
 
-_COMMANDS = {"download": _cmd_download, "cohort": _cmd_cohort, "tissue": _cmd_tissue, "synth": _cmd_synth, "train": _cmd_train,
-             "segment": _cmd_segment, "qc": _cmd_qc, "aggregate": _cmd_aggregate,
+_COMMANDS = {"download": _cmd_download, "cohort": _cmd_cohort, "tissue": _cmd_tissue, "synth": _cmd_synth, "refine": _cmd_refine, "train": _cmd_train,
+             "segment": _cmd_segment, "qc": _cmd_qc, "report-figures": _cmd_report_figures, "aggregate": _cmd_aggregate,
              "evaluate": _cmd_evaluate, "export": _cmd_export, "publish": _cmd_publish, "demo-slide": _cmd_demo_slide}
 
 

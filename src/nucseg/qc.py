@@ -1,9 +1,26 @@
 """Segmentation QC per slide, slide grades, and aggregation into Parquet tables.
 
-Per-patch check (label-free): in patches sampled over the tissue, compare the strongly
-hematoxylin-stained area with the area covered by segmented nuclei. A patch is *bad* when most
-hematoxylin mass is not covered by nuclei (missed nuclei) or most nucleus area lies on unstained
-tissue (false nuclei). The slide's grade follows the TCIA release's thresholds on % bad patches.
+Per-patch check (label-free). In ``n_patches`` patches sampled over the tissue, five signals are
+measured, each divided by the level at which it alone marks the patch bad (a :class:`QCParams` field):
+
+* ``disagreement``: 1 − mean pairwise AJI of the nucleus instances the network gives under test-time
+  augmentation (flips / 90° rotations). A model that is sure of its segmentation finds the same nuclei
+  in a rotated input; instability means the patch lies outside what it learnt. (The foreground-mask
+  Dice between augmentations was tried first: it stays near 1 even where nuclei are merged or split,
+  and did not separate good from bad patches.) Level: ``max_disagreement``.
+* ``entropy``: mean binary entropy (bits) of the augmentation-averaged foreground probability over
+  nucleus-ish pixels (stained or predicted foreground). Level: ``max_entropy``.
+* ``missed``: 1 − (share of the strongly hematoxylin-stained area covered by segmented nuclei), when the
+  patch has stain. Level: ``1 − min_recall``.
+* ``false``: 1 − (share of the segmented nucleus area that is stained). Level: ``1 − min_precision``.
+* ``shape``: share of the patch's nuclei whose area is outside ``area_range_um2`` or whose solidity is
+  below ``min_solidity`` (fragments, merged clumps). Level: ``max_shape_outliers``.
+
+The patch's badness ``score`` is the largest of these ratios (the checks are OR-ed: any one beyond its
+level is enough), and the patch is *bad* when ``score > bad_score`` (1.0). Neither the levels nor the
+combination were fitted to annotated data; ``benchmarks/qc_validity.py`` only measures how well the
+score separates patches with poor AJI against manual annotations. The slide's grade follows the TCIA
+release's thresholds on % bad patches.
 """
 
 from __future__ import annotations
@@ -32,19 +49,36 @@ SLIDE_COLUMNS = ["slide_id", "cancer_type", "source", "status", "failure_stage",
                  "n_patches_checked", "pct_bad_patches", "grade", "model_id", "nucseg_version",
                  "config_hash", "seconds_by_stage"]
 
+SIGNALS = ("disagreement", "entropy", "missed", "false", "shape")
+
 PATCH_COLUMNS = ["x", "y", "size", "n_nuclei", "stain_fraction", "nuclei_fraction", "recall", "precision",
-                 "bad", "reason"]
+                 *SIGNALS, "score", "bad", "reason"]
+
+# Dihedral transforms (quarter turns, left-right flip) in the order test-time augmentation uses them:
+# identity, h-flip, v-flip (= h-flip then half turn), quarter turn, then the rest.
+DIHEDRAL = ((0, False), (0, True), (2, True), (1, False), (2, False), (3, False), (1, True), (3, True))
 
 
 @dataclass
 class QCParams:
     n_patches: int = 50           # patches sampled per slide
     patch_um: float = 64.0        # patch edge
-    mpp: float = 0.5              # resolution the check reads at
+    mpp: float = 0.5              # resolution the stain-coverage check reads at
     hema_threshold: float = 0.04  # floor of the hematoxylin OD counted as nuclear stain
     min_stain_fraction: float = 0.02
     min_recall: float = 0.35      # of stained area covered by nuclei
     min_precision: float = 0.30   # of nucleus area that is stained
+    # Model-based signals: the network runs on each patch at its working resolution.
+    tta: int = 4                  # test-time augmentations (1-8 dihedral transforms; 1 = none)
+    context_um: float = 8.0       # read around each patch so the network sees no artificial border
+    batch_size: int = 8
+    device: str = "auto"
+    max_disagreement: float = 0.5    # 1 - mean pairwise AJI of the TTA instance maps (AJI < 0.5: unstable)
+    max_entropy: float = 0.5         # bits; mean binary entropy of the TTA-mean foreground probability
+    area_range_um2: tuple = (10.0, 250.0)  # plausible nucleus area (lymphocyte fragment .. large tumour nucleus)
+    min_solidity: float = 0.8        # below: ragged or merged outline
+    max_shape_outliers: float = 0.5  # share of a patch's nuclei out of range (needs >= 3 nuclei)
+    bad_score: float = 1.0           # a patch is bad when its score (largest signal/level ratio) exceeds this
 
 
 def grade(pct_bad: float | None, failed: bool = False) -> str:
@@ -62,15 +96,22 @@ def grade(pct_bad: float | None, failed: bool = False) -> str:
     return "Unacceptable"
 
 
-def patch_verdict(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams) -> dict:
-    """Stain-coverage statistics of one patch and whether its segmentation looks bad."""
+# ---------------------------------------------------------------- per-patch signals (pure functions)
+
+def stain_mask(image: np.ndarray, hema_threshold: float) -> np.ndarray:
+    """Strongly hematoxylin-stained pixels: this patch's H split at Otsu, never below ``hema_threshold``."""
     from skimage.filters import threshold_otsu
 
     hema = hematoxylin_od(image)
-    # Stain levels differ between labs: split this patch's H at Otsu, never below the floor.
+    # Stain levels differ between labs: a per-patch threshold, with a floor for patches without nuclei.
     otsu = float(threshold_otsu(hema)) if hema.max() > hema.min() else np.inf
-    stain = hema > max(params.hema_threshold, otsu)
-    stain = cv2.morphologyEx(stain.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
+    stain = hema > max(hema_threshold, otsu)
+    return cv2.morphologyEx(stain.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
+
+
+def patch_verdict(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams) -> dict:
+    """Stain-coverage statistics of one patch and whether they alone make its segmentation look bad."""
+    stain = stain_mask(image, params.hema_threshold)
     n_stain, n_nuc = int(stain.sum()), int(nuclei_mask.sum())
     both = int((stain & nuclei_mask).sum())
     recall = both / n_stain if n_stain else np.nan
@@ -83,32 +124,194 @@ def patch_verdict(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams) 
             "reason": "missed nuclei" if missed else ("nuclei on unstained tissue" if false else "")}
 
 
+def tta_disagreement(probs: np.ndarray, mpp_work: float, instance_params=None) -> float:
+    """1 − mean pairwise AJI of the instance maps of ``probs`` ``(K, 2, H, W)`` (TTA predictions).
+
+    Instances are extracted exactly as the segment stage does (:func:`nucseg.instances.extract_instances`),
+    so the signal measures what the grade judges: whether the *nuclei* (not only the foreground) stay
+    the same when the input is flipped or rotated. With one prediction there is nothing to compare, and
+    with fewer than 3 nuclei in every prediction too little to judge (one speck found or not in glass
+    or stroma would swing AJI from 1 to 0): both give 0.
+    """
+    from .evaluate import instance_metrics
+    from .instances import InstanceParams, extract_instances
+
+    if len(probs) < 2:
+        return 0.0
+    maps = [extract_instances(p, mpp_work, instance_params or InstanceParams()) for p in probs]
+    if max(int(m.max()) for m in maps) < 3:
+        return 0.0
+    ajis = [instance_metrics(maps[i], maps[j])["aji"] for i in range(len(maps)) for j in range(i + 1, len(maps))]
+    return float(1.0 - np.mean(ajis))
+
+
+def foreground_entropy(foreground: np.ndarray, region: np.ndarray) -> float:
+    """Mean binary entropy (bits) of the TTA-mean foreground probability over ``region`` (0 if empty)."""
+    p = np.clip(foreground.mean(0)[region], 1e-6, 1 - 1e-6)
+    if not p.size:
+        return 0.0
+    return float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
+
+
+def shape_outliers(areas_um2: np.ndarray, solidity: np.ndarray, params: QCParams) -> float:
+    """Share of nuclei with implausible area or solidity (0 when fewer than 3 nuclei: too few to judge)."""
+    areas_um2, solidity = np.asarray(areas_um2, float), np.asarray(solidity, float)
+    if len(areas_um2) < 3:
+        return 0.0
+    lo, hi = params.area_range_um2
+    odd = (areas_um2 < lo) | (areas_um2 > hi) | (solidity < params.min_solidity)
+    return float(odd.mean())
+
+
+def _resize_to(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask resampled by ``factor`` (area averaging when shrinking; mask majority)."""
+    if abs(factor - 1) < 1e-3:
+        return image, mask
+    size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(image, size, interpolation=interp)
+    small_mask = cv2.resize(mask.astype(np.float32), size, interpolation=interp) > 0.5
+    return small, small_mask
+
+
+def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.ndarray,
+                  areas_um2: np.ndarray, solidity: np.ndarray, params: QCParams,
+                  mpp_work: float = 0.25) -> dict:
+    """All QC signals of one patch, its badness score and verdict.
+
+    Parameters
+    ----------
+    image : ndarray (S, S, 3) uint8
+        The patch at the model's working resolution ``mpp_work``.
+    probs : ndarray (K, 2, S, S) or None
+        Foreground/boundary probabilities of the K test-time augmentations, mapped back onto the patch.
+        None: the model signals are not measured (NaN, no contribution to the score).
+    nuclei_mask : ndarray (S, S) bool
+        Pixels covered by the segmented nuclei.
+    areas_um2, solidity : array-like
+        Features of the segmented nuclei whose centroid lies in the patch.
+    """
+    small, small_mask = _resize_to(image, nuclei_mask, mpp_work / params.mpp)
+    out = patch_verdict(small, small_mask, params)
+    missed = (1 - out["recall"]) if out["stain_fraction"] >= params.min_stain_fraction else 0.0
+    nuclear = out["nuclei_fraction"] >= 0.005
+    false = (1 - out["precision"]) if nuclear else 0.0
+    out.update(missed=float(np.nan_to_num(missed)), false=float(np.nan_to_num(false)),
+               shape=shape_outliers(areas_um2, solidity, params), disagreement=np.nan, entropy=np.nan)
+    if probs is not None:
+        fg = probs[:, 0]
+        region = (fg > 0.5).any(0) | stain_mask(image, params.hema_threshold)
+        out.update(disagreement=tta_disagreement(probs, mpp_work), entropy=foreground_entropy(fg, region))
+    ratios = signal_ratios(out, params)
+    out["score"] = float(max(ratios.values()))
+    out["bad"] = out["score"] > params.bad_score
+    out["reason"] = ", ".join(SIGNAL_REASONS[k] for k, v in ratios.items() if v > params.bad_score)
+    return out
+
+
+SIGNAL_REASONS = {"disagreement": "unstable under augmentation", "entropy": "uncertain foreground",
+                  "missed": "missed nuclei", "false": "nuclei on unstained tissue",
+                  "shape": "implausible nucleus size/shape"}
+
+
+def signal_ratios(signals: dict, params: QCParams) -> dict:
+    """Each signal divided by the level at which it alone marks a patch bad (NaN signals count 0)."""
+    levels = {"disagreement": params.max_disagreement, "entropy": params.max_entropy,
+              "missed": 1 - params.min_recall, "false": 1 - params.min_precision,
+              "shape": params.max_shape_outliers}
+    return {k: float(np.nan_to_num(signals[k] / levels[k])) for k in SIGNALS}
+
+
+def combined_score(signals: dict, params: QCParams) -> float:
+    """The badness score of a patch from its signals (largest signal/level ratio)."""
+    return max(signal_ratios(signals, params).values())
+
+
+# ---------------------------------------------------------------- test-time augmentation
+
+def _forward(images: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Dihedral transform of NHWC images."""
+    if flip:
+        images = images[:, :, ::-1]
+    return np.rot90(images, k, axes=(1, 2))
+
+
+def _inverse(probs: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Undo :func:`_forward` on NCHW probabilities."""
+    probs = np.rot90(probs, -k, axes=(2, 3))
+    return probs[:, :, :, ::-1] if flip else probs
+
+
+def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: int = 8) -> np.ndarray:
+    """Probabilities of NHWC uint8 images under ``n_tta`` dihedral transforms, mapped back.
+
+    Returns
+    -------
+    ndarray (N, K, 2, H, W) float32
+    """
+    from .model import predict
+
+    n_tta = int(np.clip(n_tta, 1, len(DIHEDRAL)))
+    out = np.empty((len(images), n_tta, 2, *images.shape[1:3]), np.float32)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        for t, (k, flip) in enumerate(DIHEDRAL[:n_tta]):
+            probs = predict(model, np.ascontiguousarray(_forward(batch, k, flip)), device)
+            out[start:start + len(batch), t] = _inverse(probs, k, flip)
+    return out
+
+
+# ---------------------------------------------------------------- one slide
+
 def check_patches(slide_path, nuclei, tiles: pd.DataFrame, mpp: float, slide_id: str, backend: str,
-                  params: QCParams) -> pd.DataFrame:
-    """Sample patches over the tissue tiles and judge each (see :func:`patch_verdict`)."""
+                  params: QCParams, model=None, device=None, mpp_work: float = 0.25) -> pd.DataFrame:
+    """Sample patches over the tissue tiles and judge each (see :func:`patch_signals`).
+
+    Patches are read at the model's working resolution on the same global grid the segment stage reads
+    (:meth:`nucseg.slides.Slide.read_grid`), with ``context_um`` around them for the network.
+    """
     if tiles.empty:
         return pd.DataFrame(columns=PATCH_COLUMNS)
     rng = np.random.default_rng(seed_from(slide_id))
-    side0 = params.patch_um / mpp
-    scale = mpp / params.mpp
-    out = int(round(side0 * scale))
-    rows = []
+    scale = mpp / mpp_work                      # working px per level-0 px
+    size = max(8, round(params.patch_um / mpp_work))
+    margin = round(params.context_um / mpp_work) if model is not None else 0
+    side0 = size / scale
     picks = rng.choice(len(tiles), size=min(params.n_patches, len(tiles)), replace=False)
     sindex = nuclei.sindex
+    cx, cy = nuclei.centroid_x.to_numpy(), nuclei.centroid_y.to_numpy()
+    areas, solidity = nuclei.area_um2.to_numpy(), nuclei.solidity.to_numpy()
+    geoms = nuclei.geometry.values
+    origins, images, masks, feats = [], [], [], []
     with open_slide(slide_path, backend) as slide:
         for k in picks:
             t = tiles.iloc[int(k)]
             x = t.x + rng.uniform(0, max(0.0, t.w - side0))
             y = t.y + rng.uniform(0, max(0.0, t.h - side0))
-            image = slide.read_scaled((x, y, side0, side0), scale, (out, out))
-            hits = sindex.query(_box(x, y, side0), predicate="intersects")
-            mask = np.zeros((out, out), np.uint8)
-            for geom in nuclei.geometry.values[hits]:
-                pts = (np.asarray(geom.exterior.coords) - (x, y)) * scale * 16
+            ox, oy = round(x * scale), round(y * scale)
+            images.append(slide.read_grid((ox - margin, oy - margin), (size + 2 * margin,) * 2, scale))
+            x0, y0 = ox / scale, oy / scale
+            hits = sindex.query(_box(x0, y0, side0), predicate="intersects")
+            mask = np.zeros((size, size), np.uint8)
+            for geom in geoms[hits]:
+                pts = (np.asarray(geom.exterior.coords) * scale - (ox, oy)) * 16
                 cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1, shift=4)
-            rows.append({"x": int(x), "y": int(y), "size": int(side0), "n_nuclei": len(hits),
-                         **patch_verdict(image, mask.astype(bool), params)})
-    return pd.DataFrame(rows)
+            inside = hits[(cx[hits] >= x0) & (cx[hits] < x0 + side0) & (cy[hits] >= y0) & (cy[hits] < y0 + side0)]
+            origins.append((int(x0), int(y0), len(hits)))
+            masks.append(mask.astype(bool))
+            feats.append((areas[inside], solidity[inside]))
+    images = np.stack(images)
+    probs = None
+    if model is not None:
+        probs = tta_predict(model, images, device, params.tta, params.batch_size)
+        probs = probs[..., margin:margin + size, margin:margin + size]
+        images = images[:, margin:margin + size, margin:margin + size]
+    rows = []
+    for i, (x0, y0, n) in enumerate(origins):
+        signals = patch_signals(images[i], None if probs is None else probs[i], masks[i], *feats[i], params,
+                                mpp_work)
+        rows.append({"x": x0, "y": y0, "size": int(round(side0)), "n_nuclei": n, **signals})
+    return pd.DataFrame(rows).reindex(columns=PATCH_COLUMNS)
 
 
 def _box(x, y, side):
@@ -119,8 +322,18 @@ def _box(x, y, side):
 
 def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patches, *, cancer_type: str,
              source: str = "", config_hash: str = "", backend: str = "tiffslide",
-             params: QCParams = QCParams()) -> dict:
-    """Grade one slide; write its row (``qc.json``) and patch verdicts (``qc_patches.parquet``)."""
+             params: QCParams = QCParams(), weights=None, tissue_path=None, out_overlay=None) -> dict:
+    """Grade one slide; write its row (``qc.json``) and patch verdicts (``qc_patches.parquet``).
+
+    Parameters
+    ----------
+    weights : path, optional
+        Model weights for the model-based signals (TTA disagreement, entropy); without them only the
+        stain-coverage and shape signals are measured.
+    tissue_path, out_overlay : path, optional
+        With ``out_overlay``, also write a thumbnail with the tissue outline (from ``tissue_path``),
+        the nuclei and the checked patches (red: bad) for the report.
+    """
     import geopandas as gpd
 
     started = time.monotonic()
@@ -135,14 +348,28 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
                model_id=nuc_meta.get("model_id"), nucseg_version=__version__, config_hash=config_hash)
     seconds = {"tissue": facts.get("seconds"), "segment": _float(nuc_meta.get("seconds"))}
     patches = pd.DataFrame(columns=PATCH_COLUMNS)
+    nuclei = None
+    model_id = None
     if facts["status"] == "ok":
         nuclei = gpd.read_parquet(nuclei_path)
         tiles = pd.read_parquet(tiles_path)
         row["n_nuclei"] = len(nuclei)
         area = facts["tissue_area_mm2"] or np.nan
         row["nuclei_per_mm2"] = len(nuclei) / area if area else None
+        model, device, mpp_work = None, None, float(facts.get("mpp_work") or 0.25)
+        if weights is not None:
+            import torch
+
+            from .model import load_weights, resolve_device
+
+            device = resolve_device(params.device)
+            model, meta = load_weights(weights, device)
+            if device.type == "cpu":
+                model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU
+            mpp_work, model_id = float(meta.get("mpp", mpp_work)), meta["model_id"]
         try:
-            patches = check_patches(slide_path, nuclei, tiles, facts["mpp"], slide_id, backend, params)
+            patches = check_patches(slide_path, nuclei, tiles, facts["mpp"], slide_id, backend, params, model,
+                                    device, mpp_work)
         except SlideError as exc:
             row.update(status="failed", failure_stage="qc", failure_reason=str(exc))
         row["n_patches_checked"] = len(patches)
@@ -150,13 +377,18 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
     else:
         row.update(n_nuclei=0, n_patches_checked=0)
     row["grade"] = grade(row["pct_bad_patches"], failed=row["status"] != "ok")
+    io.write_table(out_patches, patches, io.provenance(slide_id=slide_id, qc_model_id=model_id,
+                                                       qc_params=json.dumps(vars(params))))
+    if out_overlay is not None:
+        from .report import slide_overlay
+
+        io.write_png(out_overlay, slide_overlay(slide_path, facts, row, nuclei, patches, tissue_path, backend))
     seconds["qc"] = round(time.monotonic() - started, 3)
     row["seconds_by_stage"] = json.dumps(seconds)
-    io.write_table(out_patches, patches, io.provenance(slide_id=slide_id))
     io.write_json(out_json, row)
-    log.info("slide %s: grade %s (%s%% bad of %s patches, %s nuclei)", slide_id, row["grade"],
+    log.info("slide %s: grade %s (%s%% bad of %s patches, %s nuclei) in %.1f s", slide_id, row["grade"],
              None if row["pct_bad_patches"] is None else round(row["pct_bad_patches"], 2),
-             row["n_patches_checked"], row["n_nuclei"])
+             row["n_patches_checked"], row["n_nuclei"], seconds["qc"])
     return row
 
 

@@ -35,13 +35,13 @@ class SynthParams:
     n_patches: int = 512
     patch_size: int = 256
     mpp: float = 0.25
-    radius_um: tuple[float, float] = (2.4, 6.0)   # the paper: 8.5-13 px at 40x; widened for tumour nuclei
-    size_bias: tuple[float, float] = (0.75, 1.35)  # per-patch factor shared by all its nuclei
+    radius_um: tuple[float, float] = (2.1, 3.3)   # the paper: 8.5-13 px at 40x (0.25 µm/px)
+    size_bias: tuple[float, float] = (0.75, 1.35)  # per-patch factor shared by all its nuclei (tumour: larger)
     elongation: tuple[float, float] = (1.0, 2.2)   # per-patch shared warp
     vertices: tuple[int, int] = (10, 17)
     irregularity: float = 0.35
     spikiness: float = 0.12
-    coverage: tuple[float, float] = (0.04, 0.38)   # nuclear area fraction, set by the texture's H mass
+    coverage: tuple[float, float] = (0.04, 0.40)   # nuclear area fraction: the texture's own, within these bounds
     max_overlap: float = 0.15
     distractors_per_patch: tuple[int, int] = (0, 3)
     vesicular_fraction: float = 0.45              # nuclei with pale, textured chromatin and a dark rim
@@ -117,8 +117,9 @@ def texture_stats(rgb: np.ndarray, mpp: float) -> dict:
     # Blend towards a canonical nuclear colour so pale or mis-stained sources stay plausible.
     colour = 0.7 * colour + 0.3 * DEFAULT_NUCLEUS_RGB
     h_mass = float((hema[tissue] > 0.12).mean()) if tissue.any() else 0.0
+    nuclear_fraction = float(nuclei[tissue].mean()) if tissue.any() else 0.0
     return {"background": remove_nuclei(rgb, nuclei, mpp), "colour": colour, "tissue": tissue,
-            "h_mass": h_mass}
+            "h_mass": h_mass, "nuclear_fraction": nuclear_fraction}
 
 
 def _smooth_noise(rng, shape, sigma) -> np.ndarray:
@@ -150,7 +151,7 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
     tissue_yx = np.argwhere(tissue)
     if len(tissue_yx) == 0:
         return background.copy(), instances
-    while label < target and tries < target * 6 + 20:
+    while label < target and tries < target * 10 + 50:  # dense tiles need many placements to reach the target
         tries += 1
         r = rng.uniform(*params.radius_um) * bias * px
         poly = star_polygon(rng, r, int(rng.integers(params.vertices[0], params.vertices[1] + 1)),
@@ -239,8 +240,9 @@ def make_patch(texture: np.ndarray, seed: int, params: SynthParams) -> dict:
         texture = texture[:, ::-1]
     texture = np.ascontiguousarray(np.rot90(texture, int(rng.integers(4))))
     stats = texture_stats(texture, params.mpp)
+    # Density from the source tile's hematoxylin mass: redraw about the nuclear area its real nuclei had.
     lo, hi = params.coverage
-    coverage = float(np.clip(lo + (hi - lo) * stats["h_mass"] / 0.35 + rng.normal(0, 0.04), lo, hi))
+    coverage = float(np.clip(stats["nuclear_fraction"] * rng.uniform(0.8, 1.2), lo, hi))
     image, instances = draw_nuclei(stats["background"], stats["tissue"], stats["colour"], coverage, rng,
                                    params)
     return {"image": image, "instances": instances, "boundary": boundary_map(instances),
@@ -276,12 +278,31 @@ def load_textures(patch_files: list[str | os.PathLike], texture_dirs: list[dict]
         if not files:
             raise FileNotFoundError(f"texture folder {root} holds no PNG/JPEG/TIFF images")
         for p in files:
-            img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            img = _read_rgb(p)
             if img is None:
                 log.warning("texture %s: unreadable, skipped", p)
                 continue
-            textures.append(_resample(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), float(entry["mpp"]), mpp))
+            textures.append(_resample(img, float(entry["mpp"]), mpp))
     return textures
+
+
+def _read_rgb(path: Path) -> np.ndarray | None:
+    """RGB uint8 image, or None. TIFFs go through tifffile (OpenCV cannot decode some, e.g. OME-TIFF
+    with 2x2 JPEG subsampling), other formats through OpenCV."""
+    if path.suffix.lower() in {".tif", ".tiff"}:
+        import tifffile
+
+        try:
+            arr = np.asarray(tifffile.imread(path))  # series 0, full resolution
+        except Exception:  # noqa: BLE001 - any decoding failure means: not a usable texture
+            return None
+        if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+            arr = np.moveaxis(arr, 0, -1)
+        if arr.ndim != 3 or arr.shape[-1] < 3 or arr.dtype != np.uint8:
+            return None
+        return np.ascontiguousarray(arr[..., :3])
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def _resample(image: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:

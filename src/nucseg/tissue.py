@@ -4,6 +4,13 @@ Outputs per slide (DESIGN.md): ``tissue.parquet`` (tissue polygons, level-0 px),
 preview), ``tiles.parquet`` (tissue tiles on a grid at the working resolution), ``wsi.json`` (WSI-QC facts)
 and ``patches.npz`` (a sample of real tissue patches at the working resolution: texture source for the
 synth stage and "real" class for the discriminator).
+
+WSI QC, before any segmentation: the slide must open, have a plausible µm/px (``min_mpp``-``max_mpp``,
+or a per-slide override), not be blank or mostly background, hold enough tissue, not be mostly pen ink,
+and not be blurred. The measurements are recorded in ``wsi.json`` as facts (``tissue_fraction``,
+``grey_std``, ``pen_fraction``, ``sharpness_median``, ``blurred_fraction``, ...); the slide fails, with
+the reason, only beyond the :class:`TissueParams` thresholds (:func:`wsi_verdict`). Pen ink is cut out of
+the tissue mask whether or not the slide fails.
 """
 
 from __future__ import annotations
@@ -42,13 +49,26 @@ class TissueParams:
     min_tile_fraction: float = 0.25  # a tile is tissue when this fraction of it is tissue
     n_patches: int = 16              # real patches sampled per slide
     patch_size: int = 256            # their edge at the working resolution (px)
+    # WSI QC (facts in wsi.json; the slide fails only beyond these thresholds).
+    min_mpp: float = 0.1             # level-0 µm/px outside [min, max] fails unless the sheet overrides it
+    max_mpp: float = 2.0
+    blank_std: float = 2.0           # grey-level std of the whole thumbnail below this: blank slide
+    min_tissue_fraction: float = 0.002  # tissue share of the slide area below this: mostly background
+    pen_saturation: float = 80.0     # ink: blue/green pixels at least this saturated (0-255), or near black
+    pen_margin_um: float = 40.0      # tissue this close to ink is dropped with it (stroke edges, halo)
+    max_pen_fraction: float = 0.3    # ink share of tissue + ink above this fails the slide
+    blur_mpp: float = 1.0            # resolution the sharpness of the sampled patches is measured at
+    min_sharpness: float = 250.0     # variance of the Laplacian over tissue pixels; below: blurred patch
+    max_blurred_fraction: float = 0.5  # share of blurred sampled patches above this fails the slide
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams()) -> np.ndarray:
+def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams(),
+                exclude: np.ndarray | None = None) -> np.ndarray:
     """Binary tissue mask of an RGB image at ``mpp`` µm/px.
 
     Otsu threshold on HSV saturation, clipped to a plausible band so slides that are all tissue or all
     glass are not split in two, then closing, small-object removal and hole filling (sizes in µm).
+    Pixels of ``exclude`` (pen ink, see :func:`ink_mask`), grown by ``pen_margin_um``, are never tissue.
     """
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     sat = cv2.GaussianBlur(hsv[..., 1], (3, 3), 0)
@@ -56,13 +76,113 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: TissueParams = TissueParams
     thr = float(np.clip(otsu, params.min_saturation, params.max_saturation))
     # Near-black pixels (scanner edges, marker ink) are saturated but not tissue.
     mask = (sat > thr) & (hsv[..., 2] > 40)
+    drop = None
+    if exclude is not None and exclude.any():
+        r = max(1, round(params.pen_margin_um / mpp))
+        drop = cv2.dilate(exclude.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
+        mask &= ~drop
     radius = max(1, round(params.closing_um / mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel) > 0
     min_px = params.min_region_um2 / mpp**2
     mask = _remove_small(mask, min_px)
     mask = ~_remove_small(~mask, params.min_hole_um2 / mpp**2)
+    if drop is not None:
+        mask &= ~drop  # closing and hole filling must not bring the ink back
     return mask
+
+
+# Pen ink hue bands on OpenCV's 0-180 hue scale. H&E is pink to purple (hue ~125-180 and 0-10):
+# hematoxylin's blue-purple sits at ~130, marker blue at ~100-120, green at ~40-90.
+INK_HUES = ((35, 95), (95, 125))
+
+
+def ink_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np.ndarray:
+    """Pen marks on a thumbnail: strongly saturated blue/green pixels, and near-black ones.
+
+    Near-black regions touching the image border are scanner margins, not ink, and are left out.
+    """
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    coloured = np.zeros(hue.shape, bool)
+    for lo, hi in INK_HUES:
+        coloured |= (hue >= lo) & (hue < hi)
+    coloured &= (sat >= params.pen_saturation) & (val < 235)
+    black = _off_border(val < 60)
+    ink = (coloured | black).astype(np.uint8)
+    # Single pixels of that colour are JPEG noise or debris, not a stroke.
+    return cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
+
+
+def _off_border(mask: np.ndarray) -> np.ndarray:
+    """``mask`` without the connected regions that touch the image border."""
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return mask
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    keep = np.ones(n, bool)
+    keep[edge] = False
+    keep[0] = False
+    return keep[labels]
+
+
+def sharpness(rgb: np.ndarray, mpp: float, target_mpp: float = 1.0) -> float:
+    """Variance of the Laplacian of the grey image at ``target_mpp`` over its tissue pixels.
+
+    Measured at a moderate resolution (1 µm/px) so 20x and 40x scans are comparable. NaN when less than
+    a quarter of the patch is tissue (glass and fat are smooth whatever the focus). Measured values:
+    sharp real tissue 350-4800 (10th percentile >= 800); the same after a 1 µm Gaussian blur 90-410,
+    after 2 µm 10-45.
+    """
+    f = mpp / target_mpp
+    if abs(f - 1) > 1e-3:
+        size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    tissue = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1] > 20
+    if tissue.mean() < 0.25:
+        return float("nan")
+    return float(cv2.Laplacian(grey, cv2.CV_32F, ksize=1)[tissue].var())
+
+
+def blur_facts(patches: np.ndarray, mpp: float, params: TissueParams = TissueParams()) -> dict:
+    """Median sharpness of sampled tissue patches and the share of them that is blurred."""
+    values = np.array([sharpness(p, mpp, params.blur_mpp) for p in patches], float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return {"sharpness_median": None, "blurred_fraction": None, "n_sharpness_patches": 0}
+    return {"sharpness_median": round(float(np.median(values)), 1),
+            "blurred_fraction": round(float(np.mean(values < params.min_sharpness)), 4),
+            "n_sharpness_patches": int(len(values))}
+
+
+def wsi_verdict(facts: dict, params: TissueParams = TissueParams()) -> str | None:
+    """The first WSI-QC failure the recorded facts show, as a reason for ``wsi.json``; None if none.
+
+    Checks, in order: implausible µm/px (unless overridden), blank slide, pen marks (before the tissue
+    checks: ink removed from the mask may be why too little tissue is left), mostly background, too
+    little tissue, blur. Facts not measured yet (None) are skipped.
+    """
+    mpp = facts.get("mpp")
+    if mpp is not None and facts.get("mpp_source") != "override" and not params.min_mpp <= mpp <= params.max_mpp:
+        return (f"implausible pixel size {mpp:.4g} µm/px ({facts.get('mpp_source')}; plausible "
+                f"{params.min_mpp}-{params.max_mpp}); set the slide's mpp in the sample sheet to override")
+    if facts.get("grey_std") is not None and facts["grey_std"] < params.blank_std:
+        return f"blank slide: thumbnail grey-level std {facts['grey_std']:.2f} < {params.blank_std}"
+    if facts.get("pen_fraction") is not None and facts["pen_fraction"] > params.max_pen_fraction:
+        return (f"pen marks: ink covers {100 * facts['pen_fraction']:.1f} % of tissue + ink "
+                f"(> {100 * params.max_pen_fraction:.3g} %)")
+    if facts.get("tissue_fraction") is not None and facts["tissue_fraction"] < params.min_tissue_fraction:
+        return (f"mostly background: tissue covers {100 * facts['tissue_fraction']:.3f} % of the slide "
+                f"(< {100 * params.min_tissue_fraction:.3g} %)")
+    area = facts.get("tissue_area_mm2")
+    if area is not None and area < params.min_tissue_mm2:
+        return f"too little tissue: {area:.4f} mm² < {params.min_tissue_mm2} mm²"
+    if facts.get("blurred_fraction") is not None and facts["blurred_fraction"] > params.max_blurred_fraction:
+        return (f"blurred: {100 * facts['blurred_fraction']:.0f} % of sampled tissue patches have sharpness "
+                f"< {params.min_sharpness} (median {facts['sharpness_median']}; > "
+                f"{100 * params.max_blurred_fraction:.3g} % allowed)")
+    return None
 
 
 def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
@@ -172,7 +292,10 @@ def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
     facts = {"slide_id": slide_id, "path": str(slide_path), "backend": backend, "status": "ok",
              "failure_stage": None, "failure_reason": None, "mpp": None, "mpp_source": None,
              "slide_mpp": None, "width": None, "height": None, "n_levels": None,
-             "tissue_area_mm2": 0.0, "n_tissue_tiles": 0, "mpp_work": mpp_work}
+             "tissue_area_mm2": 0.0, "n_tissue_tiles": 0, "mpp_work": mpp_work,
+             # WSI-QC facts (None until measured): see wsi_verdict() for the checks on them.
+             "tissue_fraction": None, "grey_std": None, "pen_fraction": None, "pen_area_mm2": None,
+             "sharpness_median": None, "blurred_fraction": None, "n_sharpness_patches": 0}
     polygons, tiles = [], tile_grid(np.zeros((1, 1), bool), 1.0, 1.0, (0, 0), 1.0)
     preview = np.zeros((1, 1, 3), np.uint8)
     patches = np.zeros((0, params.patch_size, params.patch_size, 3), np.uint8)
@@ -188,25 +311,34 @@ def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
             if info.source == "fallback":
                 log.warning("slide %s: no usable mpp in file (%s); using fallback %.4f µm/px",
                             slide_id, info.slide_value, info.mpp)
+            _check({"mpp": info.mpp, "mpp_source": info.source}, params)  # before anything is read at it
             thumb, scale = slide.read_thumbnail(params.mask_mpp, info.mpp)
             mask_mpp = info.mpp / scale
-            mask = tissue_mask(thumb, mask_mpp, params)
+            ink = ink_mask(thumb, params)
+            mask = tissue_mask(thumb, mask_mpp, params, exclude=ink)
             area_mm2 = float(mask.sum()) * mask_mpp**2 / 1e6
             polygons = mask_to_polygons(mask, scale)
             tiles = tile_grid(mask, scale, params.tile_size * mpp_work / info.mpp, slide.dimensions,
                               params.min_tile_fraction)
-            preview = _preview(thumb, mask)
-            facts.update(tissue_area_mm2=area_mm2, n_tissue_tiles=len(tiles))
-            if area_mm2 < params.min_tissue_mm2:
-                raise SlideError(f"too little tissue: {area_mm2:.4f} mm² < {params.min_tissue_mm2} mm²")
+            preview = _preview(thumb, mask, ink)
+            n_ink = int(ink.sum())
+            facts.update(tissue_area_mm2=area_mm2, n_tissue_tiles=len(tiles),
+                         tissue_fraction=round(float(mask.mean()), 6),
+                         grey_std=round(float(cv2.cvtColor(thumb, cv2.COLOR_RGB2GRAY).std()), 3),
+                         pen_fraction=round(n_ink / max(1, n_ink + int(mask.sum())), 4),
+                         pen_area_mm2=round(n_ink * mask_mpp**2 / 1e6, 4))
+            _check(facts, params)
             patches = sample_patches(slide, tiles, params.n_patches, params.patch_size,
                                      info.mpp / mpp_work, seed_from(slide_id))
+            facts.update(blur_facts(patches, mpp_work, params))
+            _check(facts, params)
     except (SlideError, _DownloadFailed) as exc:
         reason = str(exc).replace(str(slide_path) + ": ", "")
         stage = "download" if isinstance(exc, _DownloadFailed) else "wsi_qc"
         facts.update(status="failed", failure_stage=stage, failure_reason=reason)
         log.error("slide %s: failed %s: %s", slide_id, stage, reason)
-        polygons, tiles = [], tiles.iloc[0:0]
+        # A failed slide contributes nothing downstream (no tiles, no textures for the synth stage).
+        polygons, tiles, patches = [], tiles.iloc[0:0], patches[:0]
     facts["seconds"] = round(time.monotonic() - started, 3)
     _write_outputs(out_dir, slide_id, facts, polygons, tiles, preview, patches)
     return facts
@@ -216,11 +348,21 @@ class _DownloadFailed(Exception):
     pass
 
 
-def _preview(thumb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Thumbnail with the tissue outline drawn in green."""
+def _check(facts: dict, params: TissueParams) -> None:
+    reason = wsi_verdict(facts, params)
+    if reason:
+        raise SlideError(reason)
+
+
+def _preview(thumb: np.ndarray, mask: np.ndarray, ink: np.ndarray | None = None) -> np.ndarray:
+    """Thumbnail with the tissue outline drawn in green (and excluded pen ink outlined in red)."""
     preview = thumb.copy()
+    width = max(1, min(preview.shape[:2]) // 300)
+    if ink is not None and ink.any():
+        contours, _ = cv2.findContours(ink.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(preview, contours, -1, (220, 0, 0), width)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(preview, contours, -1, (0, 200, 0), max(1, min(preview.shape[:2]) // 300))
+    cv2.drawContours(preview, contours, -1, (0, 200, 0), width)
     return preview
 
 

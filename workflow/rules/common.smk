@@ -101,4 +101,7 @@ def per_slide(pattern, cancer_type):
 def all_targets():
     targets = ["results/qc/slides.parquet", "results/qc/grades.tsv"]
     targets += [f"results/qc/{t}.parquet" for t in SELECTED]
+    # The report's figures (qc.smk report_* rules).
+    targets += ["results/report/grades.html", "results/report/pct_bad_patches.png",
+                "results/report/nuclei_density.png", "results/report/thumbnails"]
     return targets

@@ -12,6 +12,7 @@ rule segment:
     threads: config["segment"].get("workers", 0) + 1
     resources:
         mem_mb=lambda wc, attempt: 3000 * attempt,
+        gpu=config["gpus_per_job"],
     retries: 1
     log:
         "logs/segment/{cancer_type}/{slide_id}.log",

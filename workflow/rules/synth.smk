@@ -26,3 +26,44 @@ rule synth:
         "$([ -n '{params.texture_dirs}' ] && echo --texture-dir {params.texture_dirs}) "
         "--out-dir {output.shards} --contact-sheet {output.sheet} --workers {threads} {params.flags} "
         "> {log} 2>&1"
+
+
+def refiner_config():
+    """The synth.refiner section (the schema fills in defaults; .get keeps unvalidated configs working)."""
+    return config["synth"].get("refiner") or {}
+
+
+def synth_shards(cancer_type):
+    """The training data of a cancer type: the refined shards when the GAN refiner is on, else the synthetic ones."""
+    kind = "refined" if refiner_config().get("enabled", False) else "shards"
+    return f"results/synth/{cancer_type}/{kind}"
+
+
+rule refine:
+    input:
+        shards="results/synth/{cancer_type}/shards",
+        patches=lambda wc: per_slide("results/{cancer_type}/{slide_id}/patches.npz", wc.cancer_type),
+    output:
+        refined=directory("results/synth/{cancer_type}/refined"),
+        weights="results/synth/{cancer_type}/refiner.pt",
+        sheet=report(
+            "results/synth/{cancer_type}/contact_sheet_refined.png",
+            category="Synthetic data",
+            labels={"cancer type": "{cancer_type}", "figure": "synthetic / refined / real"},
+        ),
+    params:
+        flags=cfg_flags({**(refiner_config().get("params") or {}), "mpp": config["mpp_work"]}),
+        texture_dirs=texture_dir_flags(),
+    threads: refiner_config().get("threads", 2)
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        gpu=config.get("gpus_per_job", 0),  # the refiner trains on CUDA (mixed precision) when it sees one
+    log:
+        "logs/refine/{cancer_type}.log",
+    conda:
+        "../../envs/nucseg.yaml"
+    shell:
+        "nucseg --no-progress refine --synth {input.shards} --patches {input.patches} "
+        "$([ -n '{params.texture_dirs}' ] && echo --texture-dir {params.texture_dirs}) "
+        "--out-dir {output.refined} --weights {output.weights} --contact-sheet {output.sheet} "
+        "--num-threads {threads} {params.flags} > {log} 2>&1"

@@ -3,12 +3,8 @@ rule tissue:
         slide=slide_path("{slide_id}"),
     output:
         polygons="results/{cancer_type}/{slide_id}/tissue.parquet",
-        preview=report(
-            "results/{cancer_type}/{slide_id}/tissue.png",
-            category="Tissue",
-            subcategory="{cancer_type}",
-            labels={"slide": "{slide_id}"},
-        ),
+        # Not a report item: the report shows a sample of slides' overlays (qc.smk), not thousands.
+        preview="results/{cancer_type}/{slide_id}/tissue.png",
         tiles="results/{cancer_type}/{slide_id}/tiles.parquet",
         patches="results/{cancer_type}/{slide_id}/patches.npz",
         facts="results/{cancer_type}/{slide_id}/wsi.json",

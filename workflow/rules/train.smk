@@ -1,6 +1,6 @@
 rule train:
     input:
-        synth=lambda wc: expand("results/synth/{cancer_type}/shards", cancer_type=train_types()),
+        synth=lambda wc: [synth_shards(t) for t in train_types()],
     output:
         weights="results/models/{model_name}/model.pt",
         card="results/models/{model_name}/model_card.json",
@@ -9,6 +9,7 @@ rule train:
     threads: config["model"].get("threads", 2)
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
+        gpu=config["gpus_per_job"],
     retries: 1
     log:
         "logs/train/{model_name}.log",
