@@ -60,13 +60,12 @@ def test_thumbnails_show_every_unacceptable_slide_and_a_spread_sample(tmp_path):
     others = chosen[chosen.grade != "Unacceptable"]
     assert len(others) == 6 and others.grade.nunique() >= 3          # not six slides of one grade
     assert report.select_thumbnails(table, 6).equals(chosen)         # deterministic
-    overlays = []
     for r in table.itertuples():
         path = tmp_path / "results" / r.cancer_type / r.slide_id / "qc_overlay.png"
         path.parent.mkdir(parents=True)
         cv2.imwrite(str(path), np.zeros((4, 4, 3), np.uint8))
-        overlays.append(path)
-    written = report.thumbnails(table, overlays, tmp_path / "thumbs", 6)
+    pattern = str(tmp_path / "results" / "{cancer_type}" / "{slide_id}" / "qc_overlay.png")
+    written = report.thumbnails(table, pattern, tmp_path / "thumbs", 6)
     assert len(written) == len(chosen)
     assert all(p.relative_to(tmp_path / "thumbs").parts[0] in report.GRADE_COLOURS for p in written)
 

@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "slide and a sample of the others (--out folder)")
     p.add_argument("--slides", required=True, type=Path, help="results/qc/slides.parquet")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--overlays", nargs="*", default=[], type=Path, help="qc_overlay.png files (thumbnails)")
+    p.add_argument("--overlay-pattern", default="results/{cancer_type}/{slide_id}/qc_overlay.png",
+                   help="where the qc stage's overlays are (thumbnails; default: %(default)s)")
     p.add_argument("--n-thumbnails", type=int, default=12, help="slides shown besides the Unacceptable ones")
 
     p = sub.add_parser("aggregate", help="combine per-slide QC rows into a Parquet table")
@@ -347,7 +348,7 @@ def _cmd_report_figures(args, progress):
             tmp.write_text(report.grade_table_html(slides))
         written = [args.out]
     else:
-        written = report.thumbnails(slides, args.overlays, args.out, args.n_thumbnails)
+        written = report.thumbnails(slides, args.overlay_pattern, args.out, args.n_thumbnails)
     print(json.dumps({"kind": args.kind, "files": [str(p) for p in written]}))
 
 

@@ -219,18 +219,18 @@ def select_thumbnails(slides: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFra
     return pd.concat([bad, order.head(n).drop(columns="_rank")]).sort_values(["grade", "cancer_type", "slide_id"])
 
 
-def thumbnails(slides: pd.DataFrame, overlays: list, out_dir, n: int) -> list[Path]:
+def thumbnails(slides: pd.DataFrame, overlay_pattern: str, out_dir, n: int) -> list[Path]:
     """Copy the selected slides' ``qc_overlay.png`` to ``out_dir/{grade}/{cancer_type}/{slide_id}.png``.
 
-    ``overlays`` are the qc stage's files, ``results/{cancer_type}/{slide_id}/qc_overlay.png``.
+    ``overlay_pattern`` names the qc stage's files, e.g. ``results/{cancer_type}/{slide_id}/qc_overlay.png``
+    (a pattern, not a list: thousands of paths would overflow a shell command line).
     """
-    by_key = {(Path(p).parent.parent.name, Path(p).parent.name): Path(p) for p in overlays}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for r in select_thumbnails(slides, n).itertuples():
-        src = by_key.get((r.cancer_type, r.slide_id))
-        if src is None or not src.is_file():
+        src = Path(overlay_pattern.format(cancer_type=r.cancer_type, slide_id=r.slide_id))
+        if not src.is_file():
             continue
         dest = out_dir / str(r.grade) / str(r.cancer_type) / f"{r.slide_id}.png"
         with io.atomic_path(dest) as tmp:

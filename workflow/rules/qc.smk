@@ -130,5 +130,6 @@ rule report_thumbnails:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress report-figures thumbnails --slides {input.slides} --overlays {input.overlays} "
+        "nucseg --no-progress report-figures thumbnails --slides {input.slides} "
+        "--overlay-pattern 'results/{{cancer_type}}/{{slide_id}}/qc_overlay.png' "
         "--out {output} --n-thumbnails {params.n} > {log} 2>&1"
