@@ -196,11 +196,10 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
 
 
 def _detect_tissue(slide, mpp: float):
-    from .tissue import TissueParams, mask_to_polygons, tissue_mask
+    """Tissue as the tissue stage defines it (default parameters), for runs without ``--tissue-mask``."""
+    from .tissue import mask_to_polygons, slide_tissue
 
-    params = TissueParams()
-    thumb, scale = slide.read_thumbnail(params.mask_mpp, mpp)
-    mask = tissue_mask(thumb, mpp / scale, params)
+    _, scale, _, mask = slide_tissue(slide, mpp)
     return shapely.union_all(mask_to_polygons(mask, scale))
 
 

@@ -274,6 +274,20 @@ def sample_patches(slide, tiles: pd.DataFrame, n: int, patch_size: int, scale_wo
     return np.stack(patches)
 
 
+def slide_tissue(slide, mpp: float, params: TissueParams = TissueParams()):
+    """Thumbnail at ``params.mask_mpp`` and its pen-ink and tissue masks (ink excluded from tissue).
+
+    Returns
+    -------
+    thumb : ndarray (h, w, 3) uint8
+    scale : float, level-0 px per thumbnail px
+    ink, tissue : ndarray (h, w) bool
+    """
+    thumb, scale = slide.read_thumbnail(params.mask_mpp, mpp)
+    ink = ink_mask(thumb, params)
+    return thumb, scale, ink, tissue_mask(thumb, mpp / scale, params, exclude=ink)
+
+
 def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
                   mpp_override: float | None = None, mpp_fallback: float | None = None,
                   backend: str = "tiffslide", params: TissueParams = TissueParams()) -> dict:
@@ -312,10 +326,8 @@ def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
                 log.warning("slide %s: no usable mpp in file (%s); using fallback %.4f µm/px",
                             slide_id, info.slide_value, info.mpp)
             _check({"mpp": info.mpp, "mpp_source": info.source}, params)  # before anything is read at it
-            thumb, scale = slide.read_thumbnail(params.mask_mpp, info.mpp)
+            thumb, scale, ink, mask = slide_tissue(slide, info.mpp, params)
             mask_mpp = info.mpp / scale
-            ink = ink_mask(thumb, params)
-            mask = tissue_mask(thumb, mask_mpp, params, exclude=ink)
             area_mm2 = float(mask.sum()) * mask_mpp**2 / 1e6
             polygons = mask_to_polygons(mask, scale)
             tiles = tile_grid(mask, scale, params.tile_size * mpp_work / info.mpp, slide.dimensions,
