@@ -222,11 +222,6 @@ def signal_ratios(signals: dict, params: QCParams) -> dict:
     return {k: float(np.nan_to_num(signals[k] / levels[k])) for k in SIGNALS}
 
 
-def combined_score(signals: dict, params: QCParams) -> float:
-    """The badness score of a patch from its signals (largest signal/level ratio)."""
-    return max(signal_ratios(signals, params).values())
-
-
 # ---------------------------------------------------------------- test-time augmentation
 
 def _forward(images: np.ndarray, k: int, flip: bool) -> np.ndarray:

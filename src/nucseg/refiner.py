@@ -448,20 +448,6 @@ def mask_dice(images: np.ndarray, instances: np.ndarray) -> float:
     return 2 * inter / total if total else 1.0
 
 
-def refined_contact_sheet(before: np.ndarray, after: np.ndarray, real: np.ndarray, n: int = 8) -> np.ndarray:
-    """Three rows of ``n`` patches: synthetic, the same refined, real tissue (RGB uint8)."""
-    import cv2
-
-    size = before.shape[1]
-
-    def row(arr):
-        arr = [cv2.resize(a, (size, size)) if a.shape[:2] != (size, size) else a for a in arr[:n]]
-        arr += [np.full((size, size, 3), 255, np.uint8)] * (n - len(arr))
-        return np.concatenate(arr, axis=1)
-
-    return np.concatenate([row(before), row(after), row(real)], axis=0)
-
-
 def refine_dataset(synth_dir, out_dir, real: list[np.ndarray], params: RefinerParams = RefinerParams(),
                    weights_path=None, contact_sheet_path=None, progress: bool = True) -> dict:
     """Train a refiner on ``synth_dir`` vs ``real`` and write refined shards to ``out_dir``.
@@ -490,6 +476,7 @@ def refine_dataset(synth_dir, out_dir, real: list[np.ndarray], params: RefinerPa
 
     from .model import resolve_device
     from .train.data import list_shards
+    from .synth import contact_sheet
 
     synth_dir, out_dir = Path(synth_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -525,7 +512,7 @@ def refine_dataset(synth_dir, out_dir, real: list[np.ndarray], params: RefinerPa
                     "mean_abs_change": round(float(np.abs(after.astype(np.int16) - before).mean()), 3)})
     if contact_sheet_path:
         real_sheet = random_crop_batch(real, 8, before.shape[1], np.random.default_rng(params.seed))
-        io.write_png(contact_sheet_path, refined_contact_sheet(before, after, real_sheet))
+        io.write_png(contact_sheet_path, contact_sheet(before, after, real_sheet))  # synthetic / refined / real
     if params.min_mask_dice_ratio > 0 and dice_after < params.min_mask_dice_ratio * dice_before:
         raise ValueError(f"refined nuclei no longer match their masks: hematoxylin-mask Dice {dice_after:.3f} "
                          f"after vs {dice_before:.3f} before refinement (< {params.min_mask_dice_ratio} x); "

@@ -379,11 +379,15 @@ class _Serial:
         return map(fn, items)
 
 
-def contact_sheet(synthetic: np.ndarray, real: np.ndarray, n: int = 8) -> np.ndarray:
-    """Two rows: ``n`` synthetic patches above ``n`` real ones (RGB uint8)."""
+def contact_sheet(*rows: np.ndarray, n: int = 8) -> np.ndarray:
+    """One row of ``n`` patches per argument (e.g. synthetic above real), RGB uint8.
+
+    Patches are resized to the first row's patch size; short rows are padded white, empty rows left out.
+    """
+    size = rows[0].shape[1]
+
     def row(arr):
-        arr = list(arr[:n]) + [np.full_like(arr[0], 255)] * max(0, n - len(arr))
-        return np.concatenate(arr, axis=1)
-    size = synthetic.shape[1]
-    real = np.stack([cv2.resize(r, (size, size)) for r in real[:n]]) if len(real) else synthetic[:0]
-    return np.concatenate([row(synthetic), row(real)] if len(real) else [row(synthetic)], axis=0)
+        arr = [a if a.shape[:2] == (size, size) else cv2.resize(a, (size, size)) for a in arr[:n]]
+        return np.concatenate(arr + [np.full((size, size, 3), 255, np.uint8)] * (n - len(arr)), axis=1)
+
+    return np.concatenate([row(r) for r in rows if len(r)], axis=0)
