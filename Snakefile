@@ -1,5 +1,5 @@
 # nucseg: label-free nucleus segmentation of H&E whole-slide images.
-# download -> tissue -> synth -> train -> segment -> qc -> aggregate; see README.md and ../shared/DESIGN.md.
+# download + tissue -> synth -> train -> segment + qc signals -> grade + aggregate; see README.md and ../shared/DESIGN.md.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -15,7 +15,6 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/download.smk"
 include: "workflow/rules/tissue.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/train.smk"

@@ -154,7 +154,7 @@ def test_snakemake_over_gdc_cohort_with_a_poisoned_slide(tmp_path, small_model):
     assert (good.status == "ok").all() and (good.n_nuclei > 0).all()
     assert table.loc["TCGA-AA-1001-01Z-00-DX1", "mpp_source"] == "fallback"  # the TCGA slide has no mpp
     # Disk-bounded mode: slides are removed once segmented and graded.
-    assert not list((tmp_path / "resources" / "slides").glob("*.svs"))
+    assert not list((tmp_path / "resources" / "slides").rglob("*.svs"))
     # The first transfer was dropped mid-body and resumed with a Range request.
-    logs = "".join(p.read_text() for p in (tmp_path / "logs" / "download").glob("*.log"))
+    logs = "".join(p.read_text() for p in (tmp_path / "logs" / "tissue" / "BRCA").glob("*.log"))
     assert "resuming at byte" in logs

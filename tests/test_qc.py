@@ -64,6 +64,40 @@ def test_aggregate_types_and_summary(tmp_path):
     assert len(again) == 3
 
 
+def test_grading_levels_apply_to_stored_signals():
+    from nucseg.qc import grade_patches, regrade
+
+    patches = pd.DataFrame({"disagreement": [0.2, 0.6, np.nan], "entropy": [0.1, 0.1, 0.1],
+                            "missed": [0.0, 0.0, 0.8], "false": [0.0, 0.0, 0.0], "shape": [0.0, 0.0, 0.0]})
+    graded = grade_patches(patches, QCParams())
+    assert graded.bad.tolist() == [False, True, True]
+    assert graded.score.tolist() == pytest.approx([0.4, 1.2, 0.8 / 0.65])
+    assert graded.reason.tolist() == ["", "unstable under augmentation", "missed nuclei"]
+    # Looser levels: the same signals, fewer bad patches, a better grade.
+    loose = QCParams(max_disagreement=0.8, min_recall=0.1)
+    assert grade_patches(patches, loose).bad.tolist() == [False, False, False]
+    row = {"slide_id": "s", "status": "ok", "pct_bad_patches": 66.7, "grade": "Unacceptable"}
+    assert regrade(row, patches, loose) == {**row, "pct_bad_patches": 0.0, "grade": "Best"}
+    failed = {"slide_id": "f", "status": "failed", "pct_bad_patches": None, "grade": "Unacceptable"}
+    assert regrade(failed, patches, loose)["grade"] == "Unacceptable"
+
+
+def test_aggregate_regrades_from_patch_signals(tmp_path):
+    rows = []
+    for i, disagreement in enumerate([0.1, 0.3]):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        (d / "qc.json").write_text(json.dumps({"slide_id": f"s{i}", "cancer_type": "BRCA", "status": "ok",
+                                               "pct_bad_patches": 0.0, "grade": "Best"}))
+        pd.DataFrame({"disagreement": [disagreement] * 4, "entropy": [0.0] * 4, "missed": [0.0] * 4,
+                      "false": [0.0] * 4, "shape": [0.0] * 4}).to_parquet(d / "qc_patches.parquet")
+        rows.append(d / "qc.json")
+    as_recorded = aggregate(rows, tmp_path / "a.parquet")
+    assert as_recorded.grade.tolist() == ["Best", "Best"]
+    strict = aggregate(rows, tmp_path / "b.parquet", levels=QCParams(max_disagreement=0.2))
+    assert strict.grade.tolist() == ["Best", "Unacceptable"] and strict.pct_bad_patches.tolist() == [0.0, 100.0]
+
+
 # ---------------------------------------------------------------- label-free signals
 
 def test_tta_disagreement_is_zero_for_identical_predictions_and_grows_with_change():

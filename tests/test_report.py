@@ -75,7 +75,7 @@ def test_overlay_of_an_unreadable_slide_is_a_card(tmp_path):
     bogus.write_bytes(b"not a slide")
     row = {"slide_id": "X", "cancer_type": "BRCA", "grade": "Unacceptable", "status": "failed",
            "failure_stage": "wsi_qc", "failure_reason": "not a readable slide (TiffFileError: µm²)"}
-    img = report.slide_overlay(bogus, {}, row)
+    img = report.annotate_overlay(report.slide_overlay(bogus), row)
     assert img.ndim == 3 and img.shape[1] == 640
     assert tuple(img[5, 2]) == report.GRADE_COLOURS["Unacceptable"]   # the grade stripe
 
@@ -89,11 +89,36 @@ def test_overlay_of_a_real_slide_marks_bad_patches(tmp_path):
                               geometry=[Point(500, 600).buffer(8), Point(800, 900).buffer(8)])
     patches = pd.DataFrame({"x": [200, 1200], "y": [300, 1500], "size": [256, 256], "bad": [True, False]})
     row = {"slide_id": "CMU", "cancer_type": "X", "grade": "Problematic", "status": "ok", "pct_bad_patches": 50.0,
-           "n_patches_checked": 2}
-    img = report.slide_overlay(slide, {}, row, nuclei, patches, backend="openslide")
-    assert max(img.shape[:2]) <= 1024 + 100
-    red = (img[..., 0] > 200) & (img[..., 1] < 30) & (img[..., 2] < 30)
-    assert red.sum() > 50                                             # the bad patch's outline
+           "n_patches_checked": 2, "width": 2220}
+    body = report.slide_overlay(slide, nuclei, patches, backend="openslide")
+    red = lambda img: ((img[..., 0] > 200) & (img[..., 1] < 30) & (img[..., 2] < 30)).sum()  # noqa: E731
+    assert max(body.shape[:2]) <= 1024 and red(body) == 0        # verdicts are not drawn per slide
+    img = report.annotate_overlay(body, row, patches)
+    assert img.shape[0] > body.shape[0] and red(img) > 50          # header, and the bad patch's outline
+    # Only the bad patch is red: the good one (lower right) keeps its cyan outline.
+    scale = body.shape[1] / 2220
+    x, y = round(1200 * scale), round(1500 * scale) + img.shape[0] - body.shape[0]
+    assert red(img[y - 3:y + 30, x - 3:x + 30]) == 0
+
+
+def test_thumbnails_regrade_patches_with_the_given_levels(tmp_path):
+    from nucseg.qc import QCParams
+
+    table = slides_table(4).assign(status="ok", grade="Good", width=1000)
+    for r in table.itertuples():
+        d = tmp_path / r.cancer_type / r.slide_id
+        d.mkdir(parents=True)
+        cv2.imwrite(str(d / "qc_overlay.png"), np.full((100, 100, 3), 255, np.uint8))
+        pd.DataFrame({"x": [100], "y": [100], "size": [300], "disagreement": [0.3], "entropy": [0.1],
+                      "missed": [0.0], "false": [0.0], "shape": [0.0]}).to_parquet(d / "qc_patches.parquet")
+    pattern = str(tmp_path / "{cancer_type}" / "{slide_id}" / "qc_overlay.png")
+    reds = []
+    for level in (0.5, 0.2):   # disagreement 0.3: good at the default level, bad at 0.2
+        out = tmp_path / f"thumbs{level}"
+        written = report.thumbnails(table, pattern, out, 8, QCParams(max_disagreement=level))
+        img = cv2.imread(str(written[0]))[..., ::-1]
+        reds.append(((img[..., 0] > 200) & (img[..., 1] < 30) & (img[..., 2] < 30)).sum())
+    assert reds[0] == 0 and reds[1] > 20
 
 
 def test_report_figures_cli(tmp_path, capsys):

@@ -70,9 +70,10 @@ def test_sigkill_during_segmentation_then_resume(tmp_path, small_model):
                             cwd=work, start_new_session=True)
     segment_logs = work / "logs" / "segment" / "DEMO"
     deadline = time.monotonic() + 600
-    # Wait until one slide is segmented and the next segmentation has started, then kill at a random moment.
+    # Wait until one slide's segment job (segmentation, then QC signals) is done and the next has started,
+    # then kill at a random moment.
     while time.monotonic() < deadline:
-        done = list((work / "results" / "DEMO").glob("*/nuclei.parquet"))
+        done = list((work / "results" / "DEMO").glob("*/qc.json"))
         started = list(segment_logs.glob("*.log")) if segment_logs.exists() else []
         if done and len(started) > len(done):
             break

@@ -58,6 +58,10 @@ def test_resume_from_last_checkpoint(small_model, tmp_path):
     # 150 steps were done: training continues to 160; the importance weights are reused, not recomputed.
     assert card["global_step"] == 160
     assert (out / "importance_weights.npz").stat().st_mtime_ns == weights_mtime
+    # The resumed run replaced last.ckpt (no last-v1.ckpt), so a second resume continues from step 160.
+    assert not list((out / "checkpoints").glob("last-v*.ckpt"))
+    card = train_model([root / "synth"], out, TrainParams(**{**vars(params), "max_steps": 170}), progress=False)
+    assert card["global_step"] == 170
 
 
 def test_augmentation_keeps_targets_aligned(rng):

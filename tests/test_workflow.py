@@ -83,7 +83,7 @@ def test_dry_run_plans_every_stage(tmp_path):
     shutil.copytree(REPO / "config", tmp_path / "config")
     (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(TEST_CONFIG))
     out = snakemake(tmp_path, "-n", "--quiet", "rules").stdout
-    for rule in ("demo_slide", "download", "tissue", "synth", "train", "segment", "qc", "qc_cohort", "qc_all",
+    for rule in ("demo_slide", "tissue", "synth", "train", "segment", "qc_cohort", "qc_all",
                  "report_grades", "report_histograms", "report_thumbnails"):
         assert rule in out
 
@@ -160,14 +160,37 @@ def test_broken_slides_are_recorded_not_fatal(run, slide_id, reason):
 def test_rerun_is_a_no_op_and_param_change_replans_only_downstream(run):
     work, _ = run
     assert "Nothing to be done" in snakemake(work, "-n").stdout + snakemake(work, "-n").stderr
-    out = snakemake(work, "-n", "--config", "qc={'n_patches': 11}").stdout
-    planned = planned_jobs(out)
     n = len(ALL_SLIDES)
     report = {"report_grades": 1, "report_histograms": 1, "report_thumbnails": 1}
-    assert planned == {"qc": n, "qc_cohort": 1, "qc_all": 1, **report, "all": 1}, out[-2000:]
-    # A segmentation parameter: segment and everything after it, never download, tissue or training.
-    out = snakemake(work, "-n", "--config", "segment={'min_area_um2': 7.0}").stdout
-    assert planned_jobs(out) == {"segment": n, "qc": n, "qc_cohort": 1, "qc_all": 1, **report, "all": 1}, out[-2000:]
+    # A QC grading level: only the aggregates re-grade from the stored patch signals.
+    out = snakemake(work, "-n", "--config", "qc={'n_patches': 10, 'max_entropy': 0.4}").stdout
+    assert planned_jobs(out) == {"qc_cohort": 1, "qc_all": 1, **report, "all": 1}, out[-2000:]
+    # What QC measures (here: how many patches) and segmentation parameters rerun the segment jobs and
+    # everything after them, never download, tissue or training.
+    for change in ("qc={'n_patches': 11}", "segment={'min_area_um2': 7.0}"):
+        out = snakemake(work, "-n", "--config", change).stdout
+        assert planned_jobs(out) == {"segment": n, "qc_cohort": 1, "qc_all": 1, **report, "all": 1}, out[-2000:]
+
+
+def test_new_grading_levels_regrade_without_segmenting_again(run):
+    work, _ = run
+    segmented = {p: p.stat().st_mtime_ns for p in (work / "results" / "DEMO").glob("*/nuclei.parquet")}
+    before = pd.read_parquet(work / "results/qc/slides.parquet").set_index("slide_id")
+    try:
+        # Every patch passes at an absurd level: every readable slide becomes Best; failures stay failed.
+        snakemake(work, "results/qc/slides.parquet", "--config", "qc={'n_patches': 10, 'bad_score': 1000.0}")
+        after = pd.read_parquet(work / "results/qc/slides.parquet").set_index("slide_id")
+        ok = after.status == "ok"
+        assert (after.pct_bad_patches[ok] == 0).all() and (after.grade[ok] == "Best").all()
+        assert (after.grade[~ok] == "Unacceptable").all()
+        # The default levels give back exactly the grades measured with them.
+        snakemake(work, "results/qc/slides.parquet")
+        again = pd.read_parquet(work / "results/qc/slides.parquet").set_index("slide_id")
+        pd.testing.assert_series_equal(again.grade, before.grade)
+        pd.testing.assert_series_equal(again.pct_bad_patches, before.pct_bad_patches)
+    finally:
+        snakemake(work, "results/qc/slides.parquet")
+    assert {p: p.stat().st_mtime_ns for p in segmented} == segmented   # nothing was segmented again
 
 
 def test_report_renders_in_a_headless_browser(run):

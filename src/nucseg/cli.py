@@ -40,7 +40,7 @@ def _dataclass_from_args(cls, args: argparse.Namespace, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .qc import QCParams
+    from .qc import LEVELS, QCParams
     from .refiner import RefinerParams
     from .segment import SegmentParams
     from .synth import SynthParams
@@ -150,12 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay-pattern", default="results/{cancer_type}/{slide_id}/qc_overlay.png",
                    help="where the qc stage's overlays are (thumbnails; default: %(default)s)")
     p.add_argument("--n-thumbnails", type=int, default=12, help="slides shown besides the Unacceptable ones")
+    _add_dataclass_flags(p, QCParams, skip=_not_levels(QCParams, LEVELS))
 
-    p = sub.add_parser("aggregate", help="combine per-slide QC rows into a Parquet table")
-    p.add_argument("inputs", nargs="+", type=Path, help="qc.json files or aggregate .parquet files")
+    p = sub.add_parser("aggregate", help="combine per-slide QC rows into a Parquet table (re-graded)")
+    p.add_argument("inputs", nargs="*", type=Path, help="qc.json files or aggregate .parquet files")
+    _add_sheet_inputs(p, "results/{cancer_type}/{slide_id}/qc.json")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--summary", type=Path, default=None, help="also write grades per cancer type (TSV)")
     p.add_argument("--config-hash", default=None)
+    p.add_argument("--regrade", action="store_true",
+                   help="grade each qc.json row anew from the qc_patches.parquet beside it, with the levels below")
+    _add_dataclass_flags(p, QCParams, skip=_not_levels(QCParams, LEVELS))
 
     p = sub.add_parser("evaluate", help="metrics (AJI, Dice, PQ, F1) on annotated tiles")
     p.add_argument("--dataset", required=True, type=Path,
@@ -175,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slide-id", default=None, help="tcia file-name prefix (default: from the file's metadata)")
 
     p = sub.add_parser("publish", help="add slides' nuclei.parquet files to the hive-partitioned nuclei dataset")
-    p.add_argument("nuclei", type=Path, nargs="+", help="results/{TYPE}/{slide_id}/nuclei.parquet files")
+    p.add_argument("nuclei", type=Path, nargs="*", help="results/{TYPE}/{slide_id}/nuclei.parquet files")
+    _add_sheet_inputs(p, "results/{cancer_type}/{slide_id}/nuclei.parquet")
     p.add_argument("--dataset", required=True, type=Path, help="dataset root, e.g. results/nuclei")
     p.add_argument("--cancer-type", required=True)
 
@@ -186,6 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _not_levels(cls, levels) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in levels)
+
+
+def _add_sheet_inputs(p: argparse.ArgumentParser, pattern: str) -> None:
+    """Inputs named by a sample sheet and a path pattern (a cohort's thousands of paths overflow a command line)."""
+    p.add_argument("--sheet", type=Path, default=None, help="sample sheet (TSV): take the files of its slides")
+    p.add_argument("--pattern", default=pattern, help="with --sheet: each slide's file (default: %(default)s)")
+
+
+def _inputs(args, given: list[Path]) -> list[Path]:
+    """The files given on the command line, then those of the --sheet's slides."""
+    paths = list(given)
+    if args.sheet is not None:
+        import pandas as pd
+
+        sheet = pd.read_csv(args.sheet, sep="\t", dtype=str, comment="#")
+        paths += [Path(args.pattern.format(cancer_type=t, slide_id=s)) for t, s in zip(sheet.cancer_type, sheet.slide_id)]
+    if not paths:
+        raise SystemExit(f"nucseg {args.command}: no input files (give paths or --sheet)")
+    return paths
 
 
 def _add_backend_mpp(p: argparse.ArgumentParser) -> None:
@@ -339,6 +368,7 @@ def _cmd_report_figures(args, progress):
     import pandas as pd
 
     from . import io, report
+    from .qc import QCParams
 
     slides = pd.read_parquet(args.slides)
     if args.kind == "histograms":
@@ -348,15 +378,17 @@ def _cmd_report_figures(args, progress):
             tmp.write_text(report.grade_table_html(slides))
         written = [args.out]
     else:
-        written = report.thumbnails(slides, args.overlay_pattern, args.out, args.n_thumbnails)
+        written = report.thumbnails(slides, args.overlay_pattern, args.out, args.n_thumbnails,
+                                    _dataclass_from_args(QCParams, args))
     print(json.dumps({"kind": args.kind, "files": [str(p) for p in written]}))
 
 
 def _cmd_aggregate(args, progress):
     from . import io
-    from .qc import aggregate, grade_summary
+    from .qc import QCParams, aggregate, grade_summary
 
-    table = aggregate(args.inputs, args.out, {"config_hash": args.config_hash})
+    levels = _dataclass_from_args(QCParams, args) if args.regrade else None
+    table = aggregate(_inputs(args, args.inputs), args.out, {"config_hash": args.config_hash}, levels)
     summary = grade_summary(table)
     if args.summary:
         with io.atomic_path(args.summary) as tmp:
@@ -390,9 +422,10 @@ def _cmd_publish(args, progress):
 
     # Slide ids are the names of the files' folders (results/{TYPE}/{slide_id}/nuclei.parquet).
     part = args.dataset / f"cancer_type={args.cancer_type}"
-    for path in args.nuclei:
+    paths = _inputs(args, args.nuclei)
+    for path in paths:
         io.link_or_copy(path, part / f"slide_id={path.parent.name}" / "nuclei.parquet")
-    print(json.dumps({"partition": str(part), "slides": len(args.nuclei)}))
+    print(json.dumps({"partition": str(part), "slides": len(paths)}))
 
 
 def _cmd_demo_slide(args, progress):

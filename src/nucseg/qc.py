@@ -81,6 +81,11 @@ class QCParams:
     bad_score: float = 1.0           # a patch is bad when its score (largest signal/level ratio) exceeds this
 
 
+# The grading levels: applied to stored signals, so changing them re-grades slides at aggregation
+# without measuring anything again (the other QCParams fields decide what is measured).
+LEVELS = ("max_disagreement", "max_entropy", "min_recall", "min_precision", "max_shape_outliers", "bad_score")
+
+
 def grade(pct_bad: float | None, failed: bool = False) -> str:
     """TCIA grade from the percentage of bad patches (DESIGN.md thresholds)."""
     if failed or pct_bad is None or np.isnan(pct_bad):
@@ -202,10 +207,7 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
         fg = probs[:, 0]
         region = (fg > 0.5).any(0) | stain_mask(image, params.hema_threshold)
         out.update(disagreement=tta_disagreement(probs, mpp_work), entropy=foreground_entropy(fg, region))
-    ratios = signal_ratios(out, params)
-    out["score"] = float(max(ratios.values()))
-    out["bad"] = out["score"] > params.bad_score
-    out["reason"] = ", ".join(SIGNAL_REASONS[k] for k, v in ratios.items() if v > params.bad_score)
+    out.update(grade_patches(pd.DataFrame([out]), params).iloc[0][["score", "bad", "reason"]].to_dict())
     return out
 
 
@@ -214,12 +216,31 @@ SIGNAL_REASONS = {"disagreement": "unstable under augmentation", "entropy": "unc
                   "shape": "implausible nucleus size/shape"}
 
 
-def signal_ratios(signals: dict, params: QCParams) -> dict:
+def signal_ratios(signals: pd.DataFrame, params: QCParams) -> pd.DataFrame:
     """Each signal divided by the level at which it alone marks a patch bad (NaN signals count 0)."""
     levels = {"disagreement": params.max_disagreement, "entropy": params.max_entropy,
               "missed": 1 - params.min_recall, "false": 1 - params.min_precision,
               "shape": params.max_shape_outliers}
-    return {k: float(np.nan_to_num(signals[k] / levels[k])) for k in SIGNALS}
+    return pd.DataFrame({k: pd.to_numeric(signals[k], errors="coerce").astype(float) / levels[k]
+                         for k in SIGNALS}, index=signals.index).fillna(0.0)
+
+
+def grade_patches(patches: pd.DataFrame, params: QCParams) -> pd.DataFrame:
+    """The patches with ``score``, ``bad`` and ``reason`` (re)computed from their signals and the levels."""
+    ratios = signal_ratios(patches, params)
+    over = ratios > params.bad_score
+    reasons = [", ".join(SIGNAL_REASONS[k] for k in SIGNALS if row[k]) for row in over.to_dict("records")]
+    return patches.assign(score=ratios.max(axis=1) if len(ratios) else pd.Series(dtype=float),
+                          bad=over.any(axis=1), reason=reasons)
+
+
+def regrade(row: dict, patches: pd.DataFrame, params: QCParams) -> dict:
+    """A slide's QC row with % bad patches and grade recomputed from its patches' signals."""
+    row = dict(row)
+    if row.get("status") == "ok" and len(patches):
+        row["pct_bad_patches"] = float(100 * grade_patches(patches, params).bad.mean())
+    row["grade"] = grade(_float(row.get("pct_bad_patches")), failed=row.get("status") != "ok")
+    return row
 
 
 # ---------------------------------------------------------------- test-time augmentation
@@ -377,7 +398,7 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
     if out_overlay is not None:
         from .report import slide_overlay
 
-        io.write_png(out_overlay, slide_overlay(slide_path, facts, row, nuclei, patches, tissue_path, backend))
+        io.write_png(out_overlay, slide_overlay(slide_path, nuclei, patches, tissue_path, backend))
     seconds["qc"] = round(time.monotonic() - started, 3)
     row["seconds_by_stage"] = json.dumps(seconds)
     io.write_json(out_json, row)
@@ -394,16 +415,25 @@ def _float(value):
         return None
 
 
-def aggregate(qc_jsons: list, out_path, metadata: dict | None = None) -> pd.DataFrame:
-    """Concatenate per-slide QC rows (``qc.json`` files or other aggregates' Parquet) into one table."""
+def aggregate(qc_jsons: list, out_path, metadata: dict | None = None, levels: QCParams | None = None) -> pd.DataFrame:
+    """Concatenate per-slide QC rows (``qc.json`` files or other aggregates' Parquet) into one table.
+
+    With ``levels``, each ``qc.json`` row is re-graded (:func:`regrade`) from the patch signals in the
+    ``qc_patches.parquet`` beside it, so new grading levels need no new measurement.
+    """
     frames = []
     rows = []
     for path in qc_jsons:
         path = Path(path)
         if path.suffix == ".parquet":
             frames.append(pd.read_parquet(path))
-        else:
-            rows.append(io.read_json(path))
+            continue
+        row = io.read_json(path)
+        if levels is not None:
+            beside = path.with_name("qc_patches.parquet")
+            patches = pd.read_parquet(beside) if row.get("status") == "ok" else pd.DataFrame(columns=PATCH_COLUMNS)
+            row = regrade(row, patches, levels)
+        rows.append(row)
     if rows:
         frames.append(pd.DataFrame(rows))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SLIDE_COLUMNS)

@@ -8,7 +8,6 @@ Drawn with OpenCV (no plotting library needed): every figure is a PNG, the grade
 from __future__ import annotations
 
 import html
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -37,17 +36,17 @@ def _put(img, text, org, scale=0.5, colour=(0, 0, 0), thickness=1):
 
 # ---------------------------------------------------------------- per-slide overlay (written by the qc stage)
 
-def slide_overlay(slide_path, facts: dict, row: dict, nuclei=None, patches: pd.DataFrame | None = None,
-                  tissue_path=None, backend: str = "tiffslide", max_side: int = 1024) -> np.ndarray:
-    """Thumbnail of a slide with its tissue outline (green), nuclei (yellow) and checked patches.
+def slide_overlay(slide_path, nuclei=None, patches: pd.DataFrame | None = None, tissue_path=None,
+                  backend: str = "tiffslide", max_side: int = 1024) -> np.ndarray:
+    """Thumbnail of a slide with its tissue outline (green), nuclei (yellow) and checked patches (cyan).
 
-    Checked patches are outlined red when bad, cyan when good. Nuclei are drawn as outlines when they
-    are at least a few thumbnail pixels wide, else as a density wash. A slide that cannot be read gives
-    a grey card with its failure. A header names the slide, grade, % bad patches and failure reason.
+    Verdicts are not drawn here: they depend on the grading levels applied at aggregation, so
+    :func:`annotate_overlay` adds them (and the header) when the report is made. Nuclei are drawn as
+    outlines when they are at least a few thumbnail pixels wide, else as a density wash. A slide that
+    cannot be read gives a grey card.
     """
     from .slides import SlideError, open_slide
 
-    image, scale = None, None
     try:
         with open_slide(slide_path, backend) as slide:
             w, h = slide.dimensions
@@ -55,26 +54,39 @@ def slide_overlay(slide_path, facts: dict, row: dict, nuclei=None, patches: pd.D
             image = slide.read_scaled((0, 0, w, h), scale, (max(1, round(w * scale)), max(1, round(h * scale))))
             scale = image.shape[1] / w
     except (SlideError, OSError, ValueError):
-        image = None
-    if image is None:
         body = np.full((360, 640, 3), 200, np.uint8)
         _put(body, "slide not readable", (20, 60), 0.8, (60, 60, 60), 2)
-    else:
-        body = image.copy()
-        if tissue_path is not None and Path(tissue_path).is_file():
-            _draw_tissue(body, tissue_path, scale)
-        if nuclei is not None and len(nuclei):
-            _draw_nuclei(body, nuclei, scale)
-        if patches is not None and len(patches):
-            for p in patches.itertuples():
-                x0, y0 = round(p.x * scale), round(p.y * scale)
-                x1, y1 = round((p.x + p.size) * scale), round((p.y + p.size) * scale)
-                colour = (230, 0, 0) if bool(p.bad) else (0, 200, 230)
-                cv2.rectangle(body, (x0, y0), (max(x0 + 2, x1), max(y0 + 2, y1)), colour, 2 if bool(p.bad) else 1)
-        if body.shape[1] < 512:  # tiny slides: enlarge so the overlay is readable
-            f = 512 / body.shape[1]
-            body = cv2.resize(body, (512, max(1, round(body.shape[0] * f))), interpolation=cv2.INTER_NEAREST)
+        return body
+    body = image.copy()
+    if tissue_path is not None and Path(tissue_path).is_file():
+        _draw_tissue(body, tissue_path, scale)
+    if nuclei is not None and len(nuclei):
+        _draw_nuclei(body, nuclei, scale)
+    _draw_patches(body, patches, scale, (0, 200, 230), 1)
+    if body.shape[1] < 512:  # tiny slides: enlarge so the overlay is readable
+        f = 512 / body.shape[1]
+        body = cv2.resize(body, (512, max(1, round(body.shape[0] * f))), interpolation=cv2.INTER_NEAREST)
+    return body
+
+
+def annotate_overlay(body: np.ndarray, row: dict, patches: pd.DataFrame | None = None) -> np.ndarray:
+    """A :func:`slide_overlay` with the bad patches outlined red and a header: slide, grade, % bad, failure.
+
+    ``patches`` carry their verdicts (``bad``); ``row`` is the slide's QC row (``width`` in level-0 px
+    places the patches on the thumbnail).
+    """
+    body = body.copy()
+    width = row.get("width")
+    if patches is not None and len(patches) and pd.notna(width) and width:
+        _draw_patches(body, patches[patches.bad.astype(bool)], body.shape[1] / float(width), (230, 0, 0), 2)
     return np.vstack([_header(row, body.shape[1]), body])
+
+
+def _draw_patches(img, patches, scale, colour, thickness):
+    for p in (patches.itertuples() if patches is not None else ()):
+        x0, y0 = round(p.x * scale), round(p.y * scale)
+        x1, y1 = round((p.x + p.size) * scale), round((p.y + p.size) * scale)
+        cv2.rectangle(img, (x0, y0), (max(x0 + 2, x1), max(y0 + 2, y1)), colour, thickness)
 
 
 def _draw_tissue(img, tissue_path, scale):
@@ -219,21 +231,27 @@ def select_thumbnails(slides: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFra
     return pd.concat([bad, order.head(n).drop(columns="_rank")]).sort_values(["grade", "cancer_type", "slide_id"])
 
 
-def thumbnails(slides: pd.DataFrame, overlay_pattern: str, out_dir, n: int) -> list[Path]:
-    """Copy the selected slides' ``qc_overlay.png`` to ``out_dir/{grade}/{cancer_type}/{slide_id}.png``.
+def thumbnails(slides: pd.DataFrame, overlay_pattern: str, out_dir, n: int, levels=None) -> list[Path]:
+    """Annotated overlays of the selected slides, as ``out_dir/{grade}/{cancer_type}/{slide_id}.png``.
 
-    ``overlay_pattern`` names the qc stage's files, e.g. ``results/{cancer_type}/{slide_id}/qc_overlay.png``
-    (a pattern, not a list: thousands of paths would overflow a shell command line).
+    ``overlay_pattern`` names the per-slide overlays, e.g. ``results/{cancer_type}/{slide_id}/qc_overlay.png``
+    (a pattern, not a list: thousands of paths would overflow a shell command line); each slide's
+    ``qc_patches.parquet`` beside it gives the checked patches, graded with ``levels`` (a
+    :class:`nucseg.qc.QCParams`) so the red boxes agree with the table's grades.
     """
+    from .qc import QCParams, grade_patches
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for r in select_thumbnails(slides, n).itertuples():
-        src = Path(overlay_pattern.format(cancer_type=r.cancer_type, slide_id=r.slide_id))
-        if not src.is_file():
+    for r in select_thumbnails(slides, n).to_dict("records"):
+        src = Path(overlay_pattern.format(cancer_type=r["cancer_type"], slide_id=r["slide_id"]))
+        body = cv2.imread(str(src), cv2.IMREAD_COLOR) if src.is_file() else None
+        if body is None:
             continue
-        dest = out_dir / str(r.grade) / str(r.cancer_type) / f"{r.slide_id}.png"
-        with io.atomic_path(dest) as tmp:
-            shutil.copyfile(src, tmp)
+        beside = src.with_name("qc_patches.parquet")
+        patches = grade_patches(pd.read_parquet(beside), levels or QCParams()) if beside.is_file() else None
+        dest = out_dir / str(r["grade"]) / str(r["cancer_type"]) / f"{r['slide_id']}.png"
+        io.write_png(dest, annotate_overlay(body[..., ::-1], r, patches))
         written.append(dest)
     return written

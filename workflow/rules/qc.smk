@@ -1,52 +1,29 @@
-rule qc:
-    input:
-        facts="results/{cancer_type}/{slide_id}/wsi.json",
-        nuclei="results/{cancer_type}/{slide_id}/nuclei.parquet",
-        tiles="results/{cancer_type}/{slide_id}/tiles.parquet",
-        tissue="results/{cancer_type}/{slide_id}/tissue.parquet",
-        slide=slide_path("{slide_id}"),
-        weights=model_weights(),  # the model-based signals (TTA disagreement, entropy) run the network
-    output:
-        row="results/{cancer_type}/{slide_id}/qc.json",
-        patches="results/{cancer_type}/{slide_id}/qc_patches.parquet",
-        overlay="results/{cancer_type}/{slide_id}/qc_overlay.png",
-    params:
-        source=lambda wc: SLIDE_ROWS[wc.slide_id]["source"],
-        flags=cfg_flags(config["qc"]),
-        config_hash=config_hash("mpp_work", "segment", "model", "qc"),
-        backend=config["slide_backend"],
-    log:
-        "logs/qc/{cancer_type}/{slide_id}.log",
-    conda:
-        "../../envs/nucseg.yaml"
-    shell:
-        "nucseg --no-progress qc --wsi {input.facts} --nuclei {input.nuclei} --tiles {input.tiles} "
-        "--slide {input.slide} --out-json {output.row} --out-patches {output.patches} "
-        "--checkpoint {input.weights} --tissue {input.tissue} --out-overlay {output.overlay} "
-        "--cancer-type {wildcards.cancer_type} --source '{params.source}' --backend {params.backend} "
-        "--config-hash {params.config_hash} {params.flags} > {log} 2>&1"
-
-
 rule qc_cohort:
-    """Per cancer type: the QC table, and the type's partition of the hive-partitioned nuclei dataset."""
+    """Per cancer type: the QC table (slides graded with the configured levels), and the type's
+    partition of the hive-partitioned nuclei dataset."""
     wildcard_constraints:
         cancer_type=r"(?!slides\.parquet$)[A-Za-z0-9_-]+",  # results/qc/slides.parquet is qc_all's
     input:
+        # qc.json stands for its segment job's other outputs (qc_patches.parquet, nuclei.parquet): one
+        # declared file per slide is enough to order and re-trigger, and each costs planning time.
         rows=lambda wc: per_slide("results/{cancer_type}/{slide_id}/qc.json", wc.cancer_type),
-        nuclei=lambda wc: per_slide("results/{cancer_type}/{slide_id}/nuclei.parquet", wc.cancer_type),
     output:
         table="results/qc/{cancer_type}.parquet",
         nuclei=directory("results/nuclei/cancer_type={cancer_type}"),
     params:
+        # The sheet names the inputs: a cohort's paths would overflow the command line.
+        sheet=lambda wc: config["cohorts"][wc.cancer_type],
+        levels=qc_flags(measure=False),
         config_hash=config_hash("mpp_work", "segment", "model", "qc"),
     log:
         "logs/qc/{cancer_type}.log",
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "(nucseg --no-progress aggregate {input.rows} --out {output.table} --config-hash {params.config_hash} && "
-        "nucseg --no-progress publish {input.nuclei} --dataset results/nuclei --cancer-type {wildcards.cancer_type}) "
-        "> {log} 2>&1"
+        "(nucseg --no-progress aggregate --sheet {params.sheet} --out {output.table} --regrade {params.levels} "
+        "--config-hash {params.config_hash} && "
+        "nucseg --no-progress publish --sheet {params.sheet} --dataset results/nuclei "
+        "--cancer-type {wildcards.cancer_type}) > {log} 2>&1"
 
 
 rule qc_all:
@@ -113,8 +90,8 @@ rule report_histograms:
 rule report_thumbnails:
     """Every Unacceptable slide and a sample of the others: thumbnail, tissue, nuclei, checked patches."""
     input:
+        # The overlays come from the segment jobs that slides.parquet already depends on.
         slides="results/qc/slides.parquet",
-        overlays=lambda wc: [p for t in SELECTED for p in per_slide("results/{cancer_type}/{slide_id}/qc_overlay.png", t)],
     output:
         report(
             directory("results/report/thumbnails"),
@@ -125,6 +102,7 @@ rule report_thumbnails:
         ),
     params:
         n=config.get("report", {}).get("n_thumbnails", 12),
+        levels=qc_flags(measure=False),
     log:
         "logs/report/thumbnails.log",
     conda:
@@ -132,4 +110,4 @@ rule report_thumbnails:
     shell:
         "nucseg --no-progress report-figures thumbnails --slides {input.slides} "
         "--overlay-pattern 'results/{{cancer_type}}/{{slide_id}}/qc_overlay.png' "
-        "--out {output} --n-thumbnails {params.n} > {log} 2>&1"
+        "--out {output} --n-thumbnails {params.n} {params.levels} > {log} 2>&1"

@@ -1,14 +1,26 @@
 rule segment:
+    """Segment every nucleus of the slide, then measure QC signals on sampled patches.
+
+    Both steps run the network on the GPU, so they share one job; the QC grading levels are applied
+    later, at aggregation (qc_cohort), so changing a level re-grades without running this again.
+    """
     input:
-        slide=slide_path("{slide_id}"),
+        slide=slide_path("{cancer_type}", "{slide_id}"),
         tissue="results/{cancer_type}/{slide_id}/tissue.parquet",
+        tiles="results/{cancer_type}/{slide_id}/tiles.parquet",
+        facts="results/{cancer_type}/{slide_id}/wsi.json",
         weights=model_weights(),
     output:
-        "results/{cancer_type}/{slide_id}/nuclei.parquet",
+        nuclei="results/{cancer_type}/{slide_id}/nuclei.parquet",
+        row="results/{cancer_type}/{slide_id}/qc.json",
+        patches="results/{cancer_type}/{slide_id}/qc_patches.parquet",
+        overlay="results/{cancer_type}/{slide_id}/qc_overlay.png",
     params:
-        mpp=lambda wc: mpp_flags(wc.slide_id),
-        flags=cfg_flags(config["segment"]),
-        config_hash=config_hash("mpp_work", "segment", "model"),
+        slide=lambda wc: {"source": SLIDE_ROWS[wc.slide_id]["source"], "mpp": mpp_flags(wc.slide_id)},
+        # Static flags in one string each: every {field} of the command costs planning time per job.
+        flags=f"--config-hash {config_hash('mpp_work', 'segment', 'model')} {cfg_flags(config['segment'])}",
+        qc=f"--backend {config['slide_backend']} --config-hash {config_hash('mpp_work', 'segment', 'model')} "
+        + qc_flags(measure=True),
     threads: config["segment"].get("workers", 0) + 1
     resources:
         mem_mb=lambda wc, attempt: 3000 * attempt,
@@ -19,6 +31,9 @@ rule segment:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress segment {input.slide} --out {output} --checkpoint {input.weights} "
-        "--tissue-mask {input.tissue} --slide-id {wildcards.slide_id} "
-        "--config-hash {params.config_hash} {params.mpp} {params.flags} > {log} 2>&1"
+        "(nucseg --no-progress segment {input.slide} --out {output.nuclei} --checkpoint {input.weights} "
+        "--tissue-mask {input.tissue} --slide-id {wildcards.slide_id} {params.slide[mpp]} {params.flags} && "
+        "nucseg --no-progress qc --wsi {input.facts} --nuclei {output.nuclei} --tiles {input.tiles} "
+        "--slide {input.slide} --out-json {output.row} --out-patches {output.patches} "
+        "--checkpoint {input.weights} --tissue {input.tissue} --out-overlay {output.overlay} "
+        "--cancer-type {wildcards.cancer_type} --source '{params.slide[source]}' {params.qc}) > {log} 2>&1"

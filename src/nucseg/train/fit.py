@@ -116,7 +116,9 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
                          params.num_workers, params.seed)
     module = SegmentationModule(base=params.base, depth=params.depth, lr=params.lr, weighted=params.weighted,
                                 boundary_weight=params.boundary_weight, max_steps=params.max_steps)
-    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True,
+    # No version counter: a resumed run must overwrite last.ckpt (not write last-v1.ckpt beside it), or
+    # the next resume would start again from the first interruption.
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, enable_version_counter=False,
                                            every_n_train_steps=max(1, min(200, params.max_steps // 5)))
     trainer = _trainer(out_dir, params.max_steps, params, progress, "segmentation", callbacks=[ckpt_cb],
                        limit_val_batches=4, check_val_every_n_epoch=1)
