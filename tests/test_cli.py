@@ -50,3 +50,28 @@ def test_segment_uses_the_shipped_model_by_default(demo_slide, tmp_path):
     assert main(["-q", "segment", str(demo_slide), "--out", str(tmp_path / "n.parquet")]) == 0
     meta = io.read_provenance(tmp_path / "n.parquet")
     assert meta["model_id"] == io.file_sha256(weights) and meta["status"] == "ok"
+
+
+def test_cohort_inputs_come_from_the_sheet_not_the_command_line(tmp_path, monkeypatch, capsys):
+    """3,000 slides' paths would overflow one shell argument (128 KiB): aggregate and publish read the sheet."""
+    import json
+
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    ids = [f"TCGA-{i:02d}-0000-01Z-00-DX1" for i in range(3)]
+    (tmp_path / "BRCA.tsv").write_text("# a comment line\nslide_id\tcancer_type\tsource\n"
+                                       + "".join(f"{s}\tBRCA\t{s}.svs\n" for s in ids))
+    for s in ids:
+        d = tmp_path / "results" / "BRCA" / s
+        d.mkdir(parents=True)
+        (d / "qc.json").write_text(json.dumps({"slide_id": s, "cancer_type": "BRCA", "status": "failed"}))
+        (d / "nuclei.parquet").write_bytes(b"x")
+    assert main(["-q", "aggregate", "--sheet", "BRCA.tsv", "--out", "t.parquet", "--regrade"]) == 0
+    table = pd.read_parquet(tmp_path / "t.parquet")
+    assert table.slide_id.tolist() == ids and (table.grade == "Unacceptable").all()
+    assert main(["-q", "publish", "--sheet", "BRCA.tsv", "--dataset", "ds", "--cancer-type", "BRCA"]) == 0
+    assert sorted(p.parent.name for p in (tmp_path / "ds").rglob("nuclei.parquet")) == [f"slide_id={s}" for s in ids]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="no input files"):
+        main(["-q", "aggregate", "--out", "u.parquet"])

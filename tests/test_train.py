@@ -64,6 +64,34 @@ def test_resume_from_last_checkpoint(small_model, tmp_path):
     assert card["global_step"] == 170
 
 
+def test_each_synthetic_patch_is_scored_by_a_discriminator_that_never_saw_it(small_model, tmp_path, monkeypatch):
+    import nucseg.train.fit as fit
+    from nucseg.train import TrainParams
+    from nucseg.train.data import list_shards
+
+    synth = small_model.parent.parent / "synth"
+    shards = list_shards([synth])
+    real = np.load(synth / "real.npz")["patches"]
+    seen, trained = [], fit.train_discriminator
+
+    def recording(real, shards, *args, **kwargs):
+        seen.append({str(s[0]) for s in shards})
+        return trained(real, shards, *args, **kwargs)
+
+    monkeypatch.setattr(fit, "train_discriminator", recording)
+    scored = []
+    monkeypatch.setattr(fit, "score_synthetic", lambda disc, held, _score=fit.score_synthetic: (
+        scored.append({str(s[0]) for s in held}) or _score(disc, held)))
+    p = fit.cross_fitted_p_real(real, shards, tmp_path, TrainParams(disc_steps=5, disc_folds=2), progress=False)
+    assert len(seen) == 2 and all(not (a & b) for a, b in zip(seen, scored))      # held-out folds
+    assert set().union(*scored) == {str(s[0]) for s in shards}                    # every shard scored once
+    assert len(p) == sum(c for *_, c in shards) and np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
+    # One fold: the old in-sample scoring, one discriminator.
+    seen.clear()
+    fit.cross_fitted_p_real(real, shards, tmp_path, TrainParams(disc_steps=5, disc_folds=1), progress=False)
+    assert len(seen) == 1
+
+
 def test_augmentation_keeps_targets_aligned(rng):
     from nucseg.train.data import augment
 

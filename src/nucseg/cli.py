@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="synthetic training patches from real tissue textures")
     p.add_argument("--patches", nargs="*", default=[], type=Path, help="patches.npz files of the tissue stage")
+    _add_sheet_inputs(p, "results/{cancer_type}/{slide_id}/patches.npz")
     p.add_argument("--texture-dir", nargs="*", default=[], metavar="DIR:MPP",
                    help="folders of unlabelled H&E images with their µm/px, e.g. data/tissue:0.25")
     p.add_argument("--out-dir", required=True, type=Path)
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth", required=True, type=Path, help="synth output folder (shards, params.json)")
     p.add_argument("--patches", nargs="*", default=[], type=Path,
                    help="patches.npz files of the tissue stage (real tissue for the discriminator)")
+    _add_sheet_inputs(p, "results/{cancer_type}/{slide_id}/patches.npz")
     p.add_argument("--texture-dir", nargs="*", default=[], metavar="DIR:MPP",
                    help="folders of unlabelled H&E images with their µm/px, e.g. data/tissue:0.25")
     p.add_argument("--out-dir", required=True, type=Path, help="refined shards (same format as --synth)")
@@ -204,7 +206,7 @@ def _add_sheet_inputs(p: argparse.ArgumentParser, pattern: str) -> None:
     p.add_argument("--pattern", default=pattern, help="with --sheet: each slide's file (default: %(default)s)")
 
 
-def _inputs(args, given: list[Path]) -> list[Path]:
+def _inputs(args, given: list[Path], required: bool = True) -> list[Path]:
     """The files given on the command line, then those of the --sheet's slides."""
     paths = list(given)
     if args.sheet is not None:
@@ -212,7 +214,7 @@ def _inputs(args, given: list[Path]) -> list[Path]:
 
         sheet = pd.read_csv(args.sheet, sep="\t", dtype=str, comment="#")
         paths += [Path(args.pattern.format(cancer_type=t, slide_id=s)) for t, s in zip(sheet.cancer_type, sheet.slide_id)]
-    if not paths:
+    if required and not paths:
         raise SystemExit(f"nucseg {args.command}: no input files (give paths or --sheet)")
     return paths
 
@@ -305,7 +307,7 @@ def _cmd_synth(args, progress):
     from .synth import SynthParams, contact_sheet, generate_dataset, load_textures
 
     params = _dataclass_from_args(SynthParams, args)
-    textures = load_textures(args.patches, _parse_texture_dirs(args.texture_dir), params.mpp)
+    textures = load_textures(_inputs(args, args.patches, required=False), _parse_texture_dirs(args.texture_dir), params.mpp)
     meta = generate_dataset(textures, args.out_dir, params, progress=progress)
     if args.contact_sheet:
         with np.load(args.out_dir / meta["shards"][0]["file"]) as shard, np.load(args.out_dir / "real.npz") as real:
@@ -318,7 +320,7 @@ def _cmd_refine(args, progress):
     from .synth import load_textures
 
     params = _dataclass_from_args(RefinerParams, args)
-    real = load_textures(args.patches, _parse_texture_dirs(args.texture_dir), params.mpp)
+    real = load_textures(_inputs(args, args.patches, required=False), _parse_texture_dirs(args.texture_dir), params.mpp)
     result = refine_dataset(args.synth, args.out_dir, real, params, weights_path=args.weights,
                             contact_sheet_path=args.contact_sheet, progress=progress)
     print(json.dumps({"refiner_id": result["refiner_id"], "n_patches": result["n_patches"],

@@ -12,7 +12,7 @@ rule qc_cohort:
         nuclei=directory("results/nuclei/cancer_type={cancer_type}"),
     params:
         # The sheet names the inputs: a cohort's paths would overflow the command line.
-        sheet=lambda wc: config["cohorts"][wc.cancer_type],
+        samples=lambda wc: config["cohorts"][wc.cancer_type],
         levels=qc_flags(measure=False),
         config_hash=config_hash("mpp_work", "segment", "model", "qc"),
     log:
@@ -20,9 +20,9 @@ rule qc_cohort:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "(nucseg --no-progress aggregate --sheet {params.sheet} --out {output.table} --regrade {params.levels} "
+        "(nucseg --no-progress aggregate --sheet {params.samples} --out {output.table} --regrade {params.levels} "
         "--config-hash {params.config_hash} && "
-        "nucseg --no-progress publish --sheet {params.sheet} --dataset results/nuclei "
+        "nucseg --no-progress publish --sheet {params.samples} --dataset results/nuclei "
         "--cancer-type {wildcards.cancer_type}) > {log} 2>&1"
 
 

@@ -14,6 +14,8 @@ rule synth:
             labels={"cancer type": "{cancer_type}"},
         ),
     params:
+        # The sheet names the inputs: a cohort's paths would overflow the command line.
+        samples=lambda wc: config["cohorts"][wc.cancer_type],
         flags=cfg_flags({**config["synth"]["params"], "mpp": config["mpp_work"]}),
         texture_dirs=texture_dir_flags(),
     threads: config["synth"].get("threads", 2)
@@ -22,7 +24,7 @@ rule synth:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress synth --patches {input.patches} "
+        "nucseg --no-progress synth --sheet {params.samples} "
         "$([ -n '{params.texture_dirs}' ] && echo --texture-dir {params.texture_dirs}) "
         "--out-dir {output.shards} --contact-sheet {output.sheet} --workers {threads} {params.flags} "
         "> {log} 2>&1"
@@ -52,6 +54,7 @@ rule refine:
             labels={"cancer type": "{cancer_type}", "figure": "synthetic / refined / real"},
         ),
     params:
+        samples=lambda wc: config["cohorts"][wc.cancer_type],
         flags=cfg_flags({**(refiner_config().get("params") or {}), "mpp": config["mpp_work"]}),
         texture_dirs=texture_dir_flags(),
     threads: refiner_config().get("threads", 2)
@@ -63,7 +66,7 @@ rule refine:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress refine --synth {input.shards} --patches {input.patches} "
+        "nucseg --no-progress refine --synth {input.shards} --sheet {params.samples} "
         "$([ -n '{params.texture_dirs}' ] && echo --texture-dir {params.texture_dirs}) "
         "--out-dir {output.refined} --weights {output.weights} --contact-sheet {output.sheet} "
         "--num-threads {threads} {params.flags} > {log} 2>&1"

@@ -38,7 +38,7 @@ def _random_crops(images: np.ndarray, size: int, rng: np.random.Generator) -> np
 
 
 def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainParams,
-                        progress: bool) -> DiscriminatorModule:
+                        progress: bool, name: str = "discriminator") -> DiscriminatorModule:
     """Fit P(real | patch) on real tissue patches vs a sample of synthetic patches."""
     rng = np.random.default_rng(params.seed)
     synth = []
@@ -60,22 +60,43 @@ def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainPa
     loader = DataLoader(TensorDataset(images, labels), batch_size=32,
                         sampler=WeightedRandomSampler(sample_w, num_samples=len(labels),
                                                       generator=torch.Generator().manual_seed(params.seed)))
-    module = DiscriminatorModule(lr=params.disc_lr)
-    _trainer(out_dir, params.disc_steps, params, progress, "discriminator",
+    module = DiscriminatorModule(lr=params.disc_lr, augment=params.disc_augment)
+    _trainer(out_dir, params.disc_steps, params, progress, name,
              enable_checkpointing=False).fit(module, loader)
     return module.eval()
 
 
 @torch.inference_mode()
-def score_synthetic(disc: DiscriminatorModule, shards, clip, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """P(real) and the clipped importance weight of every synthetic sample, in global index order."""
+def score_synthetic(disc: DiscriminatorModule, shards, batch: int = 64) -> np.ndarray:
+    """P(real) of every sample of the given shards, in their order."""
     probs = []
     for path, _, _ in shards:
         images = torch.from_numpy(read_shard_images(path))
         for i in range(0, len(images), batch):
             probs.append(disc(images[i:i + batch]).float())
-    p = torch.cat(probs)
-    return p.numpy(), importance_weights(p, clip).numpy()
+    return torch.cat(probs).numpy()
+
+
+def cross_fitted_p_real(real: np.ndarray, shards, out_dir: Path, params: TrainParams, progress: bool) -> np.ndarray:
+    """P(real) of every synthetic sample (global index order), each from a discriminator that never saw it.
+
+    With ``disc_folds`` = K > 1 the shards are split into K folds; fold k is scored by a discriminator
+    trained on the other folds. A discriminator scoring its own training patches calls them synthetic
+    more confidently than it would new ones (it has memorised them), which pushes their weights to the
+    clip floor; cross-fitting is the usual cure for that bias in density-ratio estimates.
+    """
+    folds = max(1, min(params.disc_folds, len(shards)))
+    if folds == 1:
+        return score_synthetic(train_discriminator(real, shards, out_dir, params, progress), shards)
+    p_real = np.empty(sum(count for *_, count in shards), np.float32)
+    for k in range(folds):
+        held = shards[k::folds]
+        others = [s for i, s in enumerate(shards) if i % folds != k]
+        disc = train_discriminator(real, others, out_dir, params, progress, name=f"discriminator_fold{k}")
+        for (path, start, count), p in zip(held, np.split(score_synthetic(disc, held),
+                                                          np.cumsum([c for *_, c in held])[:-1])):
+            p_real[start:start + count] = p
+    return p_real
 
 
 def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: TrainParams = TrainParams(),
@@ -102,8 +123,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     elif len(real) == 0:
         raise ValueError("no real patches for the discriminator")
     else:
-        disc = train_discriminator(real, shards, out_dir, params, progress)
-        p_real, weights = score_synthetic(disc, shards, params.weight_clip)
+        p_real = cross_fitted_p_real(real, shards, out_dir, params, progress)
+        weights = importance_weights(torch.from_numpy(p_real), params.weight_clip).numpy()
         io.write_npz(weights_file, p_real=p_real, weight=weights)
     w_stats = {"mean": float(weights.mean()), "std": float(weights.std()),
                "quantiles": dict(zip(["min", "q10", "q50", "q90", "max"],

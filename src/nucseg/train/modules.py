@@ -50,7 +50,7 @@ class Discriminator(nn.Module):
 
 
 class DiscriminatorModule(pl.LightningModule):
-    def __init__(self, lr: float = 1e-3, base: int = 16):
+    def __init__(self, lr: float = 1e-3, base: int = 16, augment: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.net = Discriminator(base)
@@ -60,6 +60,13 @@ class DiscriminatorModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, is_real = batch
+        if self.hparams.augment:
+            # Orientation carries no information about realism; without this the network can memorise
+            # the few hundred real patches instead of learning what makes tissue look real.
+            k = int(torch.randint(4, (1,)))
+            images = torch.rot90(images, k, dims=(1, 2))
+            if torch.rand(1).item() < 0.5:
+                images = images.flip(2)
         logits = self.net(normalize(images))
         loss = F.binary_cross_entropy_with_logits(logits, is_real)
         acc = ((logits > 0).float() == is_real).float().mean()

@@ -18,6 +18,8 @@ class TrainParams:
     disc_lr: float = 1e-3
     disc_crop: int = 128
     disc_max_synthetic: int = 2000
+    disc_folds: int = 2          # cross-fitting: each synthetic patch scored by a discriminator that never saw it
+    disc_augment: bool = True    # random flips / quarter turns of the discriminator's training patches
     boundary_weight: float = 1.0
     mpp: float = 0.25
     seed: int = 0
