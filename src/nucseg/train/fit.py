@@ -93,9 +93,10 @@ def cross_fitted_p_real(real: np.ndarray, shards, out_dir: Path, params: TrainPa
         held = shards[k::folds]
         others = [s for i, s in enumerate(shards) if i % folds != k]
         disc = train_discriminator(real, others, out_dir, params, progress, name=f"discriminator_fold{k}")
-        for (path, start, count), p in zip(held, np.split(score_synthetic(disc, held),
-                                                          np.cumsum([c for *_, c in held])[:-1])):
-            p_real[start:start + count] = p
+        probs, offset = score_synthetic(disc, held), 0
+        for _, start, count in held:
+            p_real[start:start + count] = probs[offset:offset + count]
+            offset += count
     return p_real
 
 

@@ -50,7 +50,7 @@ class Discriminator(nn.Module):
 
 
 class DiscriminatorModule(pl.LightningModule):
-    def __init__(self, lr: float = 1e-3, base: int = 16, augment: bool = True):
+    def __init__(self, lr: float = 1e-3, base: int = 16, augment: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.net = Discriminator(base)
