@@ -235,3 +235,17 @@ def test_slide_qc_end_to_end(demo_slide, demo_tissue, tmp_path):
 
 
 GRADES_OK = ("Best", "Good", "Adequate", "Problematic", "Unacceptable")
+
+
+def test_workflow_splits_qc_config_by_the_same_levels():
+    """common.smk cannot import the package at parse time (conda deployments), so it repeats LEVELS."""
+    import ast
+    import re
+
+    from nucseg.qc import LEVELS, QCParams
+
+    from .conftest import REPO
+
+    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    repeated = ast.literal_eval(re.search(r"^QC_LEVELS = (\(.*?\))$", text, re.M).group(1))
+    assert repeated == LEVELS and set(LEVELS) <= set(vars(QCParams()))
