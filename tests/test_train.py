@@ -105,3 +105,18 @@ def test_augmentation_keeps_targets_aligned(rng):
         dark = img.mean(axis=2) < 140  # the core, away from blurred rims
         # The nucleus stays under its label whatever the flip, rotation, zoom, blur or stain jitter.
         assert dark.any() and (tgt[0][dark] > 0).mean() > 0.97 and set(np.unique(tgt)) <= {0.0, 1.0}
+
+
+def test_stain_jitter_widens_the_colour_spread(rng):
+    from nucseg.train.data import augment
+
+    image = np.full((32, 32, 3), (200, 120, 170), np.uint8)
+    targets = np.zeros((2, 32, 32), np.float32)
+
+    def hue_spread(s):
+        means = [augment(image, targets, np.random.default_rng(i), stain_jitter=s)[0].reshape(-1, 3).mean(0)
+                 for i in range(60)]
+        # Brightness/contrast jitter moves all channels together; the stain jitter moves them apart.
+        return np.std([m - m.mean() for m in means], axis=0).mean()
+
+    assert hue_spread(0.0) < 0.5 * hue_spread(0.15) and hue_spread(0.35) > 1.8 * hue_spread(0.15)

@@ -30,8 +30,12 @@ def read_shard_images(path: Path) -> np.ndarray:
         return data["image"]
 
 
-def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Flips, rot90, scale, blur and stain/brightness jitter. ``image`` HWC uint8, ``targets`` CHW."""
+def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
+            stain_jitter: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """Flips, rot90, scale, blur and stain/brightness jitter. ``image`` HWC uint8, ``targets`` CHW.
+
+    ``stain_jitter``: each channel's optical density is scaled by U(1 − s, 1 + s) and shifted by N(0, s/5).
+    """
     k = int(rng.integers(4))
     image, targets = np.rot90(image, k, axes=(0, 1)), np.rot90(targets, k, axes=(1, 2))
     if rng.random() < 0.5:
@@ -43,7 +47,7 @@ def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator) ->
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.2))
     # Stain differences between labs: jitter the optical densities of hematoxylin and eosin.
     od = -np.log(np.clip(img, 1, 255) / 255.0)
-    od = od * rng.uniform(0.85, 1.15, 3) + rng.normal(0, 0.03, 3)
+    od = od * rng.uniform(1 - stain_jitter, 1 + stain_jitter, 3) + rng.normal(0, stain_jitter / 5, 3)
     img = 255.0 * np.exp(-np.clip(od, 0, None))
     mean = img.mean()
     img = (img - mean) * rng.uniform(0.85, 1.15) + mean + rng.normal(0, 6)
@@ -70,10 +74,11 @@ class ShardStream(IterableDataset):
     Yields ``(image uint8 HWC, targets float32 (2,H,W), weight float32, index int64)``.
     """
 
-    def __init__(self, shards, weights: np.ndarray | None, augment: bool, seed: int = 0):
+    def __init__(self, shards, weights: np.ndarray | None, augment: bool, seed: int = 0, stain_jitter: float = 0.15):
         self.shards = shards
         self.weights = weights
         self.augment = augment
+        self.stain_jitter = stain_jitter
         self.seed = seed
         self.epoch = 0
 
@@ -94,7 +99,7 @@ class ShardStream(IterableDataset):
                 targets = np.stack([inst[i] > 0, bnd[i] > 0]).astype(np.float32)
                 image = images[i]
                 if self.augment:
-                    image, targets = augment(image, targets, rng)
+                    image, targets = augment(image, targets, rng, self.stain_jitter)
                 w = 1.0 if self.weights is None else float(self.weights[start + i])
                 yield (torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(targets),
                        torch.tensor(w, dtype=torch.float32), torch.tensor(start + i))
@@ -104,8 +109,9 @@ class SynthDataModule(pl.LightningDataModule):
     """Synthetic shards for training, with importance weights per sample and a held-out shard for validation."""
 
     def __init__(self, synth_dirs, weights: np.ndarray | None = None, batch_size: int = 8,
-                 num_workers: int = 0, seed: int = 0):
+                 num_workers: int = 0, seed: int = 0, stain_jitter: float = 0.15):
         super().__init__()
+        self.stain_jitter = stain_jitter
         self.shards = list_shards(synth_dirs)
         if not self.shards:
             raise ValueError(f"no synthetic shards under {synth_dirs}")
@@ -118,7 +124,7 @@ class SynthDataModule(pl.LightningDataModule):
         self.val_shards = self.shards[-1:]
 
     def train_dataloader(self):
-        ds = ShardStream(self.train_shards, self.weights, augment=True, seed=self.seed)
+        ds = ShardStream(self.train_shards, self.weights, augment=True, seed=self.seed, stain_jitter=self.stain_jitter)
         return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 

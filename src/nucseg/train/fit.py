@@ -135,7 +135,7 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     log.info("importance weights: %s", w_stats)
 
     dm = SynthDataModule(synth_dirs, weights if params.weighted else None, params.batch_size,
-                         params.num_workers, params.seed)
+                         params.num_workers, params.seed, params.stain_jitter)
     module = SegmentationModule(base=params.base, depth=params.depth, lr=params.lr, weighted=params.weighted,
                                 boundary_weight=params.boundary_weight, max_steps=params.max_steps)
     # No version counter: a resumed run must overwrite last.ckpt (not write last-v1.ckpt beside it), or

@@ -23,6 +23,7 @@ class TrainParams:
     disc_folds: int = 1          # > 1: cross-fitting, each synthetic patch scored by a discriminator that never saw it
     disc_augment: bool = False   # random flips / quarter turns of the discriminator's training patches
     boundary_weight: float = 1.0
+    stain_jitter: float = 0.15   # training augmentation: per-channel optical-density scale U(1 ± s)
     mpp: float = 0.25
     seed: int = 0
     num_workers: int = 0
