@@ -1,3 +1,6 @@
+SEGMENT_CONFIG_HASH = config_hash("mpp_work", "segment", "model")
+
+
 rule segment:
     """Segment every nucleus of the slide, then measure QC signals on sampled patches.
 
@@ -18,9 +21,8 @@ rule segment:
     params:
         slide=lambda wc: {"source": SLIDE_ROWS[wc.slide_id]["source"], "mpp": mpp_flags(wc.slide_id)},
         # Static flags in one string each: every {field} of the command costs planning time per job.
-        flags=f"--config-hash {config_hash('mpp_work', 'segment', 'model')} {cfg_flags(config['segment'])}",
-        qc=f"--backend {config['slide_backend']} --config-hash {config_hash('mpp_work', 'segment', 'model')} "
-        + qc_flags(measure=True),
+        flags=f"--config-hash {SEGMENT_CONFIG_HASH} {cfg_flags(config['segment'])}",
+        qc=f"--backend {config['slide_backend']} --config-hash {SEGMENT_CONFIG_HASH} {qc_flags(measure=True)}",
     threads: config["segment"].get("workers", 0) + 1
     resources:
         mem_mb=lambda wc, attempt: 3000 * attempt,
