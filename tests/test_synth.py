@@ -39,7 +39,8 @@ def test_nuclei_drawn_only_on_tissue_with_limited_overlap(rng):
     bg = np.full((200, 200, 3), (225, 150, 190), np.uint8)
     tissue = np.zeros((200, 200), bool)
     tissue[:, :100] = True
-    params = SynthParams(distractors_per_patch=(0, 0), debris_per_patch=(0, 0), max_overlap=0.15)
+    params = SynthParams(distractors_per_patch=(0, 0), debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0),
+                         max_overlap=0.15)
     image, inst = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.3, rng, params)
     assert inst.max() >= 3
     # Coverage 0.3 of the tissue half, give or take the Poisson count and the overlap limit.
@@ -51,6 +52,26 @@ def test_nuclei_drawn_only_on_tissue_with_limited_overlap(rng):
     assert image[inst > 0].mean() < image[inst == 0].mean() - 30
     # Occlusion is limited: every nucleus keeps most of its area visible.
     assert areas[1:].min() > 0.3 * np.median(areas[1:])
+
+
+def test_cytoplasm_is_dark_unlabelled_soft_and_paler_than_nuclei(rng):
+    bg = np.full((200, 200, 3), (225, 150, 190), np.uint8)
+    tissue = np.zeros((200, 200), bool)
+    tissue[:, :100] = True
+    colour = np.array([90.0, 50, 140])
+    params = SynthParams(cytoplasm_per_patch=(4, 4), distractors_per_patch=(0, 0), debris_per_patch=(0, 0))
+    image, inst = draw_nuclei(bg, tissue, colour, 0.0, rng, params)
+    assert inst.max() == 0  # clutter is never labelled
+    darkening = bg.mean(-1) - image.astype(np.float32).mean(-1)
+    assert (darkening[:, :100] > 25).mean() > 0.05
+    assert np.abs(darkening[:, 140:]).mean() < 3  # only on tissue (plus a blurred rim)
+    # Soft edges: between clear tissue and the dark core lie many partly darkened pixels.
+    assert ((darkening[:, :100] > 8) & (darkening[:, :100] < 20)).mean() > 0.02
+    # Drawn under the nuclei and paler than them: darkness alone does not make a nucleus.
+    image, inst = draw_nuclei(bg, tissue, colour, 0.2, rng, params)
+    grey = image.astype(np.float32).mean(-1)
+    clutter = (inst == 0) & tissue & (bg.mean(-1) - grey > 25)
+    assert inst.max() > 3 and clutter.any() and grey[inst > 0].mean() < grey[clutter].mean() - 10
 
 
 def test_boundary_map_marks_instance_rims():
@@ -147,7 +168,7 @@ def test_masks_align_with_the_rendered_nuclei(rng):
 
     tex = texture(rng, 300)
     params = SynthParams(patch_size=128, coverage=(0.2, 0.3), distractors_per_patch=(0, 0),
-                         debris_per_patch=(0, 0))
+                         debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0))
     inside_darker, total, inter, union = 0, 0, 0, 0
     for seed in range(6):
         patch = make_patch(tex, seed, params)

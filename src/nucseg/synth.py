@@ -3,8 +3,9 @@
 A patch is made from a real tissue texture (a patch sampled by the tissue stage, or an image from a
 folder of unlabelled H&E): its nuclei are removed by inpainting to give a background, its hematoxylin
 channel sets the nuclear colour and the patch's nucleus density, and star-shaped random polygons are
-composited onto it with blurred rims and chromatin texture. Faint nucleus-like distractors and small
-debris are drawn too but not labelled. Targets are an instance map and a boundary map.
+composited onto it with blurred rims and chromatin texture. Soft-edged regions of dark, nucleus-coloured
+cytoplasm (under the nuclei), faint nucleus-like distractors and small debris are drawn too but not
+labelled. Targets are an instance map and a boundary map.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class SynthParams:
     coverage: tuple[float, float] = (0.04, 0.40)   # nuclear area fraction: the texture's own, within these bounds
     max_overlap: float = 0.15
     distractors_per_patch: tuple[int, int] = (0, 3)
+    cytoplasm_per_patch: tuple[int, int] = (0, 4)  # dark basophilic cytoplasm: nucleus-coloured, unlabelled
     vesicular_fraction: float = 0.45              # nuclei with pale, textured chromatin and a dark rim
     debris_per_patch: tuple[int, int] = (0, 12)
     shard_size: int = 128
@@ -151,6 +153,8 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
     tissue_yx = np.argwhere(tissue)
     if len(tissue_yx) == 0:
         return background.copy(), instances
+    for _ in range(int(rng.integers(params.cytoplasm_per_patch[0], params.cytoplasm_per_patch[1] + 1))):
+        _draw_cytoplasm(image, tissue, colour, rng, px)
     while label < target and tries < target * 10 + 50:  # dense tiles need many placements to reach the target
         tries += 1
         r = rng.uniform(*params.radius_um) * bias * px
@@ -186,6 +190,25 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
     image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 0.9))
     image += rng.normal(0, rng.uniform(1.0, 3.0), image.shape).astype(np.float32)
     return np.clip(image, 0, 255).round().astype(np.uint8), instances
+
+
+def _draw_cytoplasm(image, tissue, colour, rng, px) -> None:
+    """One soft-edged region of basophilic cytoplasm (radius 5-15 µm), drawn in place, unlabelled.
+
+    Inpainting removes everything hematoxylin-dark from the backgrounds, so without these the network
+    learns "dark purple = nucleus" and segments purple cytoplasm of real tissue; here darkness alone
+    is not a nucleus, its sharp rim, shape and chromatin are.
+    """
+    h, w = tissue.shape
+    poly = warp(star_polygon(rng, rng.uniform(5, 15) * px, 16, 0.5, 0.3), rng.uniform(1, 3), rng.uniform(0, np.pi))
+    mask = np.zeros((h, w), np.uint8)  # the whole canvas: a blur inside the bounding box would cut it square
+    cv2.fillPoly(mask, [np.round(poly + rng.uniform(0, (w, h))).astype(np.int32)], 1)
+    alpha = cv2.GaussianBlur((mask & tissue).astype(np.float32), (0, 0), rng.uniform(0.5, 2.0) * px)
+    alpha *= rng.uniform(0.3, 0.65)
+    granules = _smooth_noise(rng, (h, w), max(0.6, 0.4 * px))
+    tone = np.minimum(colour * rng.uniform(1.0, 1.35) + rng.normal(0, 6, 3), 255)
+    a = alpha[..., None]
+    image[:] = image * (1 - a) + tone * (1 + 0.06 * granules[..., None]) * a
 
 
 def _raster(poly: np.ndarray, h: int, w: int):
