@@ -5,7 +5,7 @@ import pytest
 from shapely.geometry import Point, Polygon
 
 from nucseg.synth import (SynthParams, boundary_map, draw_nuclei, generate_dataset, make_patch,
-                          star_polygon, texture_stats)
+                          smooth_outline, star_polygon, texture_stats)
 
 
 def test_star_polygon_is_star_shaped_around_origin(rng):
@@ -16,6 +16,22 @@ def test_star_polygon_is_star_shaped_around_origin(rng):
         assert poly.is_valid and poly.contains(Point(0, 0))
         r = np.hypot(*pts.T)
         assert r.min() >= 3 and r.max() <= 17
+
+
+def _max_turn(points):
+    edges = np.roll(points, -1, axis=0) - points
+    heading = np.arctan2(edges[:, 1], edges[:, 0])
+    return np.abs(np.angle(np.exp(1j * (np.roll(heading, -1) - heading)))).max()
+
+
+def test_smooth_outline_rounds_corners_and_keeps_the_shape(rng):
+    pts = star_polygon(rng, radius=10, n_vertices=12, irregularity=0.35, spikiness=0.12)
+    smooth = smooth_outline(pts)
+    assert smooth.shape == (4 * len(pts), 2)
+    before, after = Polygon(pts), Polygon(smooth)
+    assert after.is_valid and 0.85 * before.area < after.area <= before.area
+    assert after.symmetric_difference(before).area < 0.1 * before.area  # corners cut, shape kept
+    assert _max_turn(smooth) < 0.5 * _max_turn(pts)
 
 
 def texture(rng, size=160):
@@ -40,7 +56,7 @@ def test_nuclei_drawn_only_on_tissue_with_limited_overlap(rng):
     tissue = np.zeros((200, 200), bool)
     tissue[:, :100] = True
     params = SynthParams(distractors_per_patch=(0, 0), debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0),
-                         max_overlap=0.15)
+                         wash_probability=0.0, max_overlap=0.15)
     image, inst = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.3, rng, params)
     assert inst.max() >= 3
     # Coverage 0.3 of the tissue half, give or take the Poisson count and the overlap limit.
@@ -59,7 +75,8 @@ def test_cytoplasm_is_dark_unlabelled_soft_and_paler_than_nuclei(rng):
     tissue = np.zeros((200, 200), bool)
     tissue[:, :100] = True
     colour = np.array([90.0, 50, 140])
-    params = SynthParams(cytoplasm_per_patch=(4, 4), distractors_per_patch=(0, 0), debris_per_patch=(0, 0))
+    params = SynthParams(cytoplasm_per_patch=(4, 4), distractors_per_patch=(0, 0), debris_per_patch=(0, 0),
+                         wash_probability=0.0)
     image, inst = draw_nuclei(bg, tissue, colour, 0.0, rng, params)
     assert inst.max() == 0  # clutter is never labelled
     darkening = bg.mean(-1) - image.astype(np.float32).mean(-1)
@@ -72,6 +89,22 @@ def test_cytoplasm_is_dark_unlabelled_soft_and_paler_than_nuclei(rng):
     grey = image.astype(np.float32).mean(-1)
     clutter = (inst == 0) & tissue & (bg.mean(-1) - grey > 25)
     assert inst.max() > 3 and clutter.any() and grey[inst > 0].mean() < grey[clutter].mean() - 10
+
+
+def test_wash_tints_all_tissue_and_nothing_else(rng):
+    bg = np.full((200, 200, 3), (225, 150, 190), np.uint8)
+    tissue = np.zeros((200, 200), bool)
+    tissue[:, :100] = True
+    clutter = dict(cytoplasm_per_patch=(0, 0), distractors_per_patch=(0, 0), debris_per_patch=(0, 0))
+    colour = np.array([90.0, 50, 140])
+    washed, inst = draw_nuclei(bg, tissue, colour, 0.0, rng, SynthParams(wash_probability=1.0, **clutter))
+    plain, _ = draw_nuclei(bg, tissue, colour, 0.0, rng, SynthParams(wash_probability=0.0, **clutter))
+    darkening = plain.astype(np.float32).mean(-1) - washed.astype(np.float32).mean(-1)
+    assert inst.max() == 0
+    assert (darkening[:, :90] > 8).mean() > 0.9
+    assert np.abs(darkening[:, 110:]).mean() < 2
+    # Towards the nuclear colour: blue over red rises.
+    assert (washed[:, :90, 2].astype(float) - washed[:, :90, 0]).mean() > (plain[:, :90, 2].astype(float) - plain[:, :90, 0]).mean()
 
 
 def test_boundary_map_marks_instance_rims():
@@ -168,7 +201,7 @@ def test_masks_align_with_the_rendered_nuclei(rng):
 
     tex = texture(rng, 300)
     params = SynthParams(patch_size=128, coverage=(0.2, 0.3), distractors_per_patch=(0, 0),
-                         debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0))
+                         debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0), wash_probability=0.0)
     inside_darker, total, inter, union = 0, 0, 0, 0
     for seed in range(6):
         patch = make_patch(tex, seed, params)

@@ -46,6 +46,7 @@ class SynthParams:
     max_overlap: float = 0.15
     distractors_per_patch: tuple[int, int] = (0, 3)
     cytoplasm_per_patch: tuple[int, int] = (0, 4)  # dark basophilic cytoplasm: nucleus-coloured, unlabelled
+    wash_probability: float = 0.5                 # share of patches whose whole tissue gets a hematoxylin cast
     vesicular_fraction: float = 0.45              # nuclei with pale, textured chromatin and a dark rim
     debris_per_patch: tuple[int, int] = (0, 12)
     shard_size: int = 128
@@ -63,6 +64,14 @@ def star_polygon(rng: np.random.Generator, radius: float, n_vertices: int, irreg
     angles = np.cumsum(steps / steps.sum() * 2 * np.pi) + rng.uniform(0, 2 * np.pi)
     radii = np.clip(rng.normal(radius, spikiness * radius, n_vertices), 0.3 * radius, 1.7 * radius)
     return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+
+
+def smooth_outline(points: np.ndarray, iterations: int = 2) -> np.ndarray:
+    """Chaikin corner cutting of a closed polygon: rounded like a real nuclear membrane, not faceted."""
+    for _ in range(iterations):
+        nxt = np.roll(points, -1, axis=0)
+        points = np.stack([0.75 * points + 0.25 * nxt, 0.25 * points + 0.75 * nxt], axis=1).reshape(-1, 2)
+    return points
 
 
 def warp(points: np.ndarray, elongation: float, angle: float) -> np.ndarray:
@@ -153,6 +162,8 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
     tissue_yx = np.argwhere(tissue)
     if len(tissue_yx) == 0:
         return background.copy(), instances
+    if rng.random() < params.wash_probability:
+        _wash(image, tissue, colour, rng, px)
     for _ in range(int(rng.integers(params.cytoplasm_per_patch[0], params.cytoplasm_per_patch[1] + 1))):
         _draw_cytoplasm(image, tissue, colour, rng, px)
     while label < target and tries < target * 10 + 50:  # dense tiles need many placements to reach the target
@@ -160,7 +171,7 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
         r = rng.uniform(*params.radius_um) * bias * px
         poly = star_polygon(rng, r, int(rng.integers(params.vertices[0], params.vertices[1] + 1)),
                             params.irregularity, params.spikiness)
-        poly = warp(poly, elong * rng.uniform(0.85, 1.15), theta + rng.normal(0, 0.35))
+        poly = smooth_outline(warp(poly, elong * rng.uniform(0.85, 1.15), theta + rng.normal(0, 0.35)))
         cy, cx = tissue_yx[rng.integers(len(tissue_yx))] + rng.uniform(-0.5, 0.5, 2)
         mask, (y0, x0) = _raster(poly + (cx, cy), h, w)
         if mask is None or mask.sum() < 4:
@@ -209,6 +220,16 @@ def _draw_cytoplasm(image, tissue, colour, rng, px) -> None:
     tone = np.minimum(colour * rng.uniform(1.0, 1.35) + rng.normal(0, 6, 3), 255)
     a = alpha[..., None]
     image[:] = image * (1 - a) + tone * (1 + 0.06 * granules[..., None]) * a
+
+
+def _wash(image, tissue, colour, rng, px) -> None:
+    """A patchy hematoxylin cast over all the tissue, in place: strongly stained or basophilic sections
+    where cytoplasm and stroma are purple too and nuclei stand out only by being darker still."""
+    patchy = 0.65 + 0.35 * np.tanh(_smooth_noise(rng, tissue.shape, 8 * px))  # ~10 µm blotches
+    alpha = cv2.GaussianBlur(tissue.astype(np.float32), (0, 0), px) * patchy * rng.uniform(0.25, 0.65)
+    tone = np.minimum(colour * rng.uniform(1.05, 1.4), 255)
+    a = alpha[..., None]
+    image[:] = image * (1 - a) + tone * a
 
 
 def _raster(poly: np.ndarray, h: int, w: int):
