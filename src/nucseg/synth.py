@@ -2,10 +2,11 @@
 
 A patch is made from a real tissue texture (a patch sampled by the tissue stage, or an image from a
 folder of unlabelled H&E): its nuclei are removed by inpainting to give a background, its hematoxylin
-channel sets the nuclear colour and the patch's nucleus density, and star-shaped random polygons are
-composited onto it with blurred rims and chromatin texture. Soft-edged regions of dark, nucleus-coloured
-cytoplasm (under the nuclei), faint nucleus-like distractors and small debris are drawn too but not
-labelled. Targets are an instance map and a boundary map.
+channel sets the nuclear colour and the patch's nucleus density, and star-shaped random polygons with
+rounded corners are composited onto it with blurred rims and chromatin texture. Under the nuclei, half
+the patches get a patchy hematoxylin cast over all their tissue and some get soft-edged regions of dark,
+nucleus-coloured cytoplasm; faint nucleus-like distractors and small debris are drawn too. None of these
+is labelled. Targets are an instance map and a boundary map.
 """
 
 from __future__ import annotations
