@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nucseg.instances import InstanceParams, describe_instances, extract_instances, relabel
+from nucseg.instances import InstanceParams, describe_instances, extract_instances, hematoxylin_gate, relabel
 
 
 def disc(shape, cy, cx, r):
@@ -20,6 +20,34 @@ def test_touching_nuclei_are_separated_by_boundary_probability():
     assert labels[40, 28] != labels[40, 50] and labels[40, 28] > 0
     # Where the boundary head misses the seam, the neck between them still splits them (distance-map markers).
     assert extract_instances(np.stack([fg, np.zeros(shape, np.float32)]), mpp=0.25).max() == 2
+
+
+def test_hematoxylin_gate_drops_foreground_on_paler_purple_tissue():
+    shape = (120, 120)
+    image = np.empty(shape + (3,), np.uint8)
+    image[:] = (165, 120, 190)                      # basophilic tumour: purple cytoplasm between the nuclei
+    image[:, 108:] = (230, 160, 200)                # and a strip of eosin-pink stroma
+    nuclei = np.zeros(shape, bool)
+    for cy in range(14, 120, 26):
+        for cx in range(14, 100, 26):
+            nuclei |= disc(shape, cy, cx, 9)
+    image[nuclei] = (90, 55, 140)
+    gate = hematoxylin_gate(image, 0.25)
+    between, stroma = (40, 27), (60, 114)
+    assert gate[nuclei].mean() > 0.95 and not gate[between] and not gate[stroma]
+    # A network that calls the cytoplasm nucleus too: the gate keeps only the two nuclei.
+    fg = np.zeros(shape, np.float32)
+    fg[:, :108] = 1.0
+    bnd = np.zeros(shape, np.float32)
+    prob = np.stack([fg, bnd])
+    gated = extract_instances(prob, 0.25, gate=gate)
+    assert gated.max() == 20 and gated[between] == 0
+    assert abs((gated > 0).sum() - nuclei.sum()) < 0.25 * nuclei.sum()  # the 0.5 µm blur widens them a little
+    # Off (the ablation), the cytoplasm is foreground again.
+    ungated = extract_instances(prob, 0.25, InstanceParams(hematoxylin_gate=False, max_area_um2=1e4), gate=gate)
+    assert ungated[between] > 0
+    # An image without contrast has no level to split at: nothing is gated.
+    assert hematoxylin_gate(np.full((20, 20, 3), 200, np.uint8), 0.25).all()
 
 
 def test_size_limits_in_um2():

@@ -142,12 +142,12 @@ def labels_to_shape(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float, params=None) -> np.ndarray:
     """Instance map of an image with the network, at the model's working resolution, mapped back."""
-    from .instances import InstanceParams, extract_instances
+    from .instances import InstanceParams, extract_instances, hematoxylin_gate
     from .model import predict
 
     work = resample_to(image, mpp, mpp_work)
     prob = predict(model, work[None], device)[0]
-    labels = extract_instances(prob, mpp_work, params or InstanceParams())
+    labels = extract_instances(prob, mpp_work, params or InstanceParams(), gate=hematoxylin_gate(work, mpp_work))
     return labels_to_shape(labels, image.shape[:2])
 
 

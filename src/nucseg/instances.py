@@ -1,7 +1,8 @@
 """From network probabilities to nucleus instances, polygons and per-nucleus features.
 
 One function, :func:`extract_instances`, turns foreground/boundary probabilities into an instance map;
-evaluation and whole-slide inference both call it. All size parameters are in µm / µm².
+evaluation, whole-slide inference and QC all call it, gated by :func:`hematoxylin_gate` of the same
+image. All size parameters are in µm / µm².
 """
 
 from __future__ import annotations
@@ -24,10 +25,34 @@ class InstanceParams:
     max_area_um2: float = 400.0
     min_distance_um: float = 2.0       # between the centres of two touching nuclei
     smooth_um: float = 0.25            # blur of the core distance map before its peaks are taken
+    hematoxylin_gate: bool = True      # foreground only where hematoxylin is above the image's Otsu level
 
 
-def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = InstanceParams()) -> np.ndarray:
+def hematoxylin_gate(image: np.ndarray, mpp: float) -> np.ndarray:
+    """Pixels of an RGB image whose hematoxylin density is above the image's own Otsu level.
+
+    The network was trained on synthetic tissue; where real cytoplasm or stroma is as purple as its
+    nuclei it calls them nuclei too, with high confidence. Nuclei are where hematoxylin concentrates
+    *relative to the rest of the image*, whatever the stain: this per-image level (the classical
+    baseline's, no parameter, no label) adapts the foreground to each image's staining. Hematoxylin
+    is smoothed over 0.5 µm first, so chromatin texture does not punch holes in pale nuclei.
+    """
+    from skimage.filters import threshold_otsu
+
+    from .synth import hematoxylin_od
+
+    hema = cv2.GaussianBlur(hematoxylin_od(image), (0, 0), max(0.5, 0.5 / mpp))
+    if hema.max() <= hema.min():
+        return np.ones(hema.shape, bool)  # a flat image has no level to split at: gate nothing
+    return hema > threshold_otsu(hema)
+
+
+def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = InstanceParams(),
+                      gate: np.ndarray | None = None) -> np.ndarray:
     """Instance map from ``prob`` ``(2, H, W)`` = (foreground, boundary) probabilities at ``mpp``.
+
+    ``gate`` (bool ``(H, W)``, e.g. :func:`hematoxylin_gate` of the image; used when
+    ``params.hematoxylin_gate``) limits the foreground to its pixels before holes are filled.
 
     The foreground mask (holes filled: pale vesicular nuclei) is cut along the predicted boundaries
     into cores; markers are the peaks of the cores' distance map at least ``min_distance_um`` apart,
@@ -43,6 +68,8 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
     from skimage.feature import peak_local_max
 
     fg, bnd = prob[0], prob[1]
+    if gate is not None and params.hematoxylin_gate:
+        fg = np.where(gate, fg, 0.0)
     mask = ndi.binary_fill_holes(fg > params.foreground_threshold)
     cores = mask & ((fg - bnd) > params.marker_threshold)
     cores = cv2.morphologyEx(cores.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))

@@ -129,21 +129,22 @@ def patch_verdict(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams) 
             "reason": "missed nuclei" if missed else ("nuclei on unstained tissue" if false else "")}
 
 
-def tta_disagreement(probs: np.ndarray, mpp_work: float, instance_params=None) -> float:
+def tta_disagreement(probs: np.ndarray, mpp_work: float, instance_params=None, gate=None) -> float:
     """1 − mean pairwise AJI of the instance maps of ``probs`` ``(K, 2, H, W)`` (TTA predictions).
 
     Instances are extracted exactly as the segment stage does (:func:`nucseg.instances.extract_instances`),
     so the signal measures what the grade judges: whether the *nuclei* (not only the foreground) stay
     the same when the input is flipped or rotated. With one prediction there is nothing to compare, and
     with fewer than 3 nuclei in every prediction too little to judge (one speck found or not in glass
-    or stroma would swing AJI from 1 to 0): both give 0.
+    or stroma would swing AJI from 1 to 0): both give 0. ``gate``: the patch's
+    :func:`nucseg.instances.hematoxylin_gate`, as in the segment stage.
     """
     from .evaluate import instance_metrics
     from .instances import InstanceParams, extract_instances
 
     if len(probs) < 2:
         return 0.0
-    maps = [extract_instances(p, mpp_work, instance_params or InstanceParams()) for p in probs]
+    maps = [extract_instances(p, mpp_work, instance_params or InstanceParams(), gate) for p in probs]
     if max(int(m.max()) for m in maps) < 3:
         return 0.0
     ajis = [instance_metrics(maps[i], maps[j])["aji"] for i in range(len(maps)) for j in range(i + 1, len(maps))]
@@ -206,7 +207,10 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
     if probs is not None:
         fg = probs[:, 0]
         region = (fg > 0.5).any(0) | stain_mask(image, params.hema_threshold)
-        out.update(disagreement=tta_disagreement(probs, mpp_work), entropy=foreground_entropy(fg, region))
+        from .instances import hematoxylin_gate
+
+        gate = hematoxylin_gate(image, mpp_work)
+        out.update(disagreement=tta_disagreement(probs, mpp_work, gate=gate), entropy=foreground_entropy(fg, region))
     out.update(grade_patches(pd.DataFrame([out]), params).iloc[0][["score", "bad", "reason"]].to_dict())
     return out
 

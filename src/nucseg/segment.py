@@ -23,7 +23,7 @@ from shapely.geometry import Polygon, box
 from torch.utils.data import DataLoader, Dataset
 
 from . import io
-from .instances import InstanceParams, describe_instances, extract_instances
+from .instances import InstanceParams, describe_instances, extract_instances, hematoxylin_gate
 from .model import load_weights, predict, resolve_device
 from .slides import open_slide, resolve_mpp
 from .synth import hematoxylin_od
@@ -55,11 +55,12 @@ class SegmentParams:
     marker_threshold: float = 0.5
     min_area_um2: float = 6.0
     max_area_um2: float = 400.0
+    hematoxylin_gate: bool = True  # foreground only above each block's hematoxylin Otsu level
 
     def instance_params(self) -> InstanceParams:
         return InstanceParams(foreground_threshold=self.foreground_threshold,
                               marker_threshold=self.marker_threshold, min_area_um2=self.min_area_um2,
-                              max_area_um2=self.max_area_um2)
+                              max_area_um2=self.max_area_um2, hematoxylin_gate=self.hematoxylin_gate)
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissu
     frames, polygons = [], []
     for (i, image), prob in zip(batch, probs):
         block = blocks[i]
-        labels = extract_instances(prob, mpp_work, inst_params)
+        labels = extract_instances(prob, mpp_work, inst_params, gate=hematoxylin_gate(image, mpp_work))
         polys, feats = describe_instances(labels, hematoxylin_od(image), prob[0])
         if feats.empty:
             continue
