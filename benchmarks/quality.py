@@ -2,7 +2,8 @@
 
 Methods, all in one run on the same tiles: each model given (default: the model shipped in the package,
 plus ``results/models/unweighted/model.pt`` when it exists: the importance-weighting ablation) and the
-classical baseline (hematoxylin + Otsu + distance-transform watershed).
+classical baseline (hematoxylin + Otsu + distance-transform watershed). Models run as ``nucseg evaluate``
+does, with the hematoxylin gate; ``--ungated`` adds each model without it (the network alone).
 
 Datasets (evaluation only, never used for training or tuning):
   * ``monuseg``: the 18 MoNuSeg tiles at 40x (../shared/data/nuclei/monuseg; one XML lacks µm/px: 0.25);
@@ -10,7 +11,7 @@ Datasets (evaluation only, never used for training or tuning):
   * ``cryonuseg``: the 2 CryoNuSeg frozen-section tiles, ImageJ ROIs rasterised to label maps
     (needs ``pip install roifile``).
 
-    python benchmarks/quality.py [--model NAME=PATH ...] [--out quality.json]
+    python benchmarks/quality.py [--model NAME=PATH ...] [--ungated] [--out quality.json]
 """
 
 from __future__ import annotations
@@ -70,10 +71,13 @@ def downsampled(samples, factor: float):
 def main() -> None:
     from nucseg.cli import default_weights
     from nucseg.evaluate import evaluate, load_dataset
+    from nucseg.instances import InstanceParams
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--ungated", action="store_true",
+                        help="also each model without the hematoxylin gate (rows NAME_ungated)")
     args = parser.parse_args()
     models = dict(m.split("=", 1) for m in args.model)
     if not models:
@@ -95,6 +99,9 @@ def main() -> None:
             entry["classical"] = evaluate(samples, "classical", progress=False)["mean"]
             for model_name, path in models.items():
                 entry[model_name] = evaluate(samples, "model", path, "auto", progress=False)["mean"]
+                if args.ungated:
+                    entry[f"{model_name}_ungated"] = evaluate(samples, "model", path, "auto", progress=False,
+                                                              instance_params=InstanceParams(hematoxylin_gate=False))["mean"]
             for model_name in models:
                 entry[f"{model_name}_minus_classical_aji"] = round(entry[model_name]["aji"] - entry["classical"]["aji"], 4)
             result["datasets"][name] = entry

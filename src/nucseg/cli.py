@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=None, help="metrics JSON (default: print)")
     p.add_argument("--save-predictions", type=Path, default=None, help="folder for <id>.png uint16 instance maps")
+    p.add_argument("--hematoxylin-gate", action=argparse.BooleanOptionalAction, default=True,
+                   help="foreground only above each image's hematoxylin Otsu level (off: the network alone)")
 
     p = sub.add_parser("export", help="export a nuclei.parquet for QuPath (GeoJSON) or as TCIA per-tile CSVs")
     p.add_argument("nuclei", type=Path, help="nuclei.parquet of the segment stage")
@@ -401,10 +403,11 @@ def _cmd_aggregate(args, progress):
 def _cmd_evaluate(args, progress):
     from . import io
     from .evaluate import evaluate, load_dataset
+    from .instances import InstanceParams
 
     weights = None if args.method == "classical" else (args.checkpoint or default_weights())
     result = evaluate(load_dataset(args.dataset, args.mpp), args.method, weights, args.device,
-                      args.save_predictions, progress)
+                      args.save_predictions, progress, InstanceParams(hematoxylin_gate=args.hematoxylin_gate))
     if args.out:
         io.write_json(args.out, result)
     print(json.dumps(result["mean"] if args.out else result, indent=None if args.out else 2))

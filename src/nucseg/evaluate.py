@@ -232,7 +232,7 @@ def instance_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def evaluate(samples: list[Sample], method: str = "model", weights=None, device: str = "cpu",
-             save_predictions=None, progress: bool = True) -> dict:
+             save_predictions=None, progress: bool = True, instance_params=None) -> dict:
     """Metrics per image and their mean; optionally write each prediction as ``<id>.png`` (uint16)."""
     from tqdm import tqdm
 
@@ -247,7 +247,7 @@ def evaluate(samples: list[Sample], method: str = "model", weights=None, device:
     rows = []
     for s in tqdm(samples, desc=f"evaluate ({method})", disable=not progress):
         if method == "model":
-            pred = predict_model(s.image, s.mpp, model, dev, float(meta.get("mpp", 0.25)))
+            pred = predict_model(s.image, s.mpp, model, dev, float(meta.get("mpp", 0.25)), instance_params)
         else:
             pred = predict_classical(s.image, s.mpp)
         rows.append({"id": s.id, "mpp": s.mpp, **instance_metrics(s.labels, pred)})
