@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from nucseg.instances import InstanceParams, describe_instances, extract_instances, hematoxylin_gate, relabel
+from nucseg.synth import hematoxylin_od
 
 
 def disc(shape, cy, cx, r):
@@ -32,7 +33,7 @@ def test_hematoxylin_gate_drops_foreground_on_paler_purple_tissue():
         for cx in range(14, 100, 26):
             nuclei |= disc(shape, cy, cx, 9)
     image[nuclei] = (90, 55, 140)
-    gate = hematoxylin_gate(image, 0.25)
+    gate = hematoxylin_gate(hematoxylin_od(image), 0.25)
     between, stroma = (40, 27), (60, 114)
     assert gate[nuclei].mean() > 0.95 and not gate[between] and not gate[stroma]
     # A network that calls the cytoplasm nucleus too: the gate keeps only the two nuclei.
@@ -47,7 +48,7 @@ def test_hematoxylin_gate_drops_foreground_on_paler_purple_tissue():
     ungated = extract_instances(prob, 0.25, InstanceParams(hematoxylin_gate=False, max_area_um2=1e4), gate=gate)
     assert ungated[between] > 0
     # An image without contrast has no level to split at: nothing is gated.
-    assert hematoxylin_gate(np.full((20, 20, 3), 200, np.uint8), 0.25).all()
+    assert hematoxylin_gate(np.zeros((20, 20), np.float32), 0.25).all()
 
 
 def test_size_limits_in_um2():

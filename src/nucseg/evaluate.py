@@ -144,10 +144,12 @@ def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float,
     """Instance map of an image with the network, at the model's working resolution, mapped back."""
     from .instances import InstanceParams, extract_instances, hematoxylin_gate
     from .model import predict
+    from .synth import hematoxylin_od
 
     work = resample_to(image, mpp, mpp_work)
     prob = predict(model, work[None], device)[0]
-    labels = extract_instances(prob, mpp_work, params or InstanceParams(), gate=hematoxylin_gate(work, mpp_work))
+    gate = hematoxylin_gate(hematoxylin_od(work), mpp_work)
+    labels = extract_instances(prob, mpp_work, params or InstanceParams(), gate=gate)
     return labels_to_shape(labels, image.shape[:2])
 
 

@@ -28,8 +28,9 @@ class InstanceParams:
     hematoxylin_gate: bool = True      # foreground only where hematoxylin is above the image's Otsu level
 
 
-def hematoxylin_gate(image: np.ndarray, mpp: float) -> np.ndarray:
-    """Pixels of an RGB image whose hematoxylin density is above the image's own Otsu level.
+def hematoxylin_gate(hematoxylin: np.ndarray, mpp: float) -> np.ndarray:
+    """Pixels whose hematoxylin density (an image's H channel, e.g. ``nucseg.synth.hematoxylin_od``)
+    is above the image's own Otsu level.
 
     The network was trained on synthetic tissue; where real cytoplasm or stroma is as purple as its
     nuclei it calls them nuclei too, with high confidence. Nuclei are where hematoxylin concentrates
@@ -39,9 +40,7 @@ def hematoxylin_gate(image: np.ndarray, mpp: float) -> np.ndarray:
     """
     from skimage.filters import threshold_otsu
 
-    from .synth import hematoxylin_od
-
-    hema = cv2.GaussianBlur(hematoxylin_od(image), (0, 0), max(0.5, 0.5 / mpp))
+    hema = cv2.GaussianBlur(hematoxylin.astype(np.float32), (0, 0), max(0.5, 0.5 / mpp))
     if hema.max() <= hema.min():
         return np.ones(hema.shape, bool)  # a flat image has no level to split at: gate nothing
     return hema > threshold_otsu(hema)

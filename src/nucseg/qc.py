@@ -209,7 +209,7 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
         region = (fg > 0.5).any(0) | stain_mask(image, params.hema_threshold)
         from .instances import hematoxylin_gate
 
-        gate = hematoxylin_gate(image, mpp_work)
+        gate = hematoxylin_gate(hematoxylin_od(image), mpp_work)
         out.update(disagreement=tta_disagreement(probs, mpp_work, gate=gate), entropy=foreground_entropy(fg, region))
     out.update(grade_patches(pd.DataFrame([out]), params).iloc[0][["score", "bad", "reason"]].to_dict())
     return out

@@ -270,8 +270,9 @@ def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissu
     frames, polygons = [], []
     for (i, image), prob in zip(batch, probs):
         block = blocks[i]
-        labels = extract_instances(prob, mpp_work, inst_params, gate=hematoxylin_gate(image, mpp_work))
-        polys, feats = describe_instances(labels, hematoxylin_od(image), prob[0])
+        hema = hematoxylin_od(image)
+        labels = extract_instances(prob, mpp_work, inst_params, gate=hematoxylin_gate(hema, mpp_work))
+        polys, feats = describe_instances(labels, hema, prob[0])
         if feats.empty:
             continue
         rx, ry = block.read_origin
