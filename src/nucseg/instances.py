@@ -28,22 +28,40 @@ class InstanceParams:
     hematoxylin_gate: bool = True      # foreground only where hematoxylin is above the image's Otsu level
 
 
-def hematoxylin_gate(hematoxylin: np.ndarray, mpp: float) -> np.ndarray:
+def _smoothed(hematoxylin: np.ndarray, mpp: float) -> np.ndarray:
+    # Over 0.5 µm, so chromatin texture does not punch holes in pale nuclei.
+    return cv2.GaussianBlur(hematoxylin.astype(np.float32), (0, 0), max(0.5, 0.5 / mpp))
+
+
+def hematoxylin_level(hematoxylin: list[np.ndarray], mpp: float) -> float | None:
+    """Otsu level of the smoothed hematoxylin density pooled over images (e.g. windows of one slide).
+
+    None when there is no contrast to split (then :func:`hematoxylin_gate` gates nothing).
+    """
+    from skimage.filters import threshold_otsu
+
+    values = np.concatenate([_smoothed(h, mpp).ravel() for h in hematoxylin])
+    if not values.size or values.max() <= values.min():
+        return None
+    return float(threshold_otsu(values))
+
+
+def hematoxylin_gate(hematoxylin: np.ndarray, mpp: float, level: float | None = None) -> np.ndarray:
     """Pixels whose hematoxylin density (an image's H channel, e.g. ``nucseg.synth.hematoxylin_od``)
-    is above the image's own Otsu level.
+    is above ``level``, by default the image's own Otsu level (:func:`hematoxylin_level`).
+
+    Whole slides pass one level for the slide, so the result does not depend on how it is tiled.
 
     The network was trained on synthetic tissue; where real cytoplasm or stroma is as purple as its
     nuclei it calls them nuclei too, with high confidence. Nuclei are where hematoxylin concentrates
     *relative to the rest of the image*, whatever the stain: this per-image level (the classical
-    baseline's, no parameter, no label) adapts the foreground to each image's staining. Hematoxylin
-    is smoothed over 0.5 µm first, so chromatin texture does not punch holes in pale nuclei.
+    baseline's, no parameter, no label) adapts the foreground to each image's staining.
     """
-    from skimage.filters import threshold_otsu
-
-    hema = cv2.GaussianBlur(hematoxylin.astype(np.float32), (0, 0), max(0.5, 0.5 / mpp))
-    if hema.max() <= hema.min():
-        return np.ones(hema.shape, bool)  # a flat image has no level to split at: gate nothing
-    return hema > threshold_otsu(hema)
+    if level is None:
+        level = hematoxylin_level([hematoxylin], mpp)
+    if level is None:
+        return np.ones(hematoxylin.shape, bool)  # a flat image has no level to split at: gate nothing
+    return _smoothed(hematoxylin, mpp) > level
 
 
 def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = InstanceParams(),

@@ -137,7 +137,7 @@ def tta_disagreement(probs: np.ndarray, mpp_work: float, instance_params=None, g
     the same when the input is flipped or rotated. With one prediction there is nothing to compare, and
     with fewer than 3 nuclei in every prediction too little to judge (one speck found or not in glass
     or stroma would swing AJI from 1 to 0): both give 0. ``gate``: the patch's
-    :func:`nucseg.instances.hematoxylin_gate`, as in the segment stage.
+    :func:`nucseg.instances.hematoxylin_gate` at the slide's level, as in the segment stage.
     """
     from .evaluate import instance_metrics
     from .instances import InstanceParams, extract_instances
@@ -182,7 +182,7 @@ def _resize_to(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.n
 
 def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.ndarray,
                   areas_um2: np.ndarray, solidity: np.ndarray, params: QCParams,
-                  mpp_work: float = 0.25) -> dict:
+                  mpp_work: float = 0.25, hematoxylin_level: float | None = None) -> dict:
     """All QC signals of one patch, its badness score and verdict.
 
     Parameters
@@ -196,6 +196,9 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
         Pixels covered by the segmented nuclei.
     areas_um2, solidity : array-like
         Features of the segmented nuclei whose centroid lies in the patch.
+    hematoxylin_level : float or None
+        The slide's hematoxylin gate level, so the TTA instances are extracted as the segment stage's
+        (:func:`nucseg.instances.hematoxylin_gate`); None: ungated.
     """
     small, small_mask = _resize_to(image, nuclei_mask, mpp_work / params.mpp)
     out = patch_verdict(small, small_mask, params)
@@ -209,7 +212,8 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
         region = (fg > 0.5).any(0) | stain_mask(image, params.hema_threshold)
         from .instances import hematoxylin_gate
 
-        gate = hematoxylin_gate(hematoxylin_od(image), mpp_work)
+        gate = None if hematoxylin_level is None else hematoxylin_gate(hematoxylin_od(image), mpp_work,
+                                                                       hematoxylin_level)
         out.update(disagreement=tta_disagreement(probs, mpp_work, gate=gate), entropy=foreground_entropy(fg, region))
     out.update(grade_patches(pd.DataFrame([out]), params).iloc[0][["score", "bad", "reason"]].to_dict())
     return out
@@ -284,8 +288,11 @@ def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: i
 # ---------------------------------------------------------------- one slide
 
 def check_patches(slide_path, nuclei, tiles: pd.DataFrame, mpp: float, slide_id: str, backend: str,
-                  params: QCParams, model=None, device=None, mpp_work: float = 0.25) -> pd.DataFrame:
+                  params: QCParams, model=None, device=None, mpp_work: float = 0.25,
+                  hematoxylin_level: float | None = None) -> pd.DataFrame:
     """Sample patches over the tissue tiles and judge each (see :func:`patch_signals`).
+
+    ``hematoxylin_level``: the slide's gate level the segment stage used (None: no gate).
 
     Patches are read at the model's working resolution on the same global grid the segment stage reads
     (:meth:`nucseg.slides.Slide.read_grid`), with ``context_um`` around them for the network.
@@ -329,7 +336,7 @@ def check_patches(slide_path, nuclei, tiles: pd.DataFrame, mpp: float, slide_id:
     rows = []
     for i, (x0, y0, n) in enumerate(origins):
         signals = patch_signals(images[i], None if probs is None else probs[i], masks[i], *feats[i], params,
-                                mpp_work)
+                                mpp_work, hematoxylin_level)
         rows.append({"x": x0, "y": y0, "size": int(round(side0)), "n_nuclei": n, **signals})
     return pd.DataFrame(rows).reindex(columns=PATCH_COLUMNS)
 
@@ -389,7 +396,7 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
             mpp_work, model_id = float(meta.get("mpp", mpp_work)), meta["model_id"]
         try:
             patches = check_patches(slide_path, nuclei, tiles, facts["mpp"], slide_id, backend, params, model,
-                                    device, mpp_work)
+                                    device, mpp_work, _float(nuc_meta.get("hematoxylin_level")))
         except SlideError as exc:
             row.update(status="failed", failure_stage="qc", failure_reason=str(exc))
         row["n_patches_checked"] = len(patches)

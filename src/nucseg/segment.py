@@ -23,10 +23,11 @@ from shapely.geometry import Polygon, box
 from torch.utils.data import DataLoader, Dataset
 
 from . import io
-from .instances import InstanceParams, describe_instances, extract_instances, hematoxylin_gate
+from .instances import InstanceParams, describe_instances, extract_instances, hematoxylin_gate, hematoxylin_level
 from .model import load_weights, predict, resolve_device
 from .slides import open_slide, resolve_mpp
 from .synth import hematoxylin_od
+from .tissue import seed_from
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class SegmentParams:
     marker_threshold: float = 0.5
     min_area_um2: float = 6.0
     max_area_um2: float = 400.0
-    hematoxylin_gate: bool = True  # foreground only above each block's hematoxylin Otsu level
+    hematoxylin_gate: bool = True  # foreground only above the slide's hematoxylin Otsu level
 
     def instance_params(self) -> InstanceParams:
         return InstanceParams(foreground_threshold=self.foreground_threshold,
@@ -175,14 +176,16 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
                 if tissue is None:
                     tissue = _detect_tissue(slide, mpp)
                 slide_size = slide.dimensions
-            meta.update(mpp=mpp, mpp_source=mpp_source)
-            scale = mpp / mpp_work
+                scale = mpp / mpp_work
+                level = (slide_hematoxylin_level(slide, tissue, scale, mpp_work, seed_from(slide_id))
+                         if params.hematoxylin_gate else None)
+            meta.update(mpp=mpp, mpp_source=mpp_source, hematoxylin_level=level)
             margin = math.ceil(params.margin_um / mpp_work / 8) * 8
             core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
             blocks = plan_blocks(slide_size, scale, core, margin, tissue)
             n_blocks = len(blocks)
             reader = BlockReader(slide_path, backend, blocks, scale)
-            for frame, geoms in _segment_blocks(reader, model, device, mpp_work, params, tissue, progress):
+            for frame, geoms in _segment_blocks(reader, model, device, mpp_work, params, tissue, level, progress):
                 writer.write(frame, geoms)
     except BaseException:
         writer.abort()
@@ -196,6 +199,29 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
     return summary
 
 
+def slide_hematoxylin_level(slide, tissue, scale: float, mpp_work: float, seed: int, n: int = 16,
+                             size: int = 256) -> float | None:
+    """The slide's hematoxylin level (:func:`nucseg.instances.hematoxylin_level`) from ``n`` windows of
+    ``size`` working px centred at random tissue points (``tissue``: level-0 geometry, None = anywhere).
+
+    One level per slide, from windows placed independently of the blocks, so the gate and therefore the
+    nuclei do not depend on the tiling. None when no window has any contrast.
+    """
+    rng = np.random.default_rng(seed)
+    w, h = slide.dimensions
+    x0, y0, x1, y1 = tissue.bounds if tissue is not None and not tissue.is_empty else (0, 0, w, h)
+    centres = []
+    for _ in range(50 * n):
+        x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
+        if tissue is None or tissue.is_empty or shapely.contains_xy(tissue, x, y):
+            centres.append((x, y))
+            if len(centres) == n:
+                break
+    windows = [slide.read_grid((round(x * scale) - size // 2, round(y * scale) - size // 2), (size, size), scale)
+               for x, y in centres]
+    return hematoxylin_level([hematoxylin_od(win) for win in windows], mpp_work) if windows else None
+
+
 def _detect_tissue(slide, mpp: float):
     """Tissue as the tissue stage defines it (default parameters), for runs without ``--tissue-mask``."""
     from .tissue import mask_to_polygons, slide_tissue
@@ -205,7 +231,7 @@ def _detect_tissue(slide, mpp: float):
 
 
 def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params: SegmentParams, tissue,
-                    progress: bool):
+                    level: float | None, progress: bool):
     """Yield ``(features frame, polygons)`` per batch of blocks.
 
     Tiles are read in DataLoader workers; instance extraction and features of one batch run in a thread
@@ -227,7 +253,7 @@ def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params:
         for batch in tqdm(loader, desc="segment", unit="batch", disable=not progress):
             probs = predict(model, np.stack([img for _, img in batch]), device)
             future = pool.submit(_postprocess_batch, batch, probs, reader.blocks, reader.scale, mpp_work,
-                                 inst_params, tissue)
+                                 inst_params, tissue, level)
             if pending is not None:
                 yield pending.result()
                 _release_freed_memory()
@@ -265,13 +291,14 @@ def _collate(items):
     return items
 
 
-def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissue):
+def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissue, level):
     """Instances, ownership, polygons (level-0) and features of one batch of blocks."""
     frames, polygons = [], []
     for (i, image), prob in zip(batch, probs):
         block = blocks[i]
         hema = hematoxylin_od(image)
-        labels = extract_instances(prob, mpp_work, inst_params, gate=hematoxylin_gate(hema, mpp_work))
+        gate = None if level is None else hematoxylin_gate(hema, mpp_work, level)
+        labels = extract_instances(prob, mpp_work, inst_params, gate=gate)
         polys, feats = describe_instances(labels, hema, prob[0])
         if feats.empty:
             continue
