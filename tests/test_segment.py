@@ -39,6 +39,7 @@ def test_output_is_geoparquet_with_provenance(segmented, small_model):
     meta = io.read_provenance(path)
     assert meta["model_id"] == io.file_sha256(small_model)
     assert meta["mpp"] == "0.25" and meta["mpp_source"] == "slide" and meta["status"] == "ok"
+    assert float(meta["hematoxylin_level"]) > 0  # the slide's gate level, which QC reuses
     gdf = gpd.read_parquet(path)
     assert gdf.crs is None and len(gdf) > 100
     for col in ("centroid_x", "centroid_y", "area_um2", "perimeter_um", "eccentricity", "solidity",
@@ -67,6 +68,22 @@ def assert_tiling_independent(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> None:
         iou = (gdf.geometry.values[i[pairs]].intersection(gdf.geometry.values[j[pairs]]).area /
                gdf.geometry.values[i[pairs]].union(gdf.geometry.values[j[pairs]]).area)
         assert (iou <= 0.3).all()
+
+
+def test_slide_hematoxylin_level_is_per_slide_and_splits_nuclei_from_the_rest(demo_slide, demo_tissue):
+    from nucseg.instances import hematoxylin_level
+    from nucseg.segment import load_tissue, slide_hematoxylin_level
+    from nucseg.slides import open_slide
+    from nucseg.synth import hematoxylin_od
+
+    tissue, _ = load_tissue(demo_tissue / "tissue.parquet")
+    with open_slide(demo_slide, "tiffslide") as slide:
+        level = slide_hematoxylin_level(slide, tissue, 1.0, 0.25, seed=1)
+        assert level == slide_hematoxylin_level(slide, tissue, 1.0, 0.25, seed=1)  # deterministic
+        hema = hematoxylin_od(slide.read_grid((0, 0), (1024, 1024), 1.0))
+    # The level of a 16-window sample is close to the level of a large region of the same slide.
+    assert level == pytest.approx(hematoxylin_level([hema], 0.25), rel=0.35)
+    assert 0 < level < float(np.percentile(hema, 99))
 
 
 def test_nuclei_inside_tissue_and_tile_independent(segmented, demo_tissue):
