@@ -99,17 +99,22 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
                  max_side: int = 3) -> list[dict]:
     """QC signals and true AJI/Dice of each patch of one (degraded) annotated tile."""
     from nucseg.evaluate import instance_metrics, resample_to
-    from nucseg.instances import InstanceParams, describe_instances, extract_instances
+    from nucseg.instances import InstanceParams, describe_instances, extract_instances, hematoxylin_gate, hematoxylin_level
     from nucseg.model import predict
     from nucseg.qc import patch_signals, tta_predict
+    from nucseg.synth import hematoxylin_od
 
     image, claimed = VARIANTS[variant](sample.image, sample.mpp)
     # As the pipeline would: resample by the *claimed* µm/px to the working resolution.
     work = resample_to(image, claimed, mpp_work)
     truth = cv2.resize(sample.labels.astype(np.float32), (work.shape[1], work.shape[0]),
                        interpolation=cv2.INTER_NEAREST).astype(np.int32)
-    # Segment the whole tile (the segment stage sees context around every patch too).
-    labels = extract_instances(predict(model, work[None], device)[0], mpp_work, InstanceParams())
+    # Segment the whole tile (the segment stage sees context around every patch too), gated at the tile's
+    # hematoxylin level as the segment stage gates at its slide's.
+    hema = hematoxylin_od(work)
+    level = hematoxylin_level([hema], mpp_work)
+    gate = None if level is None else hematoxylin_gate(hema, mpp_work, level)
+    labels = extract_instances(predict(model, work[None], device)[0], mpp_work, InstanceParams(), gate=gate)
     _, feats = describe_instances(labels)
     areas = feats.area_px.to_numpy() * mpp_work**2
     size = max(8, round(params.patch_um / mpp_work))
@@ -135,7 +140,7 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
         inside = ((feats.centroid_x >= x) & (feats.centroid_x < x + size) &
                   (feats.centroid_y >= y) & (feats.centroid_y < y + size)).to_numpy()
         signals = patch_signals(work[y:y + size, x:x + size], p, pred > 0, areas[inside],
-                                feats.solidity.to_numpy()[inside], params, mpp_work)
+                                feats.solidity.to_numpy()[inside], params, mpp_work, level)
         m = instance_metrics(true, pred)
         rows.append({"tile": sample.id, "variant": variant, "y": int(y), "x": int(x), "n_true": n_true,
                      "aji": m["aji"], "dice": m["dice"], **signals})
