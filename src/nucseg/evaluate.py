@@ -146,24 +146,26 @@ def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float,
     from .model import predict
     from .synth import hematoxylin_od
 
+    params = params or InstanceParams()
     work = resample_to(image, mpp, mpp_work)
     prob = predict(model, work[None], device)[0]
-    gate = hematoxylin_gate(hematoxylin_od(work), mpp_work)
-    labels = extract_instances(prob, mpp_work, params or InstanceParams(), gate=gate)
+    gate = hematoxylin_gate(hematoxylin_od(work), mpp_work) if params.hematoxylin_gate else None
+    labels = extract_instances(prob, mpp_work, params, gate=gate)
     return labels_to_shape(labels, image.shape[:2])
 
 
 def predict_classical(image: np.ndarray, mpp: float, min_area_um2: float = 6.0, min_distance_um: float = 2.5) -> np.ndarray:
     """Classical baseline: hematoxylin channel, Otsu threshold, distance-transform watershed."""
     from skimage.feature import peak_local_max
-    from skimage.filters import threshold_otsu
     from skimage.segmentation import watershed
 
-    from .instances import relabel
+    from .instances import hematoxylin_gate, hematoxylin_level, relabel
     from .synth import hematoxylin_od
 
-    hema = cv2.GaussianBlur(hematoxylin_od(image), (0, 0), max(0.5, 0.5 / mpp))
-    mask = hema > threshold_otsu(hema)
+    # The same smoothed hematoxylin and Otsu level as the network's gate.
+    hema = hematoxylin_od(image)
+    level = hematoxylin_level([hema], mpp)
+    mask = hematoxylin_gate(hema, mpp, level) if level is not None else np.zeros(hema.shape, bool)
     r = max(1, round(0.5 / mpp))
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
     mask = ndi.binary_fill_holes(mask)
