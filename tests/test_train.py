@@ -107,6 +107,27 @@ def test_augmentation_keeps_targets_aligned(rng):
         assert dark.any() and (tgt[0][dark] > 0).mean() > 0.97 and set(np.unique(tgt)) <= {0.0, 1.0}
 
 
+def test_sharpening_raises_edge_contrast_and_keeps_the_mean():
+    import cv2
+
+    from nucseg.train.data import augment, sharpen
+
+    image = np.full((64, 64, 3), 220, np.uint8)
+    image[16:48, 16:48] = (90, 50, 140)
+    soft = cv2.GaussianBlur(image, (0, 0), 1.5)
+
+    def edge_energy(img):
+        return cv2.Laplacian(np.asarray(img, np.float32).mean(axis=2), cv2.CV_32F).var()
+
+    sharp = sharpen(soft.astype(np.float32), 0.8)
+    assert edge_energy(sharp) > 1.3 * edge_energy(soft)
+    assert abs(sharp.mean() - soft.mean()) < 1.0
+    targets = np.zeros((2, 64, 64), np.float32)
+    energies = [edge_energy(augment(soft, targets, np.random.default_rng(i), stain_jitter=0.0)[0]) for i in range(40)]
+    # Some augmented copies are sharper than the input, some (focus blur) softer.
+    assert max(energies) > 1.5 * edge_energy(soft) and min(energies) < 0.8 * edge_energy(soft)
+
+
 def test_stain_jitter_widens_the_colour_spread(rng):
     from nucseg.train.data import augment
 

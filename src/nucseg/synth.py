@@ -3,7 +3,8 @@
 A patch is made from a real tissue texture (a patch sampled by the tissue stage, or an image from a
 folder of unlabelled H&E): its nuclei are removed by inpainting to give a background, its hematoxylin
 channel sets the nuclear colour and the patch's nucleus density, and star-shaped random polygons with
-rounded corners are composited onto it with blurred rims and chromatin texture. Under the nuclei, half
+rounded corners are composited onto it with blurred rims and chromatin texture (a fifth of the patches
+have large, mostly vesicular carcinoma nuclei). Under the nuclei, half
 the patches get a patchy hematoxylin cast over all their tissue and some get soft-edged regions of dark,
 nucleus-coloured cytoplasm; faint nucleus-like distractors and small debris are drawn too. None of these
 is labelled. Targets are an instance map and a boundary map.
@@ -39,6 +40,8 @@ class SynthParams:
     mpp: float = 0.25
     radius_um: tuple[float, float] = (2.1, 3.3)   # the paper: 8.5-13 px at 40x (0.25 µm/px)
     size_bias: tuple[float, float] = (0.75, 1.35)  # per-patch factor shared by all its nuclei (tumour: larger)
+    large_fraction: float = 0.2                    # share of patches of large carcinoma nuclei ...
+    large_size_bias: tuple[float, float] = (1.35, 2.0)  # ... with this size factor (radius up to 6.6 µm)
     elongation: tuple[float, float] = (1.0, 2.2)   # per-patch shared warp
     vertices: tuple[int, int] = (10, 17)
     irregularity: float = 0.35
@@ -51,6 +54,7 @@ class SynthParams:
     vesicular_fraction: float = 0.45              # nuclei with pale, textured chromatin and a dark rim
     debris_per_patch: tuple[int, int] = (0, 12)
     shard_size: int = 128
+    real_per_texture: int = 1   # crops of each texture into real.npz, the discriminator's real class
     seed: int = 0
     workers: int = 1
 
@@ -151,7 +155,10 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
     """
     h, w = background.shape[:2]
     px = 1.0 / params.mpp
-    bias = rng.uniform(*params.size_bias)
+    large = rng.random() < params.large_fraction
+    bias = rng.uniform(*(params.large_size_bias if large else params.size_bias))
+    # Large carcinoma nuclei are mostly vesicular: open chromatin, a nucleolus, a dark membrane.
+    vesicular_fraction = max(params.vesicular_fraction, 0.8) if large else params.vesicular_fraction
     elong = rng.uniform(*params.elongation)
     theta = rng.uniform(0, np.pi)
     mean_r = np.mean(params.radius_um) * bias * px
@@ -182,7 +189,7 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
             continue
         label += 1
         _composite(image, mask, region, colour, rng, px, alpha_range=(0.7, 0.95),
-                   vesicular=rng.random() < params.vesicular_fraction)
+                   vesicular=rng.random() < vesicular_fraction)
         instances[region][mask] = label
         occupied[region] |= mask
     for _ in range(int(rng.integers(params.distractors_per_patch[0], params.distractors_per_patch[1] + 1))):
@@ -198,8 +205,10 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
         if mask is not None:
             region = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
             _composite(image, mask, region, colour * rng.uniform(0.8, 1.1), rng, px, alpha_range=(0.25, 0.55))
-    # Optical blur and sensor noise, as in a scanned slide.
-    image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 0.9))
+    # Optical blur and sensor noise, as in a scanned slide; a sharp 40x scan has next to no blur.
+    sigma = rng.uniform(0.2, 0.9)
+    if sigma > 0.3:
+        image = cv2.GaussianBlur(image, (0, 0), sigma)
     image += rng.normal(0, rng.uniform(1.0, 3.0), image.shape).astype(np.float32)
     return np.clip(image, 0, 255).round().astype(np.uint8), instances
 
@@ -401,13 +410,23 @@ def generate_dataset(textures: list[np.ndarray], out_dir, params: SynthParams,
             bar.update(len(shard["image"]))
     bar.close()
     if real_patches is None:
-        real_patches = np.stack([_random_crop(t, params.patch_size, np.random.default_rng(i))
-                                 for i, t in enumerate(textures)])
+        real_patches = real_crops(textures, params.patch_size, params.real_per_texture)
     io.write_npz(out_dir / "real.npz", patches=real_patches)
     meta = {"params": asdict(params), "shards": shards, "n_patches": params.n_patches,
             "n_textures": len(textures), "n_real": int(len(real_patches))}
     io.write_json(out_dir / "params.json", meta)
     return meta
+
+
+def real_crops(textures: list[np.ndarray], size: int, per_texture: int = 1) -> np.ndarray:
+    """Random ``size`` crops of real textures: ``per_texture`` from each texture larger than ``size``, one from
+    the others (more would be copies). The discriminator's real class: more distinct crops, less to memorise."""
+    crops = []
+    for k in range(max(1, per_texture)):
+        for i, t in enumerate(textures):
+            if k == 0 or min(t.shape[:2]) > size:
+                crops.append(_random_crop(t, size, np.random.default_rng(i + k * len(textures))))
+    return np.stack(crops)
 
 
 class _Serial:

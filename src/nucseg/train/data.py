@@ -32,7 +32,7 @@ def read_shard_images(path: Path) -> np.ndarray:
 
 def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
             stain_jitter: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
-    """Flips, rot90, scale, blur and stain/brightness jitter. ``image`` HWC uint8, ``targets`` CHW.
+    """Flips, rot90, scale, blur or sharpening, and stain/brightness jitter. ``image`` HWC uint8, ``targets`` CHW.
 
     ``stain_jitter``: each channel's optical density is scaled by U(1 − s, 1 + s) and shifted by N(0, s/5).
     """
@@ -45,6 +45,8 @@ def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
     img = image.astype(np.float32)
     if rng.random() < 0.3:  # focus
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.2))
+    elif rng.random() < 0.4:
+        img = sharpen(img, rng.uniform(0.3, 1.0))
     # Stain differences between labs: jitter the optical densities of hematoxylin and eosin.
     od = -np.log(np.clip(img, 1, 255) / 255.0)
     od = od * rng.uniform(1 - stain_jitter, 1 + stain_jitter, 3) + rng.normal(0, stain_jitter / 5, 3)
@@ -52,6 +54,15 @@ def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
     mean = img.mean()
     img = (img - mean) * rng.uniform(0.85, 1.15) + mean + rng.normal(0, 6)
     return np.clip(img, 0, 255).astype(np.uint8), np.ascontiguousarray(targets)
+
+
+def sharpen(image: np.ndarray, amount: float, sigma: float = 1.0) -> np.ndarray:
+    """Unsharp mask of a float image: ``image + amount * (image - blur(image, sigma))``.
+
+    Many textures are 20x images upsampled to the working resolution, softer than a sharp 40x scan,
+    whose crisp chromatin would otherwise cut vesicular nuclei into pieces.
+    """
+    return image + amount * (image - cv2.GaussianBlur(image, (0, 0), sigma))
 
 
 def _rescale(image: np.ndarray, targets: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
