@@ -37,6 +37,7 @@ def test_training_writes_weights_card_and_resumes(small_model):
     card = json.loads((small_model.parent / "model_card.json").read_text())
     assert meta["model_id"] == card["model_id"] and len(card["model_id"]) == 64
     assert card["training_data"]["manual_labels"] == 0
+    assert card["training_data"]["synth_params"][0]["patch_size"] == 128   # the generator's parameters
     assert card["global_step"] == 150
     w = np.load(small_model.parent / "importance_weights.npz")["weight"]
     assert len(w) == card["training_data"]["n_synthetic"] and (w >= 0.2 - 1e-6).all() and (w <= 2 + 1e-6).all()

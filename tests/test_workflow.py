@@ -101,21 +101,24 @@ def test_every_output_exists_and_is_consistent(run):
                                                             "DEMO-NOMPP": "fallback"}
     for seconds in ok.seconds_by_stage:   # per-stage timing, QC included
         assert {"tissue", "segment", "qc"} <= set(json.loads(seconds))
-    model_id = json.loads((work / "results/models/e2e/model_card.json").read_text())["model_id"]
-    assert set(ok.model_id) == {model_id}
+    card = json.loads((work / "results/models/e2e/model_card.json").read_text())
+    assert set(ok.model_id) == {card["model_id"]}
+    # The card says how the model was made: the train rule's command line and the generator's parameters.
+    assert card["command"].startswith("nucseg") and " train " in card["command"]
+    assert "results/synth/DEMO" in card["command"] and card["training_data"]["synth_params"][0]["n_patches"] > 0
     for slide_id in ok.slide_id:
         d = work / "results" / "DEMO" / slide_id
         nuclei = gpd.read_parquet(d / "nuclei.parquet")
         tissue = shapely.union_all(gpd.read_parquet(d / "tissue.parquet").geometry.values)
         assert shapely.contains_xy(tissue, nuclei.centroid_x, nuclei.centroid_y).all()
         meta = io.read_provenance(d / "nuclei.parquet")
-        assert meta["model_id"] == model_id and len(meta["config_hash"]) == 16
+        assert meta["model_id"] == card["model_id"] and len(meta["config_hash"]) == 16
         assert meta["mpp_source"] == ("fallback" if slide_id == "DEMO-NOMPP" else "slide")
         assert (d / "tissue.png").stat().st_size > 0 and (d / "qc_overlay.png").stat().st_size > 0
         patches = pd.read_parquet(d / "qc_patches.parquet")
         assert len(patches) and {"disagreement", "entropy", "missed", "false", "shape", "score"} <= set(patches)
         assert patches.disagreement.notna().all()   # the model-based signals were measured
-        assert io.read_provenance(d / "qc_patches.parquet")["qc_model_id"] == model_id
+        assert io.read_provenance(d / "qc_patches.parquet")["qc_model_id"] == card["model_id"]
         assert (work / "logs" / "segment" / "DEMO" / f"{slide_id}.log").read_text().strip()
     grades = pd.read_csv(work / "results/qc/grades.tsv", sep="\t", index_col=0)
     assert grades.loc["DEMO"].sum() == len(ALL_SLIDES)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -332,7 +333,8 @@ def _cmd_refine(args, progress):
 def _cmd_train(args, progress):
     from .train import TrainParams, train_model
 
-    card = train_model(args.synth, args.out_dir, _dataclass_from_args(TrainParams, args), progress=progress)
+    card = train_model(args.synth, args.out_dir, _dataclass_from_args(TrainParams, args), progress=progress,
+                       command=shlex.join(["nucseg", *sys.argv[1:]]))
     print(json.dumps({k: card[k] for k in ("model_id", "global_step", "wall_time_s", "metrics")}))
 
 

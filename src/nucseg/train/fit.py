@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -101,12 +102,13 @@ def cross_fitted_p_real(real: np.ndarray, shards, out_dir: Path, params: TrainPa
 
 
 def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: TrainParams = TrainParams(),
-                progress: bool = True) -> dict:
+                progress: bool = True, command: str | None = None) -> dict:
     """Train the segmentation network from synthetic shards; write weights and a model card.
 
     Outputs in ``out_dir``: ``model.pt`` (weights only), ``model_card.json``, ``importance_weights.npz``,
     ``checkpoints/last.ckpt`` (resume point: rerunning continues from it), CSV logs under
-    ``segmentation/`` and ``discriminator/``.
+    ``segmentation/`` and ``discriminator/``. ``command`` (the command line that ran this) goes into the card,
+    beside the generator parameters of each synth dir, so the card says how its data and weights were made.
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -152,8 +154,11 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     card = {
         "name": out_dir.name, "nucseg_version": __version__, "architecture": "UNet",
         "outputs": ["foreground", "boundary"], "mpp": params.mpp, "params": asdict(params),
+        "command": command,
         "training_data": {"synth_dirs": [str(d) for d in synth_dirs], "n_synthetic": int(len(weights)),
-                          "n_real_for_discriminator": int(len(real)), "manual_labels": 0},
+                          "n_real_for_discriminator": int(len(real)), "manual_labels": 0,
+                          "synth_params": [json.loads((Path(d) / "params.json").read_text())["params"]
+                                           for d in synth_dirs]},
         "importance_weights": w_stats, "metrics": metrics, "global_step": int(trainer.global_step),
         "wall_time_s": round(wall, 1),
         "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu",
