@@ -1,7 +1,9 @@
+import cv2
 import numpy as np
 import pytest
 
-from nucseg.instances import InstanceParams, describe_instances, extract_instances, hematoxylin_gate, relabel
+from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, hematoxylin_gate,
+                              relabel)
 from nucseg.synth import hematoxylin_od
 
 
@@ -21,6 +23,42 @@ def test_touching_nuclei_are_separated_by_boundary_probability():
     assert labels[40, 28] != labels[40, 50] and labels[40, 28] > 0
     # Where the boundary head misses the seam, the neck between them still splits them (distance-map markers).
     assert extract_instances(np.stack([fg, np.zeros(shape, np.float32)]), mpp=0.25).max() == 2
+
+
+def test_center_map_peaks_once_per_nucleus_whatever_its_size():
+    shape = (100, 100)
+    labels = np.zeros(shape, np.int32)
+    labels[disc(shape, 30, 30, 20)] = 1            # a large nucleus
+    labels[disc(shape, 30, 62, 12) & (labels == 0)] = 2   # touching it
+    labels[disc(shape, 80, 80, 5)] = 3             # a small one
+    center = center_map(labels)
+    assert center.dtype == np.float32 and center[labels == 0].max() == 0
+    for k in (1, 2, 3):
+        assert center[labels == k].max() == pytest.approx(1.0)   # normalised per nucleus
+        assert center[labels == k].min() == 0                    # its edge
+    assert center[30, 30] > 0.9 and center[80, 80] > 0.7
+    # Along the line through both centres the map dips to 0 at their shared edge: two cores.
+    line = center[30, 30:63]
+    assert line.min() == 0 and 0 < int(np.argmin(line)) < len(line) - 1
+
+
+def test_centre_head_makes_one_core_per_nucleus():
+    shape = (100, 100)
+    labels = np.zeros(shape, np.int32)
+    labels[disc(shape, 30, 30, 20)] = 1
+    labels[disc(shape, 30, 62, 12) & (labels == 0)] = 2
+    labels[disc(shape, 80, 80, 8)] = 3
+    fg = (labels > 0).astype(np.float32)
+    no_boundary = np.zeros(shape, np.float32)
+    # A blurred prediction of the centre map: still one core per nucleus, touching nuclei kept apart.
+    center = cv2.GaussianBlur(center_map(labels), (0, 0), 1.5)
+    out = extract_instances(np.stack([fg, no_boundary, center]), mpp=0.25)
+    assert out.max() == 3
+    assert len({out[30, 30], out[30, 62], out[80, 80]} - {0}) == 3
+    # The large nucleus stays whole.
+    assert (out[labels == 1] == out[30, 30]).mean() > 0.9
+    # No centre above the threshold: no nucleus.
+    assert extract_instances(np.stack([fg, no_boundary, 0.4 * center]), mpp=0.25).max() == 0
 
 
 def test_hematoxylin_gate_drops_foreground_on_paler_purple_tissue():

@@ -18,18 +18,23 @@ def test_importance_weight_formula_and_clip():
 
 
 def test_per_sample_loss_is_per_sample():
-    targets = torch.zeros(2, 2, 16, 16)
+    targets = torch.zeros(2, 3, 16, 16)
     targets[:, 0, 4:12, 4:12] = 1
+    targets[:, 2, 6:10, 6:10] = 1
     good = torch.where(targets > 0, 10.0, -10.0)
     logits = torch.stack([good[0], -good[1]])   # first right, second wrong
     loss = per_sample_loss(logits, targets)
     assert loss.shape == (2,) and loss[0] < 0.05 < 1.0 < loss[1]
+    # The centre map counts: the same foreground with a wrong centre costs more.
+    wrong_centre = good[:1].clone()
+    wrong_centre[:, 2] = -wrong_centre[:, 2]
+    assert per_sample_loss(wrong_centre, targets[:1])[0] > loss[0] + 1.0
 
 
 def test_unet_shapes_and_padding():
     net = UNet(base=4, depth=3).eval()
     probs = predict(net, np.zeros((2, 50, 70, 3), np.uint8), torch.device("cpu"))
-    assert probs.shape == (2, 2, 50, 70) and (probs >= 0).all() and (probs <= 1).all()
+    assert probs.shape == (2, 3, 50, 70) and (probs >= 0).all() and (probs <= 1).all()
 
 
 def test_training_writes_weights_card_and_resumes(small_model):
@@ -43,6 +48,25 @@ def test_training_writes_weights_card_and_resumes(small_model):
     assert len(w) == card["training_data"]["n_synthetic"] and (w >= 0.2 - 1e-6).all() and (w <= 2 + 1e-6).all()
     assert (small_model.parent / "checkpoints" / "last.ckpt").exists()
     assert card["metrics"]["val_dice"] > 0.5   # it learned the synthetic task
+
+
+def test_centre_head_is_calibrated_on_held_out_synthetic_patches(small_model):
+    from nucseg.evaluate import instance_metrics
+    from nucseg.instances import extract_instances
+    from nucseg.train.data import list_shards
+
+    cal = json.loads((small_model.parent / "model_card.json").read_text())["center_calibration"]
+    best = cal["threshold"]
+    assert cal["synthetic_aji"][str(best)] == max(cal["synthetic_aji"].values()) > 0.3
+    assert cal["bias_shift"] == pytest.approx(-np.log(best / (1 - best)), abs=1e-3)
+    # The shipped weights carry the shift: at the default threshold 0.5 they give the best threshold's AJI
+    # on the same held-out patches (the validation shard, never trained on).
+    model, _ = load_weights(small_model)
+    with np.load(list_shards([small_model.parent.parent / "synth"])[-1][0]) as data:
+        images, labels = data["image"][:cal["n_patches"]], data["instances"][:cal["n_patches"]].astype(np.int32)
+    probs = predict(model, images, torch.device("cpu"))
+    aji = np.mean([instance_metrics(lab, extract_instances(p, 0.25))["aji"] for p, lab in zip(probs, labels)])
+    assert aji == pytest.approx(cal["synthetic_aji"][str(best)], abs=0.01)
 
 
 def test_resume_from_last_checkpoint(small_model, tmp_path):
@@ -94,18 +118,25 @@ def test_each_synthetic_patch_is_scored_by_a_discriminator_that_never_saw_it(sma
 
 
 def test_augmentation_keeps_targets_aligned(rng):
+    from skimage.segmentation import find_boundaries
+
+    from nucseg.instances import center_map
     from nucseg.train.data import augment
 
     image = np.full((64, 64, 3), 230, np.uint8)
     image[20:40, 10:30] = (80, 40, 130)
-    targets = np.zeros((2, 64, 64), np.float32)
-    targets[0, 20:40, 10:30] = 1
+    labels = np.zeros((64, 64), np.int32)
+    labels[20:40, 10:30] = 1
+    targets = np.stack([labels > 0, find_boundaries(labels, mode="inner"), center_map(labels)]).astype(np.float32)
     for _ in range(30):
         img, tgt = augment(image, targets, rng)
-        assert img.shape == (64, 64, 3) and tgt.shape == (2, 64, 64)
+        assert img.shape == (64, 64, 3) and tgt.shape == (3, 64, 64)
         dark = img.mean(axis=2) < 140  # the core, away from blurred rims
         # The nucleus stays under its label whatever the flip, rotation, zoom, blur or stain jitter.
-        assert dark.any() and (tgt[0][dark] > 0).mean() > 0.97 and set(np.unique(tgt)) <= {0.0, 1.0}
+        assert dark.any() and (tgt[0][dark] > 0).mean() > 0.97 and set(np.unique(tgt[:2])) <= {0.0, 1.0}
+        # Target maps are moved, never interpolated: the centre map keeps its values and its peak.
+        assert set(np.unique(tgt[2])) <= set(np.unique(targets[2])) and tgt[2].max() == 1.0
+        assert (tgt[0][tgt[2] > 0] == 1).all()
 
 
 def test_sharpening_raises_edge_contrast_and_keeps_the_mean():

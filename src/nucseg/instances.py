@@ -1,6 +1,6 @@
 """From network probabilities to nucleus instances, polygons and per-nucleus features.
 
-One function, :func:`extract_instances`, turns foreground/boundary probabilities into an instance map;
+One function, :func:`extract_instances`, turns the network's probabilities into an instance map;
 evaluation, whole-slide inference and QC all call it, gated by :func:`hematoxylin_gate` of the same
 image. All size parameters are in µm / µm².
 """
@@ -13,19 +13,20 @@ import cv2
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from skimage.segmentation import watershed
+from skimage.segmentation import find_boundaries, watershed
 
 
 @dataclass
 class InstanceParams:
     foreground_threshold: float = 0.5
-    marker_threshold: float = 0.5      # on foreground minus boundary probability: the nucleus cores
+    marker_threshold: float = 0.5      # two-output models: foreground minus boundary probability above it = cores
     min_marker_um2: float = 1.5
     min_area_um2: float = 6.0
     max_area_um2: float = 400.0
     min_distance_um: float = 2.0       # between the centres of two touching nuclei
     smooth_um: float = 0.25            # blur of the core distance map before its peaks are taken
     hematoxylin_gate: bool = True      # foreground only where hematoxylin is above the image's Otsu level
+    center_threshold: float = 0.5      # three-output models: centre map above it = cores (training calibrates to 0.5)
 
 
 def _smoothed(hematoxylin: np.ndarray, mpp: float) -> np.ndarray:
@@ -64,31 +65,50 @@ def hematoxylin_gate(hematoxylin: np.ndarray, mpp: float, level: float | None = 
     return _smoothed(hematoxylin, mpp) > level
 
 
+def center_map(labels: np.ndarray) -> np.ndarray:
+    """Training target of the centre head: each pixel's distance to its nucleus's edge over that nucleus's
+    largest distance (float32 in [0, 1]; 1 on the nucleus's centre line, 0 on its edge and background).
+
+    Normalised per nucleus, a large pale nucleus has one centre like a small dark one, and two touching
+    nuclei have two, separated by zeros along their shared edge.
+    """
+    inside = (labels > 0) & ~find_boundaries(labels, mode="inner")
+    dist = cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, 5)
+    peak = ndi.maximum(dist, labels, np.arange(int(labels.max()) + 1))
+    peak = np.asarray(peak, np.float32)
+    peak[peak == 0] = np.inf
+    return (dist / peak[labels]).astype(np.float32)
+
+
 def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = InstanceParams(),
                       gate: np.ndarray | None = None) -> np.ndarray:
-    """Instance map from ``prob`` ``(2, H, W)`` = (foreground, boundary) probabilities at ``mpp``.
+    """Instance map from ``prob`` ``(C, H, W)``: foreground, boundary and (C = 3) centre probabilities at ``mpp``.
 
     ``gate`` (bool ``(H, W)``, e.g. :func:`hematoxylin_gate` of the image; used when
     ``params.hematoxylin_gate``) limits the foreground to its pixels before holes are filled.
 
-    The foreground mask (holes filled: pale vesicular nuclei) is cut along the predicted boundaries
-    into cores; markers are the peaks of the cores' distance map at least ``min_distance_um`` apart,
-    plus one per core without a peak; they are grown by watershed on the boundary probability inside
-    the mask. Distance-map peaks split a core of touching nuclei whose seam the boundary head missed
-    (in crowded real tissue it often does; one marker per connected core merged them). Instances
-    smaller than ``min_area_um2`` or larger than ``max_area_um2`` are removed.
+    The foreground mask (holes filled: pale vesicular nuclei) is cut into cores, one per nucleus, which
+    are grown by watershed inside the mask. With a centre head (:func:`center_map`) the cores are where
+    the predicted centre map exceeds ``center_threshold`` and they grow down the centre map. Without
+    one (two-output models) they are the foreground minus the predicted boundaries, split further at the
+    peaks of their distance map at least ``min_distance_um`` apart (in crowded real tissue the boundary
+    head often misses the seam between touching nuclei), and they grow over the boundary probability.
+    Instances smaller than ``min_area_um2`` or larger than ``max_area_um2`` are removed.
 
     Returns
     -------
     ndarray (H, W) int32, 0 = background, 1..n instances.
     """
-    from skimage.feature import peak_local_max
-
     fg, bnd = prob[0], prob[1]
     if gate is not None and params.hematoxylin_gate:
         fg = np.where(gate, fg, 0.0)
     mask = ndi.binary_fill_holes(fg > params.foreground_threshold)
-    cores = mask & ((fg - bnd) > params.marker_threshold)
+    if len(prob) > 2:
+        cores = mask & (prob[2] > params.center_threshold)
+        relief = -prob[2]
+    else:
+        cores = mask & ((fg - bnd) > params.marker_threshold)
+        relief = bnd
     cores = cv2.morphologyEx(cores.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     n, core_labels, stats, _ = cv2.connectedComponentsWithStats(cores, connectivity=4)
     small = stats[:, cv2.CC_STAT_AREA] < params.min_marker_um2 / mpp**2
@@ -96,11 +116,24 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
     core_labels[small[core_labels]] = 0
     if core_labels.max() == 0:
         return np.zeros(fg.shape, np.int32)
+    markers = core_labels if len(prob) > 2 else _split_cores(core_labels, n, mpp, params)
+    labels = watershed(relief, markers, mask=mask | (core_labels > 0)).astype(np.int32)
+    areas = np.bincount(labels.ravel())
+    bad = (areas < params.min_area_um2 / mpp**2) | (areas > params.max_area_um2 / mpp**2)
+    bad[0] = False
+    labels[bad[labels]] = 0
+    return relabel(labels)
+
+
+def _split_cores(core_labels: np.ndarray, n: int, mpp: float, params: InstanceParams) -> np.ndarray:
+    """Markers at the peaks of the cores' distance map, plus one per core without a peak."""
+    from skimage.feature import peak_local_max
+
     dist = ndi.distance_transform_edt(core_labels > 0).astype(np.float32)
     dist = cv2.GaussianBlur(dist, (0, 0), max(0.3, params.smooth_um / mpp))
     peaks = peak_local_max(dist, min_distance=max(1, round(params.min_distance_um / mpp)), labels=core_labels,
                            exclude_border=False)
-    markers = np.zeros(fg.shape, np.int32)
+    markers = np.zeros(core_labels.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # A core whose distance map is flat has no peak: it still is one nucleus.
     seen = np.zeros(n, bool)
@@ -109,12 +142,7 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
     missing[0] = False
     orphan = missing[core_labels]
     markers[orphan] = len(peaks) + core_labels[orphan]
-    labels = watershed(bnd, markers, mask=mask | (core_labels > 0)).astype(np.int32)
-    areas = np.bincount(labels.ravel())
-    bad = (areas < params.min_area_um2 / mpp**2) | (areas > params.max_area_um2 / mpp**2)
-    bad[0] = False
-    labels[bad[labels]] = 0
-    return relabel(labels)
+    return markers
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The segmentation network (a small U-Net written here, no torchvision) and its weights file.
 
-The network maps an RGB patch at the working resolution to two logits per pixel: nucleus foreground
-and nucleus boundary. Weights are shipped as a plain ``torch.save`` dict of tensors plus a JSON string
+The network maps an RGB patch at the working resolution to three logits per pixel: nucleus foreground,
+nucleus boundary and nucleus centre (:func:`nucseg.instances.center_map`); models trained before the
+centre head have the first two. Weights are shipped as a plain ``torch.save`` dict of tensors plus a JSON string
 of the architecture, loadable with ``weights_only=True``; the model id is the file's sha256.
 """
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from .io import atomic_path, file_sha256
 
-OUTPUTS = ("foreground", "boundary")
+OUTPUTS = ("foreground", "boundary", "center")
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -112,7 +113,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def predict(model: UNet, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """Probabilities ``(N, 2, H, W)`` float32 for uint8 NHWC images; sides padded to the net's multiple."""
+    """Probabilities ``(N, C, H, W)`` float32 (C: the model's outputs) for uint8 NHWC images; sides padded to the net's multiple."""
     n, h, w, _ = images.shape
     m = model.multiple
     ph, pw = (-h) % m, (-w) % m

@@ -130,7 +130,7 @@ def patch_verdict(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams) 
 
 
 def tta_disagreement(probs: np.ndarray, mpp_work: float, instance_params=None, gate=None) -> float:
-    """1 − mean pairwise AJI of the instance maps of ``probs`` ``(K, 2, H, W)`` (TTA predictions).
+    """1 − mean pairwise AJI of the instance maps of ``probs`` ``(K, C, H, W)`` (TTA predictions).
 
     Instances are extracted exactly as the segment stage does (:func:`nucseg.instances.extract_instances`),
     so the signal measures what the grade judges: whether the *nuclei* (not only the foreground) stay
@@ -189,8 +189,8 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
     ----------
     image : ndarray (S, S, 3) uint8
         The patch at the model's working resolution ``mpp_work``.
-    probs : ndarray (K, 2, S, S) or None
-        Foreground/boundary probabilities of the K test-time augmentations, mapped back onto the patch.
+    probs : ndarray (K, C, S, S) or None
+        The network's probabilities (foreground first) of the K test-time augmentations, mapped back onto the patch.
         None: the model signals are not measured (NaN, no contribution to the score).
     nuclei_mask : ndarray (S, S) bool
         Pixels covered by the segmented nuclei.

@@ -53,14 +53,16 @@ class SegmentParams:
     device: str = "auto"
     row_group_size: int = 50_000  # nuclei per Parquet row group (bounds the writer's memory)
     foreground_threshold: float = 0.5
-    marker_threshold: float = 0.5
+    marker_threshold: float = 0.5     # two-output models: foreground minus boundary
+    center_threshold: float = 0.5     # three-output models: the centre map
     min_area_um2: float = 6.0
     max_area_um2: float = 400.0
     hematoxylin_gate: bool = True  # foreground only above the slide's hematoxylin Otsu level
 
     def instance_params(self) -> InstanceParams:
         return InstanceParams(foreground_threshold=self.foreground_threshold,
-                              marker_threshold=self.marker_threshold, min_area_um2=self.min_area_um2,
+                              marker_threshold=self.marker_threshold, center_threshold=self.center_threshold,
+                              min_area_um2=self.min_area_um2,
                               max_area_um2=self.max_area_um2, hematoxylin_gate=self.hematoxylin_gate)
 
 

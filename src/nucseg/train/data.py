@@ -12,6 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..instances import center_map
+
 
 def list_shards(synth_dirs: list[str | Path]) -> list[tuple[Path, int, int]]:
     """``(shard path, first global index, count)`` for every shard of the given synth outputs."""
@@ -82,7 +84,8 @@ def _rescale(image: np.ndarray, targets: np.ndarray, factor: float) -> tuple[np.
 class ShardStream(IterableDataset):
     """Iterate synthetic samples shard by shard (only one shard per worker in memory).
 
-    Yields ``(image uint8 HWC, targets float32 (2,H,W), weight float32, index int64)``.
+    Yields ``(image uint8 HWC, targets float32 (3,H,W), weight float32, index int64)``; targets are the
+    foreground, boundary and centre maps (:data:`nucseg.model.OUTPUTS`).
     """
 
     def __init__(self, shards, weights: np.ndarray | None, augment: bool, seed: int = 0, stain_jitter: float = 0.15):
@@ -107,7 +110,7 @@ class ShardStream(IterableDataset):
             with np.load(path) as data:
                 images, inst, bnd = data["image"], data["instances"], data["boundary"]
             for i in rng.permutation(count):
-                targets = np.stack([inst[i] > 0, bnd[i] > 0]).astype(np.float32)
+                targets = np.stack([inst[i] > 0, bnd[i] > 0, center_map(inst[i])]).astype(np.float32)
                 image = images[i]
                 if self.augment:
                     image, targets = augment(image, targets, rng, self.stain_jitter)

@@ -23,13 +23,14 @@ def importance_weights(p_real: torch.Tensor, clip: tuple[float, float] = (0.2, 2
 
 
 def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_weight: float = 1.0) -> torch.Tensor:
-    """BCE + soft Dice on foreground, BCE on boundary; one value per sample ``(N,)``."""
+    """BCE + soft Dice on foreground, BCE on boundary and on the centre map (soft targets in [0, 1]);
+    one value per sample ``(N,)``."""
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(2, 3))
     prob = torch.sigmoid(logits[:, 0])
     fg = targets[:, 0]
     inter = (prob * fg).sum(dim=(1, 2))
     dice = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2)) + fg.sum(dim=(1, 2)) + 1)
-    return bce[:, 0] + boundary_weight * bce[:, 1] + dice
+    return bce[:, 0] + boundary_weight * bce[:, 1] + bce[:, 2:].sum(dim=1) + dice
 
 
 class Discriminator(nn.Module):
