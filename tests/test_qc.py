@@ -138,12 +138,12 @@ def test_dihedral_tta_maps_predictions_back(monkeypatch):
     from nucseg.qc import DIHEDRAL, tta_predict
 
     def pixelwise(model, images, device):
-        return np.ascontiguousarray(images[..., :2].transpose(0, 3, 1, 2)).astype(np.float32) / 255
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255  # 3 outputs
 
     monkeypatch.setattr(nucseg.model, "predict", pixelwise)
     images = np.random.default_rng(0).integers(0, 255, (3, 24, 24, 3), np.uint8)
     probs = tta_predict(None, images, None, n_tta=len(DIHEDRAL), batch_size=2)
-    assert probs.shape == (3, 8, 2, 24, 24)
+    assert probs.shape == (3, 8, 3, 24, 24)
     expected = pixelwise(None, images, None)
     for k in range(len(DIHEDRAL)):
         np.testing.assert_array_equal(probs[:, k], expected)

@@ -51,22 +51,27 @@ def test_training_writes_weights_card_and_resumes(small_model):
 
 
 def test_centre_head_is_calibrated_on_held_out_synthetic_patches(small_model):
-    from nucseg.evaluate import instance_metrics
-    from nucseg.instances import extract_instances
+    from nucseg.instances import InstanceParams, extract_instances
     from nucseg.train.data import list_shards
 
     cal = json.loads((small_model.parent / "model_card.json").read_text())["center_calibration"]
     best = cal["threshold"]
-    assert cal["synthetic_aji"][str(best)] == max(cal["synthetic_aji"].values()) > 0.3
+    aji = np.array(list(cal["synthetic_aji"].values()))
+    smoothed = np.convolve(np.pad(aji, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    assert list(cal["synthetic_aji"])[int(np.argmax(smoothed))] == str(best) and max(aji) > 0.3
     assert cal["bias_shift"] == pytest.approx(-np.log(best / (1 - best)), abs=1e-3)
-    # The shipped weights carry the shift: at the default threshold 0.5 they give the best threshold's AJI
-    # on the same held-out patches (the validation shard, never trained on).
+    # The saved weights carry the shift: at the default threshold 0.5 they cut the same cores, hence the same
+    # nuclei, as the unshifted network at the chosen threshold.
     model, _ = load_weights(small_model)
     with np.load(list_shards([small_model.parent.parent / "synth"])[-1][0]) as data:
-        images, labels = data["image"][:cal["n_patches"]], data["instances"][:cal["n_patches"]].astype(np.int32)
-    probs = predict(model, images, torch.device("cpu"))
-    aji = np.mean([instance_metrics(lab, extract_instances(p, 0.25))["aji"] for p, lab in zip(probs, labels)])
-    assert aji == pytest.approx(cal["synthetic_aji"][str(best)], abs=0.01)
+        images = data["image"][:cal["n_patches"]]
+    shifted = predict(model, images, torch.device("cpu"))
+    with torch.no_grad():
+        model.head.bias[2] -= cal["bias_shift"]
+    unshifted = predict(model, images, torch.device("cpu"))
+    params = InstanceParams(center_threshold=best)
+    for s, u in zip(shifted, unshifted):
+        np.testing.assert_array_equal(extract_instances(s, 0.25), extract_instances(u, 0.25, params))
 
 
 def test_resume_from_last_checkpoint(small_model, tmp_path):

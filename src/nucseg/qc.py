@@ -271,18 +271,17 @@ def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: i
 
     Returns
     -------
-    ndarray (N, K, 2, H, W) float32
+    ndarray (N, K, C, H, W) float32, C the model's outputs
     """
     from .model import predict
 
     n_tta = int(np.clip(n_tta, 1, len(DIHEDRAL)))
-    out = np.empty((len(images), n_tta, 2, *images.shape[1:3]), np.float32)
+    batches = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        for t, (k, flip) in enumerate(DIHEDRAL[:n_tta]):
-            probs = predict(model, np.ascontiguousarray(_forward(batch, k, flip)), device)
-            out[start:start + len(batch), t] = _inverse(probs, k, flip)
-    return out
+        batches.append(np.stack([_inverse(predict(model, np.ascontiguousarray(_forward(batch, k, flip)), device), k, flip)
+                                 for k, flip in DIHEDRAL[:n_tta]], axis=1))
+    return np.concatenate(batches)
 
 
 # ---------------------------------------------------------------- one slide

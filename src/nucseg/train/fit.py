@@ -109,7 +109,7 @@ def calibrate_center_head(net, shards, mpp: float, n: int = 64,
 
     How confident the centre map gets depends on training (a brief run's peaks stay below 0.5). The core
     threshold giving the highest AJI on ``n`` patches of ``shards`` (never trained on; their labels come
-    with them) is moved to 0.5 by subtracting its logit from the head's centre bias. A monotone shift
+    with them), averaged with its neighbours on ``grid``, is moved to 0.5 by subtracting its logit from the head's centre bias. A monotone shift
     changes no watershed, so every caller keeps ``InstanceParams.center_threshold`` 0.5. Label-free: the
     patches are synthetic.
 
@@ -131,7 +131,10 @@ def calibrate_center_head(net, shards, mpp: float, n: int = 64,
     aji = {t: float(np.mean([instance_metrics(lab, extract_instances(
         prob, mpp, InstanceParams(center_threshold=t, hematoxylin_gate=False)))["aji"]
         for prob, lab in zip(probs, labels)])) for t in grid}
-    best = max(aji, key=aji.get)
+    # The best of each threshold and its two neighbours: a peak at the edge of a cliff (a briefly trained
+    # centre map) would flip with the slightest change, such as the float16 rounding of the saved weights.
+    values = np.array([aji[t] for t in grid])
+    best = grid[int(np.argmax(np.convolve(np.pad(values, 1, mode="edge"), np.ones(3) / 3, mode="valid")))]
     shift = -math.log(best / (1 - best))
     with torch.no_grad():
         net.head.bias[OUTPUTS.index("center")] += shift
