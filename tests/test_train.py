@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,11 +51,30 @@ def test_training_writes_weights_card_and_resumes(small_model):
     assert card["metrics"]["val_dice"] > 0.5   # it learned the synthetic task
 
 
-def test_centre_head_is_calibrated_on_held_out_synthetic_patches(small_model):
+@pytest.fixture(scope="module")
+def centre_model(small_model, tmp_path_factory) -> Path:
+    """The small model's recipe with the optional centre head."""
+    from nucseg.train import TrainParams, train_model
+
+    out = tmp_path_factory.mktemp("centre") / "model"
+    params = TrainParams(max_steps=150, batch_size=8, disc_steps=20, base=8, lr=5e-3, center_head=True)
+    train_model([small_model.parent.parent / "synth"], out, params, progress=False)
+    return out / "model.pt"
+
+
+def test_default_model_has_no_centre_head(small_model):
+    card = json.loads((small_model.parent / "model_card.json").read_text())
+    assert card["outputs"] == ["foreground", "boundary"] and card["center_calibration"] is None
+    assert load_weights(small_model)[0].head.out_channels == 2
+
+
+def test_centre_head_is_calibrated_on_held_out_synthetic_patches(centre_model, small_model):
     from nucseg.instances import InstanceParams, extract_instances
     from nucseg.train.data import list_shards
 
-    cal = json.loads((small_model.parent / "model_card.json").read_text())["center_calibration"]
+    card = json.loads((centre_model.parent / "model_card.json").read_text())
+    assert card["outputs"] == ["foreground", "boundary", "center"]
+    cal = card["center_calibration"]
     best = cal["threshold"]
     aji = np.array(list(cal["synthetic_aji"].values()))
     smoothed = np.convolve(np.pad(aji, 1, mode="edge"), np.ones(3) / 3, mode="valid")
@@ -62,8 +82,8 @@ def test_centre_head_is_calibrated_on_held_out_synthetic_patches(small_model):
     assert cal["bias_shift"] == pytest.approx(-np.log(best / (1 - best)), abs=1e-3)
     # The saved weights carry the shift: at the default threshold 0.5 they cut the same cores, hence the same
     # nuclei, as the unshifted network at the chosen threshold.
-    model, _ = load_weights(small_model)
-    with np.load(list_shards([small_model.parent.parent / "synth"])[-1][0]) as data:
+    model, _ = load_weights(centre_model)
+    with np.load(list_shards([small_model.parent.parent / "synth"])[-1][0]) as data:   # the held-out shard
         images = data["image"][:cal["n_patches"]]
     shifted = predict(model, images, torch.device("cpu"))
     with torch.no_grad():

@@ -32,7 +32,7 @@ TEST_CONFIG = {
     "demo": {"slides": {"DEMO-01": {"width": 1280, "height": 1024, "mpp": 0.25, "seed": 1},
                         "DEMO-02": {"width": 768, "height": 640, "mpp": 0.5, "seed": 2}}},
     "synth": {"params": {"n_patches": 64, "patch_size": 128, "shard_size": 32}},
-    "model": {"name": "e2e", "train": {"max_steps": 300, "disc_steps": 10, "batch_size": 8, "base": 8, "lr": 0.005}},
+    "model": {"name": "e2e", "train": {"max_steps": 150, "disc_steps": 10, "batch_size": 8, "base": 8, "lr": 0.005}},
     "qc": {"n_patches": 10},
 }
 

@@ -1,8 +1,8 @@
 """The segmentation network (a small U-Net written here, no torchvision) and its weights file.
 
-The network maps an RGB patch at the working resolution to three logits per pixel: nucleus foreground,
-nucleus boundary and nucleus centre (:func:`nucseg.instances.center_map`); models trained before the
-centre head have the first two. Weights are shipped as a plain ``torch.save`` dict of tensors plus a JSON string
+The network maps an RGB patch at the working resolution to two or three logits per pixel: nucleus
+foreground, nucleus boundary and, optionally (``TrainParams.center_head``), nucleus centre
+(:func:`nucseg.instances.center_map`). Weights are shipped as a plain ``torch.save`` dict of tensors plus a JSON string
 of the architecture, loadable with ``weights_only=True``; the model id is the file's sha256.
 """
 

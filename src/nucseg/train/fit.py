@@ -181,7 +181,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     dm = SynthDataModule(synth_dirs, weights if params.weighted else None, params.batch_size,
                          params.num_workers, params.seed, params.stain_jitter)
     module = SegmentationModule(base=params.base, depth=params.depth, lr=params.lr, weighted=params.weighted,
-                                boundary_weight=params.boundary_weight, max_steps=params.max_steps)
+                                boundary_weight=params.boundary_weight, max_steps=params.max_steps,
+                                center_head=params.center_head)
     # No version counter: a resumed run must overwrite last.ckpt (not write last-v1.ckpt beside it), or
     # the next resume would start again from the first interruption.
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, enable_version_counter=False,
@@ -191,12 +192,12 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     resume = out_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    calibration = calibrate_center_head(module.net, dm.val_shards, params.mpp)
+    calibration = calibrate_center_head(module.net, dm.val_shards, params.mpp) if params.center_head else None
 
     wall = time.monotonic() - started
     card = {
         "name": out_dir.name, "nucseg_version": __version__, "architecture": "UNet",
-        "outputs": list(OUTPUTS), "mpp": params.mpp, "params": asdict(params),
+        "outputs": list(OUTPUTS[:module.net.head.out_channels]), "mpp": params.mpp, "params": asdict(params),
         "command": command,
         "training_data": {"synth_dirs": [str(d) for d in synth_dirs], "n_synthetic": int(len(weights)),
                           "n_real_for_discriminator": int(len(real)), "manual_labels": 0,

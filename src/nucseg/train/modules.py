@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..model import UNet, normalize
+from ..model import OUTPUTS, UNet, normalize
 
 
 def importance_weights(p_real: torch.Tensor, clip: tuple[float, float] = (0.2, 2.0)) -> torch.Tensor:
@@ -23,8 +23,9 @@ def importance_weights(p_real: torch.Tensor, clip: tuple[float, float] = (0.2, 2
 
 
 def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_weight: float = 1.0) -> torch.Tensor:
-    """BCE + soft Dice on foreground, BCE on boundary and on the centre map (soft targets in [0, 1]);
-    one value per sample ``(N,)``."""
+    """BCE + soft Dice on foreground, BCE on boundary and, for a third output, on the centre map (soft
+    targets in [0, 1]); one value per sample ``(N,)``. Targets beyond the network's outputs are ignored."""
+    targets = targets[:, :logits.shape[1]]
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(2, 3))
     prob = torch.sigmoid(logits[:, 0])
     fg = targets[:, 0]
@@ -86,10 +87,10 @@ class SegmentationModule(pl.LightningModule):
     """
 
     def __init__(self, base: int = 16, depth: int = 3, lr: float = 2e-3, weighted: bool = True,
-                 boundary_weight: float = 1.0, max_steps: int = 1000):
+                 boundary_weight: float = 1.0, max_steps: int = 1000, center_head: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        self.net = UNet(base=base, depth=depth)
+        self.net = UNet(base=base, depth=depth, out_channels=len(OUTPUTS) if center_head else 2)
 
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.net(normalize(images_uint8))

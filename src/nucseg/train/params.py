@@ -23,6 +23,9 @@ class TrainParams:
     disc_folds: int = 1          # > 1: cross-fitting, each synthetic patch scored by a discriminator that never saw it
     disc_augment: bool = False   # random flips / quarter turns of the discriminator's training patches
     boundary_weight: float = 1.0
+    # A third output, the centre map (README "The shipped model"). Off by default: on clean tiles it tied
+    # with the boundary-only model, on blurred ones it segmented clearly worse.
+    center_head: bool = False
     stain_jitter: float = 0.15   # training augmentation: per-channel optical-density scale U(1 ± s)
     mpp: float = 0.25
     seed: int = 0
