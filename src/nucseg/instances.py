@@ -89,7 +89,8 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
 
     The foreground mask (holes filled: pale vesicular nuclei) is cut into cores, one per nucleus, which
     are grown by watershed inside the mask. With a centre head (:func:`center_map`) the cores are where
-    the predicted centre map exceeds ``center_threshold`` and they grow down the centre map. Without
+    the predicted centre map exceeds ``center_threshold`` and they grow down the centre map; a foreground
+    component without a core is one nucleus. Without
     one (two-output models) they are the foreground minus the predicted boundaries, split further at the
     peaks of their distance map at least ``min_distance_um`` apart (in crowded real tissue the boundary
     head often misses the seam between touching nuclei), and they grow over the boundary probability.
@@ -114,15 +115,33 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
     small = stats[:, cv2.CC_STAT_AREA] < params.min_marker_um2 / mpp**2
     small[0] = False
     core_labels[small[core_labels]] = 0
-    if core_labels.max() == 0:
+    if len(prob) > 2:
+        markers = _with_coreless_components(core_labels, n, mask)
+    else:
+        markers = _split_cores(core_labels, n, mpp, params) if core_labels.max() else core_labels
+    if markers.max() == 0:
         return np.zeros(fg.shape, np.int32)
-    markers = core_labels if len(prob) > 2 else _split_cores(core_labels, n, mpp, params)
     labels = watershed(relief, markers, mask=mask | (core_labels > 0)).astype(np.int32)
     areas = np.bincount(labels.ravel())
     bad = (areas < params.min_area_um2 / mpp**2) | (areas > params.max_area_um2 / mpp**2)
     bad[0] = False
     labels[bad[labels]] = 0
     return relabel(labels)
+
+
+def _with_coreless_components(core_labels: np.ndarray, n: int, mask: np.ndarray) -> np.ndarray:
+    """The cores, plus each foreground component without a core as one more marker.
+
+    Where the image is blurred the centre map stays below the threshold; the foreground still shows the
+    nucleus, which is one nucleus rather than none.
+    """
+    components, _ = ndi.label(mask)
+    has_core = np.zeros(int(components.max()) + 1, bool)
+    has_core[components[core_labels > 0]] = True
+    coreless = (components > 0) & ~has_core[components]
+    markers = core_labels.copy()
+    markers[coreless] = n + components[coreless]
+    return markers
 
 
 def _split_cores(core_labels: np.ndarray, n: int, mpp: float, params: InstanceParams) -> np.ndarray:
