@@ -88,12 +88,12 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
     ``params.hematoxylin_gate``) limits the foreground to its pixels before holes are filled.
 
     The foreground mask (holes filled: pale vesicular nuclei) is cut into cores, one per nucleus, which
-    are grown by watershed inside the mask. With a centre head (:func:`center_map`) the cores are where
-    the predicted centre map exceeds ``center_threshold`` and they grow down the centre map; a foreground
-    component without a core is one nucleus. Without
-    one (two-output models) they are the foreground minus the predicted boundaries, split further at the
-    peaks of their distance map at least ``min_distance_um`` apart (in crowded real tissue the boundary
-    head often misses the seam between touching nuclei), and they grow over the boundary probability.
+    are grown by watershed inside the mask. Two-output models: the cores are the foreground minus the
+    predicted boundaries, split further at the peaks of their distance map at least ``min_distance_um``
+    apart (in crowded real tissue the boundary head often misses the seam between touching nuclei), and
+    they grow over the boundary probability. With a centre head (:func:`center_map`) the cores are where
+    the centre map exceeds ``center_threshold``, they grow down the centre map, and a foreground
+    component without a core is one nucleus.
     Instances smaller than ``min_area_um2`` or larger than ``max_area_um2`` are removed.
 
     Returns

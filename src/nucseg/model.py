@@ -2,8 +2,8 @@
 
 The network maps an RGB patch at the working resolution to two or three logits per pixel: nucleus
 foreground, nucleus boundary and, optionally (``TrainParams.center_head``), nucleus centre
-(:func:`nucseg.instances.center_map`). Weights are shipped as a plain ``torch.save`` dict of tensors plus a JSON string
-of the architecture, loadable with ``weights_only=True``; the model id is the file's sha256.
+(:func:`nucseg.instances.center_map`). Weights are shipped as a plain ``torch.save`` dict of tensors plus
+a JSON string of the architecture, loadable with ``weights_only=True``; the model id is the file's sha256.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def predict(model: UNet, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """Probabilities ``(N, C, H, W)`` float32 (C: the model's outputs) for uint8 NHWC images; sides padded to the net's multiple."""
+    """Probabilities ``(N, C, H, W)`` float32 (C outputs) for uint8 NHWC images; sides padded to the net's multiple."""
     n, h, w, _ = images.shape
     m = model.multiple
     ph, pw = (-h) % m, (-w) % m

@@ -190,7 +190,8 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
     image : ndarray (S, S, 3) uint8
         The patch at the model's working resolution ``mpp_work``.
     probs : ndarray (K, C, S, S) or None
-        The network's probabilities (foreground first) of the K test-time augmentations, mapped back onto the patch.
+        The network's probabilities (foreground first) of the K test-time augmentations, mapped back
+        onto the patch.
         None: the model signals are not measured (NaN, no contribution to the score).
     nuclei_mask : ndarray (S, S) bool
         Pixels covered by the segmented nuclei.
@@ -279,8 +280,9 @@ def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: i
     batches = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        batches.append(np.stack([_inverse(predict(model, np.ascontiguousarray(_forward(batch, k, flip)), device), k, flip)
-                                 for k, flip in DIHEDRAL[:n_tta]], axis=1))
+        probs = [_inverse(predict(model, np.ascontiguousarray(_forward(batch, k, flip)), device), k, flip)
+                 for k, flip in DIHEDRAL[:n_tta]]
+        batches.append(np.stack(probs, axis=1))
     return np.concatenate(batches)
 
 

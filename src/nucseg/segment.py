@@ -62,8 +62,8 @@ class SegmentParams:
     def instance_params(self) -> InstanceParams:
         return InstanceParams(foreground_threshold=self.foreground_threshold,
                               marker_threshold=self.marker_threshold, center_threshold=self.center_threshold,
-                              min_area_um2=self.min_area_um2,
-                              max_area_um2=self.max_area_um2, hematoxylin_gate=self.hematoxylin_gate)
+                              min_area_um2=self.min_area_um2, max_area_um2=self.max_area_um2,
+                              hematoxylin_gate=self.hematoxylin_gate)
 
 
 @dataclass(frozen=True)

@@ -109,9 +109,9 @@ def calibrate_center_head(net, shards, mpp: float, n: int = 64,
 
     How confident the centre map gets depends on training (a brief run's peaks stay below 0.5). The core
     threshold giving the highest AJI on ``n`` patches of ``shards`` (never trained on; their labels come
-    with them), averaged with its neighbours on ``grid``, is moved to 0.5 by subtracting its logit from the head's centre bias. A monotone shift
-    changes no watershed, so every caller keeps ``InstanceParams.center_threshold`` 0.5. Label-free: the
-    patches are synthetic.
+    with them), averaged with its neighbours on ``grid``, is moved to 0.5 by subtracting its logit from
+    the head's centre bias. A monotone shift changes no watershed, so every caller keeps
+    ``InstanceParams.center_threshold`` 0.5. Label-free: the patches are synthetic.
 
     Returns the chosen threshold, the bias shift and the AJI at each threshold.
     """
@@ -203,7 +203,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
                           "n_real_for_discriminator": int(len(real)), "manual_labels": 0,
                           "synth_params": [json.loads((Path(d) / "params.json").read_text())["params"]
                                            for d in synth_dirs]},
-        "importance_weights": w_stats, "metrics": metrics, "center_calibration": calibration, "global_step": int(trainer.global_step),
+        "importance_weights": w_stats, "metrics": metrics, "center_calibration": calibration,
+        "global_step": int(trainer.global_step),
         "wall_time_s": round(wall, 1),
         "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu",
                      "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
