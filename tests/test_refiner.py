@@ -64,7 +64,7 @@ def test_refine_command_writes_shards_the_trainer_reads(synth_dir, tmp_path):
             assert np.array_equal(a["instances"], b["instances"]) and np.array_equal(a["boundary"], b["boundary"])
             assert b["image"].shape == a["image"].shape and b["image"].dtype == np.uint8
     # The training stage streams the refined folder unchanged (it also needs real.npz).
-    image, targets, weight, index = next(iter(ShardStream(new_shards, None, augment=False)))
+    image, targets, weight, index = next(iter(ShardStream(new_shards, None, augment=False, center=True)))
     assert image.shape == (64, 64, 3) and targets.shape == (3, 64, 64)
     assert (out / "real.npz").is_file()
     meta = json.loads((out / "params.json").read_text())

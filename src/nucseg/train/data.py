@@ -84,12 +84,15 @@ def _rescale(image: np.ndarray, targets: np.ndarray, factor: float) -> tuple[np.
 class ShardStream(IterableDataset):
     """Iterate synthetic samples shard by shard (only one shard per worker in memory).
 
-    Yields ``(image uint8 HWC, targets float32 (3,H,W), weight float32, index int64)``; targets are the
-    foreground, boundary and centre maps (:data:`nucseg.model.OUTPUTS`).
+    Yields ``(image uint8 HWC, targets float32 (C,H,W), weight float32, index int64)``; targets are the
+    foreground and boundary maps, plus the centre map (:func:`nucseg.instances.center_map`) with
+    ``center``, in the order of :data:`nucseg.model.OUTPUTS`.
     """
 
-    def __init__(self, shards, weights: np.ndarray | None, augment: bool, seed: int = 0, stain_jitter: float = 0.15):
+    def __init__(self, shards, weights: np.ndarray | None, augment: bool, seed: int = 0, stain_jitter: float = 0.15,
+                 center: bool = False):
         self.shards = shards
+        self.center = center
         self.weights = weights
         self.augment = augment
         self.stain_jitter = stain_jitter
@@ -110,7 +113,8 @@ class ShardStream(IterableDataset):
             with np.load(path) as data:
                 images, inst, bnd = data["image"], data["instances"], data["boundary"]
             for i in rng.permutation(count):
-                targets = np.stack([inst[i] > 0, bnd[i] > 0, center_map(inst[i])]).astype(np.float32)
+                maps = [inst[i] > 0, bnd[i] > 0] + ([center_map(inst[i])] if self.center else [])
+                targets = np.stack(maps).astype(np.float32)
                 image = images[i]
                 if self.augment:
                     image, targets = augment(image, targets, rng, self.stain_jitter)
@@ -123,9 +127,10 @@ class SynthDataModule(pl.LightningDataModule):
     """Synthetic shards for training, with importance weights per sample and a held-out shard for validation."""
 
     def __init__(self, synth_dirs, weights: np.ndarray | None = None, batch_size: int = 8,
-                 num_workers: int = 0, seed: int = 0, stain_jitter: float = 0.15):
+                 num_workers: int = 0, seed: int = 0, stain_jitter: float = 0.15, center: bool = False):
         super().__init__()
         self.stain_jitter = stain_jitter
+        self.center = center  # stream the centre-map target too (a network with the centre head)
         self.shards = list_shards(synth_dirs)
         if not self.shards:
             raise ValueError(f"no synthetic shards under {synth_dirs}")
@@ -138,12 +143,13 @@ class SynthDataModule(pl.LightningDataModule):
         self.val_shards = self.shards[-1:]
 
     def train_dataloader(self):
-        ds = ShardStream(self.train_shards, self.weights, augment=True, seed=self.seed, stain_jitter=self.stain_jitter)
+        ds = ShardStream(self.train_shards, self.weights, augment=True, seed=self.seed, stain_jitter=self.stain_jitter,
+                         center=self.center)
         return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
-        return DataLoader(ShardStream(self.val_shards, None, augment=False, seed=self.seed),
+        return DataLoader(ShardStream(self.val_shards, None, augment=False, seed=self.seed, center=self.center),
                           batch_size=self.batch_size, num_workers=0)
 
     def steps_per_epoch(self) -> int:

@@ -179,7 +179,7 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     log.info("importance weights: %s", w_stats)
 
     dm = SynthDataModule(synth_dirs, weights if params.weighted else None, params.batch_size,
-                         params.num_workers, params.seed, params.stain_jitter)
+                         params.num_workers, params.seed, params.stain_jitter, params.center_head)
     module = SegmentationModule(base=params.base, depth=params.depth, lr=params.lr, weighted=params.weighted,
                                 boundary_weight=params.boundary_weight, max_steps=params.max_steps,
                                 center_head=params.center_head)

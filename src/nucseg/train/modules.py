@@ -24,8 +24,7 @@ def importance_weights(p_real: torch.Tensor, clip: tuple[float, float] = (0.2, 2
 
 def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_weight: float = 1.0) -> torch.Tensor:
     """BCE + soft Dice on foreground, BCE on boundary and, for a third output, on the centre map (soft
-    targets in [0, 1]); one value per sample ``(N,)``. Targets beyond the network's outputs are ignored."""
-    targets = targets[:, :logits.shape[1]]
+    targets in [0, 1]); one value per sample ``(N,)``."""
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(2, 3))
     prob = torch.sigmoid(logits[:, 0])
     fg = targets[:, 0]
