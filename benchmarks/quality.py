@@ -11,7 +11,7 @@ Datasets (evaluation only, never used for training or tuning):
   * ``cryonuseg``: the 2 CryoNuSeg frozen-section tiles, ImageJ ROIs rasterised to label maps
     (needs ``pip install roifile``).
 
-    python benchmarks/quality.py [--model NAME=PATH ...] [--ungated] [--out quality.json]
+    python benchmarks/quality.py [--model NAME=PATH ...] [--ungated] [--tta N] [--out quality.json]
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--ungated", action="store_true",
                         help="also each model without the hematoxylin gate (rows NAME_ungated)")
+    parser.add_argument("--tta", type=int, default=1, metavar="N",
+                        help="N > 1: also each model with N test-time augmentations (rows NAME_ttaN)")
     args = parser.parse_args()
     models = dict(m.split("=", 1) for m in args.model)
     if not models:
@@ -102,6 +104,9 @@ def main() -> None:
                 if args.ungated:
                     entry[f"{model_name}_ungated"] = evaluate(samples, "model", path, "auto", progress=False,
                                                               instance_params=InstanceParams(hematoxylin_gate=False))["mean"]
+                if args.tta > 1:
+                    entry[f"{model_name}_tta{args.tta}"] = evaluate(samples, "model", path, "auto", progress=False,
+                                                                   tta=args.tta)["mean"]
             for model_name in models:
                 entry[f"{model_name}_minus_classical_aji"] = round(entry[model_name]["aji"] - entry["classical"]["aji"], 4)
             result["datasets"][name] = entry

@@ -93,6 +93,10 @@ def test_label_map_layout_through_the_cli(tmp_path, rng):
     np.save(root / "labels" / "b.npy", labels)
     cv2.imwrite(str(root / "images" / "b.png"), np.clip(img, 0, 255).astype(np.uint8)[..., ::-1])
     (root / "manifest.csv").write_text("id,mpp\na,0.25\nb,0.25\n")
+    # The shipped model with test-time augmentation (the 3 flat discs are easy: it must find them all).
+    assert main(["-q", "evaluate", "--dataset", str(root), "--tta", "8", "--out", str(tmp_path / "tta.json")]) == 0
+    result = json.loads((tmp_path / "tta.json").read_text())
+    assert result["tta"] == 8 and result["mean"]["f1"] == 1.0
     assert main(["-q", "evaluate", "--dataset", str(root), "--method", "classical", "--out", str(tmp_path / "m.json"),
                  "--save-predictions", str(tmp_path / "pred")]) == 0
     result = json.loads((tmp_path / "m.json").read_text())

@@ -135,7 +135,8 @@ def test_shape_outliers():
 def test_dihedral_tta_maps_predictions_back(monkeypatch):
     """With a pixel-wise (hence equivariant) network every augmentation maps back onto the same output."""
     import nucseg.model
-    from nucseg.qc import DIHEDRAL, tta_predict
+    from nucseg.model import DIHEDRAL
+    from nucseg.qc import tta_predict
 
     def pixelwise(model, images, device):
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255  # 3 outputs

@@ -32,6 +32,27 @@ def segmented(demo_slide, demo_tissue, small_model, tmp_path_factory):
     return results
 
 
+def test_full_test_time_augmentation_is_equivariant(rng):
+    """Averaged over all eight flips/quarter turns, the output follows a flipped or turned input exactly."""
+    import torch
+
+    from nucseg.model import DIHEDRAL, UNet, dihedral, predict, undo_dihedral
+
+    torch.manual_seed(0)
+    net = UNet(out_channels=2, base=4, depth=2).eval()
+    cpu = torch.device("cpu")
+    images = rng.integers(0, 255, (2, 32, 32, 3), np.uint8)
+    averaged = predict(net, images, cpu, tta=len(DIHEDRAL))
+    assert averaged.shape == (2, 2, 32, 32)
+    for k, flip in DIHEDRAL[1:]:
+        moved = predict(net, np.ascontiguousarray(dihedral(images, k, flip)), cpu, tta=len(DIHEDRAL))
+        np.testing.assert_allclose(undo_dihedral(moved, k, flip), averaged, atol=1e-5)
+    # A single pass of the network is not equivariant, so the check above has something to catch.
+    single = predict(net, images, cpu)
+    turned = predict(net, np.ascontiguousarray(dihedral(images, 1, False)), cpu)
+    assert np.abs(undo_dihedral(turned, 1, False) - single).max() > 1e-3
+
+
 def test_output_is_geoparquet_with_provenance(segmented, small_model):
     path = segmented[512]
     geo = pq.read_schema(path).metadata[b"geo"].decode()

@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-predictions", type=Path, default=None, help="folder for <id>.png uint16 instance maps")
     p.add_argument("--hematoxylin-gate", action=argparse.BooleanOptionalAction, default=True,
                    help="foreground only above each image's hematoxylin Otsu level (off: the network alone)")
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help="average the network's outputs over N of the 8 flips/quarter turns (as segment's tta)")
 
     p = sub.add_parser("export", help="export a nuclei.parquet for QuPath (GeoJSON) or as TCIA per-tile CSVs")
     p.add_argument("nuclei", type=Path, help="nuclei.parquet of the segment stage")
@@ -409,7 +411,8 @@ def _cmd_evaluate(args, progress):
 
     weights = None if args.method == "classical" else (args.checkpoint or default_weights())
     result = evaluate(load_dataset(args.dataset, args.mpp), args.method, weights, args.device,
-                      args.save_predictions, progress, InstanceParams(hematoxylin_gate=args.hematoxylin_gate))
+                      args.save_predictions, progress, InstanceParams(hematoxylin_gate=args.hematoxylin_gate),
+                      args.tta)
     if args.out:
         io.write_json(args.out, result)
     print(json.dumps(result["mean"] if args.out else result, indent=None if args.out else 2))

@@ -140,15 +140,19 @@ def labels_to_shape(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cv2.resize(labels.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(np.int32)
 
 
-def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float, params=None) -> np.ndarray:
-    """Instance map of an image with the network, at the model's working resolution, mapped back."""
+def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float, params=None,
+                  tta: int = 1) -> np.ndarray:
+    """Instance map of an image with the network, at the model's working resolution, mapped back.
+
+    ``tta``: test-time augmentations averaged (:func:`nucseg.model.predict`).
+    """
     from .instances import InstanceParams, extract_instances, hematoxylin_gate
     from .model import predict
     from .synth import hematoxylin_od
 
     params = params or InstanceParams()
     work = resample_to(image, mpp, mpp_work)
-    prob = predict(model, work[None], device)[0]
+    prob = predict(model, work[None], device, tta)[0]
     gate = hematoxylin_gate(hematoxylin_od(work), mpp_work) if params.hematoxylin_gate else None
     labels = extract_instances(prob, mpp_work, params, gate=gate)
     return labels_to_shape(labels, image.shape[:2])
@@ -236,7 +240,7 @@ def instance_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def evaluate(samples: list[Sample], method: str = "model", weights=None, device: str = "cpu",
-             save_predictions=None, progress: bool = True, instance_params=None) -> dict:
+             save_predictions=None, progress: bool = True, instance_params=None, tta: int = 1) -> dict:
     """Metrics per image and their mean; optionally write each prediction as ``<id>.png`` (uint16)."""
     from tqdm import tqdm
 
@@ -251,7 +255,8 @@ def evaluate(samples: list[Sample], method: str = "model", weights=None, device:
     rows = []
     for s in tqdm(samples, desc=f"evaluate ({method})", disable=not progress):
         if method == "model":
-            pred = predict_model(s.image, s.mpp, model, dev, float(meta.get("mpp", 0.25)), instance_params)
+            pred = predict_model(s.image, s.mpp, model, dev, float(meta.get("mpp", 0.25)), instance_params,
+                                 tta)
         else:
             pred = predict_classical(s.image, s.mpp)
         rows.append({"id": s.id, "mpp": s.mpp, **instance_metrics(s.labels, pred)})
@@ -263,6 +268,8 @@ def evaluate(samples: list[Sample], method: str = "model", weights=None, device:
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     mean.update({k: int(sum(r[k] for r in rows)) for k in ("n_true", "n_pred")})
     out = {"method": method, "mean": mean, "images": rows}
+    if method == "model":
+        out["tta"] = tta
     if meta:
         out["model_id"] = meta["model_id"]
     return out

@@ -111,9 +111,40 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# The eight symmetries of the square as (quarter turns, mirrored), identity first: the first n are the
+# test-time augmentations of ``predict(..., tta=n)`` and of QC's agreement check.
+DIHEDRAL = ((0, False), (0, True), (2, True), (1, False), (2, False), (3, False), (1, True), (3, True))
+
+
+def dihedral(images: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Mirror (optionally) then turn NHWC images by ``k`` quarter turns."""
+    if flip:
+        images = images[:, :, ::-1]
+    return np.rot90(images, k, axes=(1, 2))
+
+
+def undo_dihedral(probs: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Undo :func:`dihedral` on NCHW maps."""
+    probs = np.rot90(probs, -k, axes=(2, 3))
+    return probs[:, :, :, ::-1] if flip else probs
+
+
+def predict(model: UNet, images: np.ndarray, device: torch.device, tta: int = 1) -> np.ndarray:
+    """Probabilities ``(N, C, H, W)`` float32 (C outputs) for uint8 NHWC images; sides padded to the net's multiple.
+
+    ``tta`` > 1 averages the probabilities over the first ``tta`` transforms of :data:`DIHEDRAL`, each mapped
+    back (test-time augmentation; ``tta`` times the network's work).
+    """
+    transforms = DIHEDRAL[:int(np.clip(tta, 1, len(DIHEDRAL)))]
+    total = None
+    for k, flip in transforms:
+        probs = undo_dihedral(_predict_once(model, np.ascontiguousarray(dihedral(images, k, flip)), device), k, flip)
+        total = probs if total is None else total + probs   # a running sum: one map per image in memory
+    return total / len(transforms) if len(transforms) > 1 else total
+
+
 @torch.inference_mode()
-def predict(model: UNet, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """Probabilities ``(N, C, H, W)`` float32 (C outputs) for uint8 NHWC images; sides padded to the net's multiple."""
+def _predict_once(model: UNet, images: np.ndarray, device: torch.device) -> np.ndarray:
     n, h, w, _ = images.shape
     m = model.multiple
     ph, pw = (-h) % m, (-w) % m

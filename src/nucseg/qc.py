@@ -54,11 +54,6 @@ SIGNALS = ("disagreement", "entropy", "missed", "false", "shape")
 PATCH_COLUMNS = ["x", "y", "size", "n_nuclei", "stain_fraction", "nuclei_fraction", "recall", "precision",
                  *SIGNALS, "score", "bad", "reason"]
 
-# Dihedral transforms (quarter turns, left-right flip) in the order test-time augmentation uses them:
-# identity, h-flip, v-flip (= h-flip then half turn), quarter turn, then the rest.
-DIHEDRAL = ((0, False), (0, True), (2, True), (1, False), (2, False), (3, False), (1, True), (3, True))
-
-
 @dataclass
 class QCParams:
     n_patches: int = 50           # patches sampled per slide
@@ -254,19 +249,6 @@ def regrade(row: dict, patches: pd.DataFrame, params: QCParams) -> dict:
 
 # ---------------------------------------------------------------- test-time augmentation
 
-def _forward(images: np.ndarray, k: int, flip: bool) -> np.ndarray:
-    """Dihedral transform of NHWC images."""
-    if flip:
-        images = images[:, :, ::-1]
-    return np.rot90(images, k, axes=(1, 2))
-
-
-def _inverse(probs: np.ndarray, k: int, flip: bool) -> np.ndarray:
-    """Undo :func:`_forward` on NCHW probabilities."""
-    probs = np.rot90(probs, -k, axes=(2, 3))
-    return probs[:, :, :, ::-1] if flip else probs
-
-
 def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: int = 8) -> np.ndarray:
     """Probabilities of NHWC uint8 images under ``n_tta`` dihedral transforms, mapped back.
 
@@ -274,13 +256,13 @@ def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: i
     -------
     ndarray (N, K, C, H, W) float32, C the model's outputs
     """
-    from .model import predict
+    from .model import DIHEDRAL, dihedral, predict, undo_dihedral
 
     n_tta = int(np.clip(n_tta, 1, len(DIHEDRAL)))
     batches = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        probs = [_inverse(predict(model, np.ascontiguousarray(_forward(batch, k, flip)), device), k, flip)
+        probs = [undo_dihedral(predict(model, np.ascontiguousarray(dihedral(batch, k, flip)), device), k, flip)
                  for k, flip in DIHEDRAL[:n_tta]]
         batches.append(np.stack(probs, axis=1))
     return np.concatenate(batches)
