@@ -68,9 +68,21 @@ def downsampled(samples, factor: float):
     return out
 
 
+def load_datasets(tmp: Path) -> dict:
+    """The benchmark's datasets by name (CryoNuSeg's label maps are written under ``tmp``)."""
+    from nucseg.evaluate import load_dataset
+
+    monuseg = load_dataset(DATA / "monuseg", default_mpp=0.25)
+    datasets = {"monuseg": monuseg, "monuseg_20x": downsampled(monuseg, 2.0)}
+    cryo = cryonuseg_as_label_maps(tmp / "cryonuseg")
+    if cryo:
+        datasets["cryonuseg"] = load_dataset(cryo)
+    return datasets
+
+
 def main() -> None:
     from nucseg.cli import default_weights
-    from nucseg.evaluate import evaluate, load_dataset
+    from nucseg.evaluate import evaluate
     from nucseg.instances import InstanceParams
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,11 +101,7 @@ def main() -> None:
             models["unweighted"] = str(unweighted)
 
     with tempfile.TemporaryDirectory() as tmp:
-        monuseg = load_dataset(DATA / "monuseg", default_mpp=0.25)
-        datasets = {"monuseg": monuseg, "monuseg_20x": downsampled(monuseg, 2.0)}
-        cryo = cryonuseg_as_label_maps(Path(tmp) / "cryonuseg")
-        if cryo:
-            datasets["cryonuseg"] = load_dataset(cryo)
+        datasets = load_datasets(Path(tmp))
         result = {"models": models, "datasets": {}}
         for name, samples in datasets.items():
             entry = {"n_images": len(samples), "n_nuclei": int(sum(s.labels.max() > 0 and len(np.unique(s.labels)) - 1
