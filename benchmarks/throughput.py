@@ -9,7 +9,7 @@ measures on the largest:
 and the peak RSS of an end-to-end run (in a fresh process) for each slide size, to show that memory
 does not grow with the slide.
 
-    python benchmarks/throughput.py --sizes 4000 8000 [--checkpoint model.pt] [--workers 2]
+    python benchmarks/throughput.py --sizes 4000 8000 [--checkpoint model.pt] [--workers 2] [--tta 8]
     python benchmarks/throughput.py --sizes 20000        # the issue's 20,000² slide (slow on 2 CPUs)
 
 Generated slides go to a temporary folder and are deleted.
@@ -98,7 +98,7 @@ def read_only(slide: Path, tile: int, workers: int) -> float:
     return dims[0] * dims[1] / 1e6 / (time.perf_counter() - started)
 
 
-def network_only(checkpoint: Path, tile: int, batches: int = 6) -> float:
+def network_only(checkpoint: Path, tile: int, tta: int = 1, batches: int = 6) -> float:
     import math
 
     import torch
@@ -114,7 +114,7 @@ def network_only(checkpoint: Path, tile: int, batches: int = 6) -> float:
     predict(model, images, torch.device("cpu"))  # warm-up
     started = time.perf_counter()
     for _ in range(batches):
-        predict(model, images, torch.device("cpu"))
+        predict(model, images, torch.device("cpu"), tta)
     # Count core pixels only, as the end-to-end figure does.
     return batches * 4 * tile * tile / 1e6 / (time.perf_counter() - started)
 
@@ -124,16 +124,16 @@ import json, resource, sys, time
 from nucseg.segment import SegmentParams, segment_slide
 t = time.perf_counter()
 s = segment_slide(sys.argv[1], sys.argv[2], sys.argv[3], params=SegmentParams(tile_size=int(sys.argv[4]),
-                  workers=int(sys.argv[5])), progress=False)
+                  workers=int(sys.argv[5]), tta=int(sys.argv[6])), progress=False)
 wall = time.perf_counter() - t
 rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print(json.dumps({"seconds": wall, "n_nuclei": s["n_nuclei"], "n_blocks": s["n_blocks"], "peak_rss_mb": rss / 1024}))
 """
 
 
-def end_to_end(slide: Path, checkpoint: Path, tile: int, workers: int, out: Path) -> dict:
+def end_to_end(slide: Path, checkpoint: Path, tile: int, workers: int, tta: int, out: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", END_TO_END, str(slide), str(out), str(checkpoint), str(tile),
-                           str(workers)], capture_output=True, text=True, check=True)
+                           str(workers), str(tta)], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -143,9 +143,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--tile-size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--tta", type=int, default=1, help="test-time augmentations (SegmentParams.tta)")
     args = parser.parse_args()
     checkpoint = args.checkpoint or default_checkpoint()
-    result = {"checkpoint": str(checkpoint), "tile_size": args.tile_size, "workers": args.workers,
+    result = {"checkpoint": str(checkpoint), "tile_size": args.tile_size, "workers": args.workers, "tta": args.tta,
               "cpus": os.cpu_count(), "slides": []}
     with tempfile.TemporaryDirectory(dir=REPO.parent if os.access(REPO.parent, os.W_OK) else None) as tmp:
         for size in sorted(args.sizes):
@@ -154,13 +155,13 @@ def main() -> None:
             build_slide(slide, size)
             side = -(-size // 512) * 512  # the mosaic is made of whole 512-px tiles
             entry = {"size": side, "mpx": side * side / 1e6, "build_seconds": round(time.perf_counter() - started, 1)}
-            e2e = end_to_end(slide, checkpoint, args.tile_size, args.workers, Path(tmp) / f"n_{size}.parquet")
+            e2e = end_to_end(slide, checkpoint, args.tile_size, args.workers, args.tta, Path(tmp) / f"n_{size}.parquet")
             entry.update(end_to_end_mpx_s=round(entry["mpx"] / e2e["seconds"], 3),
                          nuclei_per_s=round(e2e["n_nuclei"] / e2e["seconds"], 1), **e2e)
             result["slides"].append(entry)
         largest = Path(tmp) / f"mosaic_{max(args.sizes)}.tiff"
         result["read_only_mpx_s"] = round(read_only(largest, args.tile_size, args.workers), 3)
-        result["network_only_mpx_s"] = round(network_only(checkpoint, args.tile_size), 3)
+        result["network_only_mpx_s"] = round(network_only(checkpoint, args.tile_size, args.tta), 3)
     rss = [s["peak_rss_mb"] for s in result["slides"]]
     result["peak_rss_ratio_largest_to_smallest"] = round(rss[-1] / rss[0], 3)
     result["end_to_end_over_network_only"] = round(result["slides"][-1]["end_to_end_mpx_s"]
