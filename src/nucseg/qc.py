@@ -54,6 +54,7 @@ SIGNALS = ("disagreement", "entropy", "missed", "false", "shape")
 PATCH_COLUMNS = ["x", "y", "size", "n_nuclei", "stain_fraction", "nuclei_fraction", "recall", "precision",
                  *SIGNALS, "score", "bad", "reason"]
 
+
 @dataclass
 class QCParams:
     n_patches: int = 50           # patches sampled per slide
