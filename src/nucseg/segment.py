@@ -59,7 +59,7 @@ class SegmentParams:
     max_area_um2: float = 400.0
     hematoxylin_gate: bool = True  # foreground only above the slide's hematoxylin Otsu level
     # Test-time augmentation: the network's outputs averaged over this many flips / quarter turns (1-8).
-    # Costs tta x the network's time; +0.009 AJI on MoNuSeg at 8 (README "The shipped model").
+    # Costs tta x the network's time; at 8, AJI +0.009 on MoNuSeg, -0.010 on CryoNuSeg (README "The shipped model").
     tta: int = 1
 
     def instance_params(self) -> InstanceParams:
