@@ -33,7 +33,6 @@ Datasets: ``monuseg`` (18 tiles, ../shared/data/nuclei/monuseg) and ``cryonuseg`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DATA, cryonuseg_as_label_maps  # noqa: E402
+from quality import DATA, cryonuseg_as_label_maps, print_json  # noqa: E402
 
 
 # ---------------------------------------------------------------- degradations (image, claimed mpp)
@@ -262,10 +261,7 @@ def main() -> None:
             pd.DataFrame(rows).assign(model_id=model_meta["model_id"], run=run_id, seconds=seconds).to_csv(
                 args.patches_out, index=False)
     result = report(rows, params, args.aji, meta)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,14 @@ def downsampled(samples, factor: float):
     return out
 
 
+def print_json(result: dict, out: Path | None) -> None:
+    """Print the benchmark's result, and write it to ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+
+
 def load_datasets(tmp: Path) -> dict:
     """The benchmark's datasets by name (CryoNuSeg's label maps are written under ``tmp``)."""
     from nucseg.evaluate import load_dataset
@@ -118,10 +126,7 @@ def main() -> None:
             for model_name in models:
                 entry[f"{model_name}_minus_classical_aji"] = round(entry[model_name]["aji"] - entry["classical"]["aji"], 4)
             result["datasets"][name] = entry
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ over seeds) how many tiles the weighted arm wins with a Wilcoxon signed-rank p-v
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import load_datasets  # noqa: E402
+from quality import load_datasets, print_json  # noqa: E402
 
 METRICS = ("aji", "dice", "pq", "f1")
 
@@ -84,10 +83,7 @@ def main() -> None:
                 entry["gated" if gate else "ungated"] = summarize(per_seed)
             result["datasets"][name] = entry
             print(f"{name}: done", file=sys.stderr, flush=True)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":
