@@ -141,7 +141,7 @@ def test_dihedral_tta_maps_predictions_back(monkeypatch):
     def pixelwise(model, images, device):
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255  # 3 outputs
 
-    monkeypatch.setattr(nucseg.model, "predict", pixelwise)
+    monkeypatch.setattr(nucseg.model, "_predict_once", pixelwise)
     images = np.random.default_rng(0).integers(0, 255, (3, 24, 24, 3), np.uint8)
     probs = tta_predict(None, images, None, n_tta=len(DIHEDRAL), batch_size=2)
     assert probs.shape == (3, 8, 3, 24, 24)

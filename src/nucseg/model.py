@@ -129,18 +129,25 @@ def undo_dihedral(probs: np.ndarray, k: int, flip: bool) -> np.ndarray:
     return probs[:, :, :, ::-1] if flip else probs
 
 
+def predict_views(model: UNet, images: np.ndarray, device: torch.device, n: int):
+    """Yield the probabilities ``(N, C, H, W)`` under each of the first ``n`` (1-8) transforms of
+    :data:`DIHEDRAL`, each mapped back onto the images."""
+    for k, flip in DIHEDRAL[:n]:
+        yield undo_dihedral(_predict_once(model, np.ascontiguousarray(dihedral(images, k, flip)), device), k, flip)
+
+
 def predict(model: UNet, images: np.ndarray, device: torch.device, tta: int = 1) -> np.ndarray:
     """Probabilities ``(N, C, H, W)`` float32 (C outputs) for uint8 NHWC images; sides padded to the net's multiple.
 
     ``tta`` > 1 averages the probabilities over the first ``tta`` transforms of :data:`DIHEDRAL`, each mapped
     back (test-time augmentation; ``tta`` times the network's work).
     """
-    transforms = DIHEDRAL[:int(np.clip(tta, 1, len(DIHEDRAL)))]
-    total = None
-    for k, flip in transforms:
-        probs = undo_dihedral(_predict_once(model, np.ascontiguousarray(dihedral(images, k, flip)), device), k, flip)
-        total = probs if total is None else total + probs   # a running sum: one map per image in memory
-    return total / len(transforms) if len(transforms) > 1 else total
+    tta = int(np.clip(tta, 1, len(DIHEDRAL)))
+    views = predict_views(model, images, device, tta)
+    total = next(views)
+    for probs in views:
+        total = total + probs   # a running sum: one map per image in memory
+    return total / tta if tta > 1 else total
 
 
 @torch.inference_mode()

@@ -257,16 +257,11 @@ def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: i
     -------
     ndarray (N, K, C, H, W) float32, C the model's outputs
     """
-    from .model import DIHEDRAL, dihedral, predict, undo_dihedral
+    from .model import DIHEDRAL, predict_views
 
     n_tta = int(np.clip(n_tta, 1, len(DIHEDRAL)))
-    batches = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        probs = [undo_dihedral(predict(model, np.ascontiguousarray(dihedral(batch, k, flip)), device), k, flip)
-                 for k, flip in DIHEDRAL[:n_tta]]
-        batches.append(np.stack(probs, axis=1))
-    return np.concatenate(batches)
+    return np.concatenate([np.stack(list(predict_views(model, images[start:start + batch_size], device, n_tta)), axis=1)
+                           for start in range(0, len(images), batch_size)])
 
 
 # ---------------------------------------------------------------- one slide
