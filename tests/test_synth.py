@@ -255,3 +255,69 @@ def test_real_crops_are_distinct_crops_of_large_textures(rng):
         hits = np.argwhere((large[:-127, :-127] == c[0, 0]).all(axis=2))
         assert any(np.array_equal(large[y:y + 128, x:x + 128], c) for y, x in hits)
     assert np.array_equal(real_crops([large, small], 128, 1), crops[:2])
+
+
+def test_isolated_nuclei_keeps_whole_single_nuclei_only():
+    import cv2
+
+    from nucseg.synth import hematoxylin_od, isolated_nuclei
+
+    img = np.full((160, 160, 3), (230, 170, 200), np.uint8)
+    yy, xx = np.mgrid[:160, :160]
+    disc = lambda cy, cx, r=9: (yy - cy) ** 2 + (xx - cx) ** 2 < r * r  # noqa: E731
+    single = disc(40, 40)
+    pair = disc(110, 60) | disc(110, 77)   # touching: a waisted, less solid component
+    cut = disc(156, 140)                   # runs off the image: not a whole nucleus
+    img[single | pair | cut] = (90, 50, 140)
+    hema = hematoxylin_od(img)
+    # The detection takes in a 2 px halo of cytoplasm around each nucleus: the masks are trimmed back.
+    halo = cv2.dilate((single | pair | cut).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    found = isolated_nuclei(img, hema, halo, 0.25)
+    assert len(found) == 1
+    mask, pixels = found[0]
+    assert 0.9 * single.sum() <= mask.sum() <= single.sum()
+    assert (pixels[mask] == (90, 50, 140)).all()
+    # The pair alone would pass were it not for its waist.
+    assert len(isolated_nuclei(img, hema, pair, 0.25, min_solidity=0.9)) == 1
+    # A blob hardly darker than its surroundings (cytoplasm) is not taken.
+    faint = img.copy()
+    faint[single] = (222, 162, 196)
+    assert isolated_nuclei(faint, hematoxylin_od(faint), single, 0.25) == []
+
+
+def test_real_nuclei_are_pasted_whole_and_labelled_as_pasted(rng):
+    from nucseg.synth import hematoxylin_od, nuclear_pixels
+
+    # A grid of real-looking nuclei (radius 6 px), so every crop has several whole ones to move.
+    tex = np.full((300, 300, 3), (225, 150, 190), np.float32) + rng.normal(0, 4, (300, 300, 3))
+    yy, xx = np.mgrid[:300, :300]
+    nuclei = ((yy % 40 - 20) ** 2 + (xx % 40 - 20) ** 2) < 36
+    tex[nuclei] = (90, 50, 140)
+    tex = np.clip(tex, 0, 255).astype(np.uint8)
+    # Drawn polygons would be ≥ 6 µm in radius here, ten times a moved nucleus's area.
+    params = SynthParams(patch_size=128, coverage=(0.2, 0.3), radius_um=(6.0, 7.0), distractors_per_patch=(0, 0),
+                         debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0), wash_probability=0.0, max_overlap=0.0,
+                         real_nuclei_fraction=1.0, real_nucleus_um2=(3.0, 150.0))
+    disc_area = (((np.mgrid[:13, :13] - 6) ** 2).sum(0) < 36).sum()
+    inter = union = 0
+    for seed in range(4):
+        patch = make_patch(tex, seed, params)
+        inst = patch["instances"]
+        areas = np.bincount(inst.ravel())[1:]
+        assert len(areas) >= 5
+        assert areas.max() <= 1.3 * disc_area  # all moved real nuclei (some cut by the patch edge)
+        assert np.median(areas) >= 0.7 * disc_area
+        pred = nuclear_pixels(patch["image"], hematoxylin_od(patch["image"]))
+        inter += (pred & (inst > 0)).sum()
+        union += pred.sum() + (inst > 0).sum()
+    # The labels are where the moved nuclei are, not where they were.
+    assert 2 * inter / union > 0.9
+
+
+def test_without_real_nuclei_to_take_the_patch_is_unchanged(rng):
+    bg = np.full((96, 96, 3), (225, 150, 190), np.uint8)
+    tissue = np.ones((96, 96), bool)
+    params = SynthParams(real_nuclei_fraction=0.5)
+    a = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.2, np.random.default_rng(3), params, [])
+    b = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.2, np.random.default_rng(3), SynthParams())
+    assert (a[0] == b[0]).all() and (a[1] == b[1]).all()

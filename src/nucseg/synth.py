@@ -7,7 +7,8 @@ rounded corners are composited onto it with blurred rims and chromatin texture (
 have large, mostly vesicular carcinoma nuclei). Under the nuclei, half
 the patches get a patchy hematoxylin cast over all their tissue and some get soft-edged regions of dark,
 nucleus-coloured cytoplasm; faint nucleus-like distractors and small debris are drawn too. None of these
-is labelled. Targets are an instance map and a boundary map.
+is labelled. Optionally (``real_nuclei_fraction``) some nuclei are the texture's own isolated real nuclei,
+moved to random places instead of drawn. Targets are an instance map and a boundary map.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class SynthParams:
     wash_probability: float = 0.5                 # share of patches whose whole tissue gets a hematoxylin cast
     vesicular_fraction: float = 0.45              # nuclei with pale, textured chromatin and a dark rim
     debris_per_patch: tuple[int, int] = (0, 12)
+    # Share of the nuclei that are real ones moved elsewhere in their own texture (when it has isolated
+    # nuclei to take): real chromatin, membranes and outlines instead of drawn ones; labelled exactly as pasted.
+    real_nuclei_fraction: float = 0.0
+    real_nucleus_um2: tuple[float, float] = (8.0, 150.0)   # area of an isolated real nucleus worth moving
     shard_size: int = 128
     real_per_texture: int = 1   # crops of each texture into real.npz, the discriminator's real class
     seed: int = 0
@@ -121,8 +126,65 @@ def remove_nuclei(rgb: np.ndarray, nuclei: np.ndarray, mpp: float) -> np.ndarray
     return cv2.inpaint(rgb, mask, max(3, radius * 2), cv2.INPAINT_TELEA)
 
 
-def texture_stats(rgb: np.ndarray, mpp: float) -> dict:
-    """Background, nuclear colour and hematoxylin mass of a real texture."""
+def isolated_nuclei(rgb: np.ndarray, hema: np.ndarray, nuclei: np.ndarray, mpp: float,
+                    area_um2: tuple[float, float] = (8.0, 150.0), min_solidity: float = 0.93,
+                    min_contrast: float = 0.05) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Real nuclei of a texture that can be moved whole: ``(mask, rgb)`` crops, one per nucleus.
+
+    Candidates are the components of ``nuclei`` (:func:`nuclear_pixels`, holes filled) with nothing else
+    within 1 µm and clear of the image border (a cut nucleus is not a whole one). Each is trimmed to
+    where its smoothed hematoxylin ``hema`` is above half-way between its interior (75th percentile) and
+    the 1 µm ring around it: ``nuclei`` is a loose detection that takes in a halo of cytoplasm, and a
+    label larger than the dark nucleus teaches the network to grow nuclei into their surroundings. Kept
+    when the trimmed mask is inside ``area_um2``, convex (solidity ≥ ``min_solidity``: two touching
+    nuclei make a waisted, less solid component) and at least ``min_contrast`` OD darker than its ring
+    (paler blobs are more likely cytoplasm). The mask is what gets pasted and labelled.
+    """
+    from scipy import ndimage as ndi
+
+    mask = cv2.morphologyEx(nuclei.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    mask = ndi.binary_fill_holes(mask).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    smooth = cv2.GaussianBlur(hema.astype(np.float32), (0, 0), max(0.5, 0.25 / mpp))
+    h, w = mask.shape
+    pad = max(2, round(1.0 / mpp))
+    ring_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad + 1,) * 2)
+    lo, hi = area_um2[0] / mpp**2, area_um2[1] / mpp**2
+    found = []
+    for k in range(1, n):
+        x, y, bw, bh, area = stats[k]
+        if area < lo or x < pad or y < pad or x + bw + pad > w or y + bh + pad > h:
+            continue
+        window = (slice(y - pad, y + bh + pad), slice(x - pad, x + bw + pad))
+        comp = labels[window] == k
+        ring = (cv2.dilate(comp.astype(np.uint8), ring_kernel) > 0) & ~comp
+        if (labels[window][ring] > 0).any():  # a neighbour within 1 µm: not isolated
+            continue
+        values = smooth[window]
+        inner, outer = np.percentile(values[comp], 75), np.median(values[ring])
+        if inner - outer < min_contrast:
+            continue
+        trimmed = ndi.binary_fill_holes(comp & (values > (inner + outer) / 2)).astype(np.uint8)
+        count, parts, part_stats, _ = cv2.connectedComponentsWithStats(trimmed, connectivity=8)
+        if count < 2:
+            continue
+        trimmed = parts == 1 + int(np.argmax(part_stats[1:, cv2.CC_STAT_AREA]))
+        if not lo <= trimmed.sum() <= hi:
+            continue
+        contours, _ = cv2.findContours(trimmed.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        outline = contours[0]
+        hull = cv2.contourArea(cv2.convexHull(outline))
+        if hull <= 0 or cv2.contourArea(outline) / hull < min_solidity:
+            continue
+        tx, ty, tw, th = cv2.boundingRect(outline)
+        crop = (slice(ty, ty + th), slice(tx, tx + tw))
+        found.append((trimmed[crop].copy(), rgb[window][crop].copy()))
+    return found
+
+
+def texture_stats(rgb: np.ndarray, mpp: float, real_nucleus_um2: tuple[float, float] | None = None) -> dict:
+    """Background, nuclear colour and hematoxylin mass of a real texture; with ``real_nucleus_um2`` also
+    its :func:`isolated_nuclei` of that area range (``"real_nuclei"``)."""
     hema = hematoxylin_od(rgb)
     nuclei = nuclear_pixels(rgb, hema)
     tissue = tissue_pixels(rgb)
@@ -134,8 +196,9 @@ def texture_stats(rgb: np.ndarray, mpp: float) -> dict:
     colour = 0.7 * colour + 0.3 * DEFAULT_NUCLEUS_RGB
     h_mass = float((hema[tissue] > 0.12).mean()) if tissue.any() else 0.0
     nuclear_fraction = float(nuclei[tissue].mean()) if tissue.any() else 0.0
+    real = isolated_nuclei(rgb, hema, nuclei, mpp, real_nucleus_um2) if real_nucleus_um2 else []
     return {"background": remove_nuclei(rgb, nuclei, mpp), "colour": colour, "tissue": tissue,
-            "h_mass": h_mass, "nuclear_fraction": nuclear_fraction}
+            "h_mass": h_mass, "nuclear_fraction": nuclear_fraction, "real_nuclei": real}
 
 
 def _smooth_noise(rng, shape, sigma) -> np.ndarray:
@@ -145,8 +208,12 @@ def _smooth_noise(rng, shape, sigma) -> np.ndarray:
 
 
 def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, coverage: float,
-                rng: np.random.Generator, params: SynthParams) -> tuple[np.ndarray, np.ndarray]:
+                rng: np.random.Generator, params: SynthParams,
+                real_nuclei: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Composite random nuclei onto ``background`` where ``tissue`` is true.
+
+    With ``real_nuclei`` (:func:`isolated_nuclei` of the same texture) a ``params.real_nuclei_fraction``
+    share of the nuclei are those real ones, turned and flipped at random, instead of polygons.
 
     Returns
     -------
@@ -161,8 +228,11 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
     vesicular_fraction = max(params.vesicular_fraction, 0.8) if large else params.vesicular_fraction
     elong = rng.uniform(*params.elongation)
     theta = rng.uniform(0, np.pi)
-    mean_r = np.mean(params.radius_um) * bias * px
-    target = int(rng.poisson(coverage * tissue.sum() / (np.pi * mean_r**2)))
+    mean_area = np.pi * (np.mean(params.radius_um) * bias * px) ** 2
+    if real_nuclei and params.real_nuclei_fraction > 0:  # the count that gives ``coverage`` with both kinds
+        real_area = np.mean([mask.sum() for mask, _ in real_nuclei])
+        mean_area += params.real_nuclei_fraction * (real_area - mean_area)
+    target = int(rng.poisson(coverage * tissue.sum() / mean_area))
     image = background.astype(np.float32)
     instances = np.zeros((h, w), np.int32)
     occupied = np.zeros((h, w), bool)
@@ -176,20 +246,32 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
         _draw_cytoplasm(image, tissue, colour, rng, px)
     while label < target and tries < target * 10 + 50:  # dense tiles need many placements to reach the target
         tries += 1
-        r = rng.uniform(*params.radius_um) * bias * px
-        poly = star_polygon(rng, r, int(rng.integers(params.vertices[0], params.vertices[1] + 1)),
-                            params.irregularity, params.spikiness)
-        poly = smooth_outline(warp(poly, elong * rng.uniform(0.85, 1.15), theta + rng.normal(0, 0.35)))
-        cy, cx = tissue_yx[rng.integers(len(tissue_yx))] + rng.uniform(-0.5, 0.5, 2)
-        mask, (y0, x0) = _raster(poly + (cx, cy), h, w)
+        # The draw for a real nucleus only happens when there are some: without them the random stream,
+        # and so every patch, is the same as before this option existed.
+        real = real_nuclei[rng.integers(len(real_nuclei))] if (
+            real_nuclei and rng.random() < params.real_nuclei_fraction) else None
+        if real is not None:
+            mask, pixels = _turned(*real, rng)
+            cy, cx = tissue_yx[rng.integers(len(tissue_yx))]
+            mask, pixels, (y0, x0) = _clipped(mask, pixels, cy - mask.shape[0] // 2, cx - mask.shape[1] // 2, h, w)
+        else:
+            r = rng.uniform(*params.radius_um) * bias * px
+            poly = star_polygon(rng, r, int(rng.integers(params.vertices[0], params.vertices[1] + 1)),
+                                params.irregularity, params.spikiness)
+            poly = smooth_outline(warp(poly, elong * rng.uniform(0.85, 1.15), theta + rng.normal(0, 0.35)))
+            cy, cx = tissue_yx[rng.integers(len(tissue_yx))] + rng.uniform(-0.5, 0.5, 2)
+            mask, (y0, x0) = _raster(poly + (cx, cy), h, w)
         if mask is None or mask.sum() < 4:
             continue
         region = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
         if (occupied[region] & mask).sum() > params.max_overlap * mask.sum():
             continue
         label += 1
-        _composite(image, mask, region, colour, rng, px, alpha_range=(0.7, 0.95),
-                   vesicular=rng.random() < vesicular_fraction)
+        if real is not None:
+            _paste(image, mask, region, pixels)
+        else:
+            _composite(image, mask, region, colour, rng, px, alpha_range=(0.7, 0.95),
+                       vesicular=rng.random() < vesicular_fraction)
         instances[region][mask] = label
         occupied[region] |= mask
     for _ in range(int(rng.integers(params.distractors_per_patch[0], params.distractors_per_patch[1] + 1))):
@@ -240,6 +322,29 @@ def _wash(image, tissue, colour, rng, px) -> None:
     tone = np.minimum(colour * rng.uniform(1.05, 1.4), 255)
     a = alpha[..., None]
     image[:] = image * (1 - a) + tone * a
+
+
+def _turned(mask: np.ndarray, pixels: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A random quarter turn and flip of a real nucleus (exact: no resampling of its chromatin)."""
+    k, flip = int(rng.integers(4)), rng.random() < 0.5
+    mask, pixels = np.rot90(mask, k), np.rot90(pixels, k)
+    return (mask[:, ::-1], pixels[:, ::-1]) if flip else (mask, pixels)
+
+
+def _clipped(mask, pixels, y0: int, x0: int, h: int, w: int):
+    """Clip a crop placed at ``(y0, x0)`` to an ``h`` × ``w`` canvas: (mask or None, pixels, (y0, x0))."""
+    cy0, cx0 = max(y0, 0), max(x0, 0)
+    cy1, cx1 = min(y0 + mask.shape[0], h), min(x0 + mask.shape[1], w)
+    if cy1 <= cy0 or cx1 <= cx0:
+        return None, None, (0, 0)
+    sl = (slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
+    return mask[sl], pixels[sl], (cy0, cx0)
+
+
+def _paste(image, mask, region, pixels) -> None:
+    """Paste a real nucleus's pixels in place; half a pixel of feathering so its cut edge is not a step."""
+    alpha = np.maximum(cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.5), mask)[..., None]
+    image[region] = image[region] * (1 - alpha) + pixels.astype(np.float32) * alpha
 
 
 def _raster(poly: np.ndarray, h: int, w: int):
@@ -293,12 +398,12 @@ def make_patch(texture: np.ndarray, seed: int, params: SynthParams) -> dict:
     if rng.random() < 0.5:
         texture = texture[:, ::-1]
     texture = np.ascontiguousarray(np.rot90(texture, int(rng.integers(4))))
-    stats = texture_stats(texture, params.mpp)
+    stats = texture_stats(texture, params.mpp, params.real_nucleus_um2 if params.real_nuclei_fraction > 0 else None)
     # Density from the source tile's hematoxylin mass: redraw about the nuclear area its real nuclei had.
     lo, hi = params.coverage
     coverage = float(np.clip(stats["nuclear_fraction"] * rng.uniform(0.8, 1.2), lo, hi))
     image, instances = draw_nuclei(stats["background"], stats["tissue"], stats["colour"], coverage, rng,
-                                   params)
+                                   params, stats["real_nuclei"])
     return {"image": image, "instances": instances, "boundary": boundary_map(instances),
             "coverage": coverage}
 
