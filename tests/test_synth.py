@@ -294,7 +294,7 @@ def test_real_nuclei_are_pasted_whole_and_labelled_as_pasted(rng):
     nuclei = ((yy % 40 - 20) ** 2 + (xx % 40 - 20) ** 2) < 36
     tex[nuclei] = (90, 50, 140)
     tex = np.clip(tex, 0, 255).astype(np.uint8)
-    # Drawn polygons would be ≥ 6 µm in radius here, ten times a moved nucleus's area.
+    # Drawn polygons would be ≥ 4.5 µm in radius here, about nine times a moved nucleus's area.
     params = SynthParams(patch_size=128, coverage=(0.2, 0.3), radius_um=(6.0, 7.0), distractors_per_patch=(0, 0),
                          debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0), wash_probability=0.0, max_overlap=0.0,
                          real_nuclei_fraction=1.0, real_nucleus_um2=(3.0, 150.0))
