@@ -25,12 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import REPO, print_json  # noqa: E402
 
 
-def crops(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    n, h, w, _ = images.shape
-    ys, xs = rng.integers(0, h - size + 1, n), rng.integers(0, w - size + 1, n)
-    return np.stack([im[y:y + size, x:x + size] for im, y, x in zip(images, ys, xs)])
-
-
 def calibration(real_logits: np.ndarray, synth_logits: np.ndarray) -> dict:
     from scipy.optimize import minimize_scalar
     from scipy.stats import mannwhitneyu
@@ -52,7 +46,7 @@ def main() -> None:
 
     from nucseg.model import normalize
     from nucseg.train.data import list_shards, read_shard_images
-    from nucseg.train.fit import train_discriminator
+    from nucseg.train.fit import random_crops, train_discriminator
     from nucseg.train.params import TrainParams
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,9 +69,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             disc = train_discriminator(train_real, shards[:-2], Path(tmp), params, progress=False)
         size = params.disc_crop
-        held_synth = crops(read_shard_images(shards[-2][0]), size, rng)
+        held_synth = random_crops(read_shard_images(shards[-2][0]), size, rng)
         with torch.inference_mode():
-            real_logits = disc.net(normalize(torch.from_numpy(crops(held_real, size, rng)))).numpy()
+            real_logits = disc.net(normalize(torch.from_numpy(random_crops(held_real, size, rng)))).numpy()
             synth_logits = disc.net(normalize(torch.from_numpy(held_synth))).numpy()
         result["seeds"][str(seed)] = calibration(real_logits, synth_logits)
     print_json(result, args.out)

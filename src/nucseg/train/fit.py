@@ -33,7 +33,8 @@ def _trainer(out_dir: Path, max_steps: int, params: TrainParams, progress: bool,
         enable_model_summary=False, log_every_n_steps=10, deterministic=False, **kw)
 
 
-def _random_crops(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def random_crops(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One ``size`` × ``size`` crop at a random place of each NHWC image (the discriminator's input)."""
     n, h, w, _ = images.shape
     ys, xs = rng.integers(0, h - size + 1, n), rng.integers(0, w - size + 1, n)
     return np.stack([im[y:y + size, x:x + size] for im, y, x in zip(images, ys, xs)])
@@ -49,10 +50,10 @@ def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainPa
         if budget <= 0:
             break
         images = read_shard_images(path)[:budget]
-        synth.append(_random_crops(images, params.disc_crop, rng))
+        synth.append(random_crops(images, params.disc_crop, rng))
         budget -= len(images)
     synth = np.concatenate(synth)
-    real = _random_crops(real, min(params.disc_crop, real.shape[1], real.shape[2]), rng)
+    real = random_crops(real, min(params.disc_crop, real.shape[1], real.shape[2]), rng)
     if real.shape[1] != synth.shape[1]:
         synth = synth[:, :real.shape[1], :real.shape[2]]
     images = torch.from_numpy(np.concatenate([real, synth]))
