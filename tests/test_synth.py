@@ -1,10 +1,11 @@
 import json
 
+import cv2
 import numpy as np
 import pytest
 from shapely.geometry import Point, Polygon
 
-from nucseg.synth import (SynthParams, boundary_map, draw_nuclei, generate_dataset, make_patch,
+from nucseg.synth import (SynthParams, boundary_map, draw_nuclei, generate_dataset, make_patch, remove_nuclei,
                           smooth_outline, star_polygon, texture_stats)
 
 
@@ -321,3 +322,42 @@ def test_without_real_nuclei_to_take_the_patch_is_unchanged(rng):
     a = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.2, np.random.default_rng(3), params, [])
     b = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.2, np.random.default_rng(3), SynthParams())
     assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
+
+
+def _detail_std(img, mask):
+    """Spread of an image's fine detail (minus a 2 px blur) over ``mask``."""
+    f = img.astype(np.float32)
+    return float((f - cv2.GaussianBlur(f, (0, 0), 2.0))[mask].std())
+
+
+def test_textured_background_fills_the_holes_with_texture_and_keeps_their_colour(rng):
+    # Stripes and grain everywhere, dark discs where the nuclei were.
+    size = 160
+    yy, xx = np.mgrid[:size, :size]
+    img = np.zeros((size, size, 3), np.float32) + (225, 150, 190)
+    img += (12 * np.sin(xx / 1.5))[..., None] + rng.normal(0, 6, (size, size, 3))
+    nuclei = np.zeros((size, size), bool)
+    for cy, cx in [(40, 40), (100, 120), (130, 30), (50, 110)]:
+        nuclei |= (yy - cy) ** 2 + (xx - cx) ** 2 < 100
+    img[nuclei] = (90, 50, 140)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    smooth = remove_nuclei(img, nuclei, 0.25)
+    textured = remove_nuclei(img, nuclei, 0.25, np.random.default_rng(0))
+    holes = (smooth != img).any(axis=2)
+    outside = ~cv2.dilate(holes.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    # Outside the holes nothing changes; inside, Telea alone leaves a smear ...
+    assert (textured[~holes] == img[~holes]).all()
+    reference = _detail_std(img, outside)
+    assert _detail_std(smooth, nuclei) < 0.5 * reference
+    # ... and the copied detail brings back the texture's grain without shifting the holes' colour.
+    assert 0.7 * reference < _detail_std(textured, nuclei) < 1.3 * reference
+    assert np.abs(textured[nuclei].mean(0) - smooth[nuclei].mean(0)).max() < 4
+    assert textured[nuclei].mean() > 150  # still background, not nucleus
+
+
+def test_textured_background_does_not_move_the_nuclei(rng):
+    tex = texture(rng, 200)
+    plain = make_patch(tex, 5, SynthParams(patch_size=128))
+    textured = make_patch(tex, 5, SynthParams(patch_size=128, textured_background=True))
+    assert (plain["instances"] == textured["instances"]).all()
+    assert (plain["image"] != textured["image"]).any()

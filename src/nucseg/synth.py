@@ -59,6 +59,9 @@ class SynthParams:
     # Off by default: measured, it tied with drawn nuclei at best (README "Tried and not adopted").
     real_nuclei_fraction: float = 0.0
     real_nucleus_um2: tuple[float, float] = (8.0, 150.0)   # area of an isolated real nucleus worth moving
+    # Fill the holes left by the texture's removed nuclei with fine texture copied from elsewhere in it,
+    # not only Telea's smooth smear (which a discriminator can use to spot synthetic patches).
+    textured_background: bool = False
     shard_size: int = 128
     real_per_texture: int = 1   # crops of each texture into real.npz, the discriminator's real class
     seed: int = 0
@@ -117,14 +120,79 @@ def nuclear_pixels(rgb: np.ndarray, hema: np.ndarray | None = None) -> np.ndarra
     return (hema > otsu) | relative
 
 
-def remove_nuclei(rgb: np.ndarray, nuclei: np.ndarray, mpp: float) -> np.ndarray:
-    """Background texture: the image with its (candidate) nuclei inpainted away (OpenCV Telea)."""
+def remove_nuclei(rgb: np.ndarray, nuclei: np.ndarray, mpp: float,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    """Background texture: the image with its (candidate) nuclei inpainted away (OpenCV Telea).
+
+    With ``rng`` the holes also get fine texture copied from elsewhere in the image
+    (:func:`add_texture_detail`) instead of staying smooth smears.
+    """
     # Dilate past the stained rim: faint remnants of real nuclei in the background would be labelled
     # background and teach the network to ignore pale nuclei.
     radius = max(1, round(1.0 / mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2)
     mask = cv2.dilate(nuclei.astype(np.uint8), kernel)
-    return cv2.inpaint(rgb, mask, max(3, radius * 2), cv2.INPAINT_TELEA)
+    smooth = cv2.inpaint(rgb, mask, max(3, radius * 2), cv2.INPAINT_TELEA)
+    if rng is None:
+        return smooth
+    return add_texture_detail(smooth, rgb, mask > 0, rng, sigma=1.5 / mpp, block=round(12.0 / mpp))
+
+
+def add_texture_detail(smooth: np.ndarray, rgb: np.ndarray, holes: np.ndarray, rng: np.random.Generator,
+                       sigma: float, block: int, tries: int = 40) -> np.ndarray:
+    """Give inpainted holes the fine texture of the rest of the image.
+
+    The detail of ``rgb`` (itself minus its local mean over non-hole pixels, Gaussian ``sigma`` px) is
+    copied, one hole (or ``block``-px piece of a large hole) at a time, from a randomly shifted place
+    whose pixels are not holes, and added to ``smooth`` (the inpainted image), which keeps the colour.
+
+    Parameters
+    ----------
+    smooth : ndarray (H, W, 3) uint8
+        Inpainted image.
+    rgb : ndarray (H, W, 3) uint8
+        The original image the detail is taken from.
+    holes : ndarray (H, W) bool
+        Inpainted pixels.
+    rng : numpy.random.Generator
+    sigma : float
+        Scale (px) separating colour (kept from ``smooth``) from detail (copied).
+    block : int
+        Largest piece (px) of a hole that is filled from one place.
+    tries : int
+        Shifts tried per piece; the one with the fewest hole pixels under it is used.
+
+    Returns
+    -------
+    ndarray (H, W, 3) uint8
+    """
+    h, w = holes.shape
+    valid = (~holes).astype(np.float32)
+    weight = cv2.GaussianBlur(valid, (0, 0), sigma)
+    local_mean = cv2.GaussianBlur(rgb.astype(np.float32) * valid[..., None], (0, 0), sigma)
+    detail = rgb.astype(np.float32) - local_mean / np.maximum(weight, 1e-3)[..., None]
+    out = smooth.astype(np.float32)
+    n, components, boxes, _ = cv2.connectedComponentsWithStats(holes.astype(np.uint8), connectivity=8)
+    for i in range(1, n):
+        x, y, bw, bh = boxes[i, :4]
+        for y0 in range(y, y + bh, block):
+            for x0 in range(x, x + bw, block):
+                ph, pw = min(block, y + bh - y0), min(block, x + bw - x0)
+                piece = components[y0:y0 + ph, x0:x0 + pw] == i
+                if not piece.any() or ph >= h or pw >= w:
+                    continue
+                best, best_bad = None, np.inf
+                for _ in range(tries):
+                    sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+                    bad = int(holes[sy:sy + ph, sx:sx + pw][piece].sum())
+                    if bad < best_bad:
+                        best, best_bad = (sy, sx), bad
+                        if bad == 0:
+                            break
+                sy, sx = best
+                take = piece & ~holes[sy:sy + ph, sx:sx + pw]
+                out[y0:y0 + ph, x0:x0 + pw][take] += detail[sy:sy + ph, sx:sx + pw][take]
+    return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
 def isolated_nuclei(rgb: np.ndarray, hema: np.ndarray, nuclei: np.ndarray, mpp: float,
@@ -183,9 +251,11 @@ def isolated_nuclei(rgb: np.ndarray, hema: np.ndarray, nuclei: np.ndarray, mpp: 
     return found
 
 
-def texture_stats(rgb: np.ndarray, mpp: float, real_nucleus_um2: tuple[float, float] | None = None) -> dict:
+def texture_stats(rgb: np.ndarray, mpp: float, real_nucleus_um2: tuple[float, float] | None = None,
+                  fill_rng: np.random.Generator | None = None) -> dict:
     """Background, nuclear colour and hematoxylin mass of a real texture; with ``real_nucleus_um2`` also
-    its :func:`isolated_nuclei` of that area range (``"real_nuclei"``)."""
+    its :func:`isolated_nuclei` of that area range (``"real_nuclei"``); with ``fill_rng`` a textured
+    background (:func:`remove_nuclei`)."""
     hema = hematoxylin_od(rgb)
     nuclei = nuclear_pixels(rgb, hema)
     tissue = tissue_pixels(rgb)
@@ -198,7 +268,7 @@ def texture_stats(rgb: np.ndarray, mpp: float, real_nucleus_um2: tuple[float, fl
     h_mass = float((hema[tissue] > 0.12).mean()) if tissue.any() else 0.0
     nuclear_fraction = float(nuclei[tissue].mean()) if tissue.any() else 0.0
     real = isolated_nuclei(rgb, hema, nuclei, mpp, real_nucleus_um2) if real_nucleus_um2 else []
-    return {"background": remove_nuclei(rgb, nuclei, mpp), "colour": colour, "tissue": tissue,
+    return {"background": remove_nuclei(rgb, nuclei, mpp, fill_rng), "colour": colour, "tissue": tissue,
             "h_mass": h_mass, "nuclear_fraction": nuclear_fraction, "real_nuclei": real}
 
 
@@ -399,7 +469,9 @@ def make_patch(texture: np.ndarray, seed: int, params: SynthParams) -> dict:
     if rng.random() < 0.5:
         texture = texture[:, ::-1]
     texture = np.ascontiguousarray(np.rot90(texture, int(rng.integers(4))))
-    stats = texture_stats(texture, params.mpp, params.real_nucleus_um2 if params.real_nuclei_fraction > 0 else None)
+    # The fill has its own random stream, so a patch's nuclei are the same with and without it.
+    stats = texture_stats(texture, params.mpp, params.real_nucleus_um2 if params.real_nuclei_fraction > 0 else None,
+                          np.random.default_rng([seed, 1]) if params.textured_background else None)
     # Density from the source tile's hematoxylin mass: redraw about the nuclear area its real nuclei had.
     lo, hi = params.coverage
     coverage = float(np.clip(stats["nuclear_fraction"] * rng.uniform(0.8, 1.2), lo, hi))
