@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from shapely.geometry import Point, Polygon
 
-from nucseg.synth import (SynthParams, boundary_map, draw_nuclei, generate_dataset, make_patch, remove_nuclei,
-                          smooth_outline, star_polygon, texture_stats)
+from nucseg.synth import (SynthParams, at_resolution, boundary_map, draw_nuclei, generate_dataset, load_textures,
+                          make_patch, remove_nuclei, smooth_outline, star_polygon, texture_stats)
 
 
 def test_star_polygon_is_star_shaped_around_origin(rng):
@@ -361,3 +361,31 @@ def test_textured_background_does_not_move_the_nuclei(rng):
     textured = make_patch(tex, 5, SynthParams(patch_size=128, textured_background=True))
     assert (plain["instances"] == textured["instances"]).all()
     assert (plain["image"] != textured["image"]).any()
+
+
+def test_at_resolution_removes_detail_finer_than_the_source_keeps_the_rest():
+    yy, xx = np.mgrid[:128, :128]
+    fine = (128 + 60 * (-1) ** xx).astype(np.uint8)           # a period of 2 px: gone at half resolution
+    coarse = (128 + 60 * np.sin(xx / 8.0)).astype(np.uint8)   # a period of 50 px: kept
+    assert at_resolution(fine, 1.1) is fine                   # no coarser than the grid: untouched
+    assert at_resolution(fine, 2.0).std() < 0.1 * fine.std()
+    assert np.abs(at_resolution(coarse, 2.0).astype(int) - coarse)[:, 2:-2].max() <= 3  # edges: half-pixel shift
+    assert at_resolution(coarse, 2.0).shape == coarse.shape
+
+
+def test_match_source_resolution_blurs_patches_of_coarse_textures_only(rng, tmp_path):
+    tex = texture(rng, 200)
+    params = SynthParams(patch_size=128, match_source_resolution=True)
+    plain = make_patch(tex, 5, SynthParams(patch_size=128))
+    sharp = make_patch(tex, 5, params, source_mpp=0.25)
+    coarse = make_patch(tex, 5, params, source_mpp=0.5)
+    assert (sharp["image"] == plain["image"]).all()
+    assert (coarse["instances"] == plain["instances"]).all()   # same nuclei, labelled on the working grid
+    everywhere = np.ones(plain["instances"].shape, bool)
+    assert _detail_std(coarse["image"], everywhere) < 0.7 * _detail_std(plain["image"], everywhere)
+    # The folder's µm/px travels with each texture.
+    folder = tmp_path / "tex"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), tex)
+    textures, mpps = load_textures([], [{"path": folder, "mpp": 0.5}], 0.25, with_mpp=True)
+    assert mpps == [0.5] and textures[0].shape[:2] == (400, 400)

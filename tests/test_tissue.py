@@ -69,6 +69,8 @@ def test_real_slide_without_mpp_uses_fallback_and_says_so(tmp_path):
 def test_real_slide_with_mpp(tmp_path):
     facts = detect_tissue(need(CMU), tmp_path, "cmu", backend="openslide")
     assert facts["status"] == "ok" and facts["mpp"] == pytest.approx(0.499)
+    with np.load(tmp_path / "patches.npz") as data:  # read at 0.25 µm/px, but only 20x detail in them
+        assert float(data["mpp"]) == 0.25 and float(data["scan_mpp"]) == pytest.approx(0.499)
     # Most of this small region is tissue, but not all (glass at the edges).
     assert 0.2 < facts["tissue_area_mm2"] / (2220 * 2967 * 0.499**2 / 1e6) < 0.95
 

@@ -312,8 +312,9 @@ def _cmd_synth(args, progress):
     from .synth import SynthParams, contact_sheet, generate_dataset, load_textures
 
     params = _dataclass_from_args(SynthParams, args)
-    textures = load_textures(_inputs(args, args.patches, required=False), _parse_texture_dirs(args.texture_dir), params.mpp)
-    meta = generate_dataset(textures, args.out_dir, params, progress=progress)
+    textures, source_mpps = load_textures(_inputs(args, args.patches, required=False),
+                                          _parse_texture_dirs(args.texture_dir), params.mpp, with_mpp=True)
+    meta = generate_dataset(textures, args.out_dir, params, progress=progress, source_mpps=source_mpps)
     if args.contact_sheet:
         with np.load(args.out_dir / meta["shards"][0]["file"]) as shard, np.load(args.out_dir / "real.npz") as real:
             io.write_png(args.contact_sheet, contact_sheet(shard["image"], real["patches"]))

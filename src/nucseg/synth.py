@@ -62,6 +62,9 @@ class SynthParams:
     # Fill the holes left by the texture's removed nuclei with fine texture copied from elsewhere in it,
     # not only Telea's smooth smear (which a discriminator can use to spot synthetic patches).
     textured_background: bool = False
+    # Render each patch at its texture's own resolution (down to the source's µm/px and back): nuclei
+    # drawn on a texture upsampled from 20x are then no sharper than the tissue around them.
+    match_source_resolution: bool = False
     shard_size: int = 128
     real_per_texture: int = 1   # crops of each texture into real.npz, the discriminator's real class
     seed: int = 0
@@ -462,8 +465,12 @@ def boundary_map(instances: np.ndarray) -> np.ndarray:
     return find_boundaries(instances, mode="inner").astype(np.uint8)
 
 
-def make_patch(texture: np.ndarray, seed: int, params: SynthParams) -> dict:
-    """One synthetic patch from a real texture (already at ``params.mpp``), deterministic in ``seed``."""
+def make_patch(texture: np.ndarray, seed: int, params: SynthParams, source_mpp: float | None = None) -> dict:
+    """One synthetic patch from a real texture (already at ``params.mpp``), deterministic in ``seed``.
+
+    ``source_mpp`` is the texture's own pixel size before resampling (used by
+    ``params.match_source_resolution``).
+    """
     rng = np.random.default_rng(seed)
     texture = _random_crop(texture, params.patch_size, rng)
     if rng.random() < 0.5:
@@ -477,8 +484,19 @@ def make_patch(texture: np.ndarray, seed: int, params: SynthParams) -> dict:
     coverage = float(np.clip(stats["nuclear_fraction"] * rng.uniform(0.8, 1.2), lo, hi))
     image, instances = draw_nuclei(stats["background"], stats["tissue"], stats["colour"], coverage, rng,
                                    params, stats["real_nuclei"])
+    if params.match_source_resolution and source_mpp is not None:
+        image = at_resolution(image, source_mpp / params.mpp)
     return {"image": image, "instances": instances, "boundary": boundary_map(instances),
             "coverage": coverage}
+
+
+def at_resolution(image: np.ndarray, factor: float) -> np.ndarray:
+    """``image`` as if scanned ``factor`` times coarser and resampled back to its own grid (same shape)."""
+    if factor < 1.2:
+        return image
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def _random_crop(image: np.ndarray, size: int, rng) -> np.ndarray:
@@ -491,19 +509,23 @@ def _random_crop(image: np.ndarray, size: int, rng) -> np.ndarray:
 
 
 def load_textures(patch_files: list[str | os.PathLike], texture_dirs: list[dict] | None,
-                  mpp: float) -> list[np.ndarray]:
+                  mpp: float, with_mpp: bool = False):
     """Real textures at ``mpp``: patches written by the tissue stage plus images of folders.
 
     ``texture_dirs`` entries are ``{"path": DIR, "mpp": float}``; images (PNG/JPEG/TIFF) are resampled
-    from their ``mpp`` to the working resolution.
+    from their ``mpp`` to the working resolution. Returns the list of textures, or with ``with_mpp``
+    ``(textures, source_mpps)``: each texture's pixel size before resampling.
     """
     textures: list[np.ndarray] = []
+    source_mpps: list[float] = []
     for f in patch_files:
         with np.load(f) as data:
             arr = data["patches"]
             src_mpp = float(data["mpp"]) if "mpp" in data else mpp
+            scan_mpp = float(data["scan_mpp"]) if "scan_mpp" in data else src_mpp
         for patch in arr:
             textures.append(_resample(patch, src_mpp, mpp))
+            source_mpps.append(max(scan_mpp, src_mpp))
     for entry in texture_dirs or []:
         root = Path(entry["path"])
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"})
@@ -515,7 +537,8 @@ def load_textures(patch_files: list[str | os.PathLike], texture_dirs: list[dict]
                 log.warning("texture %s: unreadable, skipped", p)
                 continue
             textures.append(_resample(img, float(entry["mpp"]), mpp))
-    return textures
+            source_mpps.append(float(entry["mpp"]))
+    return (textures, source_mpps) if with_mpp else textures
 
 
 def _read_rgb(path: Path) -> np.ndarray | None:
@@ -546,12 +569,12 @@ def _resample(image: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:
 
 
 def _make_shard(args) -> dict:
-    textures, start, count, params = args
+    textures, source_mpps, start, count, params = args
     images, instances, boundaries = [], [], []
     for i in range(start, start + count):
         seed = params.seed * 1_000_003 + i
-        texture = textures[np.random.default_rng(seed).integers(len(textures))]
-        patch = make_patch(texture, seed, params)
+        k = np.random.default_rng(seed).integers(len(textures))
+        patch = make_patch(textures[k], seed, params, source_mpps[k] if source_mpps else None)
         images.append(patch["image"])
         instances.append(patch["instances"].astype(np.uint16))
         boundaries.append(patch["boundary"])
@@ -559,8 +582,12 @@ def _make_shard(args) -> dict:
 
 
 def generate_dataset(textures: list[np.ndarray], out_dir, params: SynthParams,
-                     real_patches: np.ndarray | None = None, progress: bool = True) -> dict:
+                     real_patches: np.ndarray | None = None, progress: bool = True,
+                     source_mpps: list[float] | None = None) -> dict:
     """Generate ``params.n_patches`` synthetic patches into shards under ``out_dir``.
+
+    ``source_mpps`` (one per texture, :func:`load_textures` ``with_mpp``) are the textures' own pixel
+    sizes, for ``params.match_source_resolution``.
 
     Writes ``shard-XXXXX.npz`` (``image`` uint8 NHWC, ``instances`` uint16, ``boundary`` uint8),
     ``real.npz`` (real patches for the discriminator) and ``params.json`` last, listing the shards.
@@ -574,7 +601,7 @@ def generate_dataset(textures: list[np.ndarray], out_dir, params: SynthParams,
     jobs, start = [], 0
     while start < params.n_patches:
         count = min(params.shard_size, params.n_patches - start)
-        jobs.append((textures, start, count, params))
+        jobs.append((textures, source_mpps, start, count, params))
         start += count
     shards = []
     from tqdm import tqdm

@@ -388,5 +388,7 @@ def _write_outputs(out_dir: Path, slide_id, facts, polygons, tiles, preview, pat
     io.write_geoparquet(out_dir / "tissue.parquet", gdf, meta)
     io.write_table(out_dir / "tiles.parquet", tiles, meta)
     io.write_png(out_dir / "tissue.png", preview)
-    io.write_npz(out_dir / "patches.npz", patches=patches, mpp=np.float64(facts["mpp_work"]))
+    # scan_mpp: the detail the patches really hold (a 20x slide read at a 40x working resolution is upsampled).
+    io.write_npz(out_dir / "patches.npz", patches=patches, mpp=np.float64(facts["mpp_work"]),
+                 scan_mpp=np.float64(max(mpp or 0.0, facts["mpp_work"])))
     io.write_json(out_dir / "wsi.json", facts)  # last: its presence means the others are complete
