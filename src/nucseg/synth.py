@@ -186,18 +186,24 @@ def add_texture_detail(smooth: np.ndarray, rgb: np.ndarray, holes: np.ndarray, r
                 piece = components[y0:y0 + ph, x0:x0 + pw] == i
                 if not piece.any() or ph >= h or pw >= w:
                     continue
-                best, best_bad = None, np.inf
-                for _ in range(tries):
-                    sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
-                    bad = int(holes[sy:sy + ph, sx:sx + pw][piece].sum())
-                    if bad < best_bad:
-                        best, best_bad = (sy, sx), bad
-                        if bad == 0:
-                            break
-                sy, sx = best
+                sy, sx = _least_covered_shift(holes, piece, rng, tries)
                 take = piece & ~holes[sy:sy + ph, sx:sx + pw]
                 out[y0:y0 + ph, x0:x0 + pw][take] += detail[sy:sy + ph, sx:sx + pw][take]
     return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def _least_covered_shift(holes: np.ndarray, piece: np.ndarray, rng, tries: int) -> tuple[int, int]:
+    """Of ``tries`` random places for ``piece``, the first with no ``holes`` under it, else the least covered."""
+    (h, w), (ph, pw) = holes.shape, piece.shape
+    best, best_bad = (0, 0), np.inf
+    for _ in range(tries):
+        sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+        bad = int(holes[sy:sy + ph, sx:sx + pw][piece].sum())
+        if bad < best_bad:
+            best, best_bad = (sy, sx), bad
+            if bad == 0:
+                break
+    return best
 
 
 def isolated_nuclei(rgb: np.ndarray, hema: np.ndarray, nuclei: np.ndarray, mpp: float,
@@ -524,10 +530,10 @@ def load_textures(patch_files: list[str | os.PathLike], texture_dirs: list[dict]
         with np.load(f) as data:
             arr = data["patches"]
             src_mpp = float(data["mpp"]) if "mpp" in data else mpp
-            scan_mpp = float(data["scan_mpp"]) if "scan_mpp" in data else src_mpp
+            scan_mpp = float(data["scan_mpp"]) if "scan_mpp" in data else src_mpp  # the tissue stage's, ≥ mpp
         for patch in arr:
             textures.append(_resample(patch, src_mpp, mpp))
-            source_mpps.append(max(scan_mpp, src_mpp))
+            source_mpps.append(scan_mpp)
     for entry in texture_dirs or []:
         root = Path(entry["path"])
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"})
