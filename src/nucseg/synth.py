@@ -55,6 +55,9 @@ class SynthParams:
     cytoplasm_per_patch: tuple[int, int] = (0, 4)  # dark basophilic cytoplasm: nucleus-coloured, unlabelled
     wash_probability: float = 0.5                 # share of patches whose whole tissue gets a hematoxylin cast
     vesicular_fraction: float = 0.45              # nuclei with pale, textured chromatin and a dark rim
+    vesicular_clearing: tuple[float, float] = (0.35, 0.6)  # how much paler a vesicular centre is than its rim
+    # Share of the other nuclei drawn faint (hypochromatic: opacity 0.35-0.6 instead of 0.7-0.95).
+    pale_fraction: float = 0.0
     debris_per_patch: tuple[int, int] = (0, 12)
     # Share of the nuclei that are real ones moved elsewhere in their own texture (when it has isolated
     # nuclei to take): real chromatin, membranes and outlines instead of drawn ones; labelled exactly as pasted.
@@ -352,8 +355,11 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
         if real is not None:
             _paste(image, mask, region, pixels)
         else:
-            _composite(image, mask, region, colour, rng, px, alpha_range=(0.7, 0.95),
-                       vesicular=rng.random() < vesicular_fraction)
+            vesicular = rng.random() < vesicular_fraction
+            # Drawn only when asked for, so that without pale nuclei the random stream is as before.
+            pale = not vesicular and params.pale_fraction > 0 and rng.random() < params.pale_fraction
+            _composite(image, mask, region, colour, rng, px, alpha_range=(0.35, 0.6) if pale else (0.7, 0.95),
+                       vesicular=vesicular, clearing=params.vesicular_clearing)
         instances[region][mask] = label
         occupied[region] |= mask
     for _ in range(int(rng.integers(params.distractors_per_patch[0], params.distractors_per_patch[1] + 1))):
@@ -443,7 +449,7 @@ def _raster(poly: np.ndarray, h: int, w: int):
 
 
 def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1.0,
-               vesicular: bool = False) -> None:
+               vesicular: bool = False, clearing: tuple[float, float] = (0.35, 0.6)) -> None:
     """Alpha-blend one nucleus with a blurred rim and chromatin texture into ``image`` in place."""
     hh, ww = mask.shape
     alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), rim * rng.uniform(0.4, 0.9))
@@ -455,7 +461,7 @@ def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1
     if vesicular:  # open chromatin: pale, textured centre, dark nuclear membrane, a nucleolus or two
         dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
         centre = np.clip(dist / (dist.max() + 1e-6), 0, 1)
-        alpha = alpha * (1 - rng.uniform(0.35, 0.6) * np.sqrt(centre))
+        alpha = alpha * (1 - rng.uniform(*clearing) * np.sqrt(centre))
         strength = rng.uniform(0.2, 0.35)
         ys, xs = np.nonzero(centre > 0.5)
         for _ in range(int(rng.integers(0, 3)) if len(ys) else 0):
