@@ -9,7 +9,8 @@ the patches get a patchy hematoxylin cast over all their tissue and some get sof
 nucleus-coloured cytoplasm; faint nucleus-like distractors and small debris are drawn too. None of these
 is labelled. Optionally (``real_nuclei_fraction``) some nuclei are the texture's own isolated real nuclei,
 moved to random places instead of drawn; the inpainted holes get texture copied from elsewhere
-(``textured_background``); a patch is rendered at its texture's scan resolution (``match_source_resolution``).
+(``textured_background``); a patch is rendered at its texture's scan resolution (``match_source_resolution``);
+some nuclei are drawn faint (``pale_fraction``).
 Targets are an instance map and a boundary map.
 """
 
