@@ -1,7 +1,7 @@
 """Validity of the label-free segmentation-QC detector against manual annotations (prints JSON).
 
 The annotated tiles are cut into patches of the size the ``qc`` stage checks (``QCParams.patch_um``,
-64 µm = 256 px at the model's 0.25 µm/px). For each patch the QC signals are computed exactly as in
+64 µm at the model's working resolution, 128 px at 0.5 µm/px). For each patch the QC signals are computed exactly as in
 the pipeline (:func:`nucseg.qc.patch_signals` on the network's test-time-augmented probabilities, the
 segmented nuclei and their features), and the segmentation is compared with the manual annotation:
 
