@@ -198,12 +198,12 @@ def test_signals_on_a_real_tile_flag_an_out_of_focus_copy(shipped_model):
     sample = load_dataset(need(MONUSEG), default_mpp=0.25)[0]
     params = QCParams()
     start, size, ctx = round(75 / mpp), round(64 / mpp), round(4 / mpp)  # a 64 µm patch with 4 µm context
+    inner = (slice(ctx, -ctx), slice(ctx, -ctx))
     scores = []
     # σ 3 µm: far out of focus (at σ 2 µm the shipped 20x model still reaches patch AJI ≈ 0.3 here).
     for image in (sample.image, cv2.GaussianBlur(sample.image, (0, 0), 3.0 / 0.25)):
         work = resample_to(image, sample.mpp, mpp)
         crop = np.ascontiguousarray(work[start:start + size + 2 * ctx, start:start + size + 2 * ctx])
-        inner = (slice(ctx, -ctx), slice(ctx, -ctx))
         labels = extract_instances(predict(model, crop[None], device)[0], mpp)[inner]
         _, feats = describe_instances(labels)
         probs = tta_predict(model, crop[None], device, params.tta)[0][(...,) + inner]

@@ -391,14 +391,21 @@ def test_match_source_resolution_blurs_patches_of_coarse_textures_only(rng, tmp_
     assert mpps == [0.5] and textures[0].shape[:2] == (400, 400)
 
 
-def _nucleus_contrast(params, centre_only=False, seeds=range(4)):
-    """Mean hematoxylin of each drawn nucleus (or of its centre) above its blank background."""
+# Nuclei alone on blank tissue: no clutter, no wash, no overlaps.
+_NUCLEI_ONLY = dict(distractors_per_patch=(0, 0), debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0),
+                    wash_probability=0.0, max_overlap=0.0)
+
+
+def _nucleus_contrast(centre_only=False, seeds=range(4), **params):
+    """Mean hematoxylin of each drawn nucleus (or of its centre) above its blank background, and the
+    instance maps, for ``SynthParams(**_NUCLEI_ONLY, **params)``."""
     from nucseg.synth import hematoxylin_od
 
-    values = []
+    values, maps = [], []
     for seed in seeds:
         bg, tissue = _blank_tissue(160)
-        img, inst = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.15, np.random.default_rng(seed), params)
+        img, inst = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.15, np.random.default_rng(seed),
+                                SynthParams(**_NUCLEI_ONLY, **params))
         hema = hematoxylin_od(img)
         base = np.median(hema[inst == 0])
         for k in range(1, inst.max() + 1):
@@ -407,14 +414,13 @@ def _nucleus_contrast(params, centre_only=False, seeds=range(4)):
                 dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
                 mask = dist > 0.6 * dist.max()
             values.append(hema[mask].mean() - base)
-    return np.array(values), inst
+        maps.append(inst)
+    return np.array(values), np.stack(maps)
 
 
 def test_pale_nuclei_are_fainter():
-    clean = dict(distractors_per_patch=(0, 0), debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0),
-                 wash_probability=0.0, vesicular_fraction=0.0, max_overlap=0.0)
-    normal, _ = _nucleus_contrast(SynthParams(**clean))
-    pale, _ = _nucleus_contrast(SynthParams(pale_fraction=1.0, **clean))
+    normal, _ = _nucleus_contrast(vesicular_fraction=0.0)
+    pale, _ = _nucleus_contrast(vesicular_fraction=0.0, pale_fraction=1.0)
     assert len(normal) > 20 and len(pale) > 20
     # Opacity 0.35-0.6 instead of 0.7-0.95: about half the contrast, but still darker than the background.
     assert np.median(pale) < 0.7 * np.median(normal)
@@ -423,9 +429,7 @@ def test_pale_nuclei_are_fainter():
 
 def test_vesicular_clearing_pales_the_centres_only():
     """A stronger clearing gives paler centres with the very same nuclei (same random draws)."""
-    clean = dict(distractors_per_patch=(0, 0), debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0),
-                 wash_probability=0.0, vesicular_fraction=1.0, max_overlap=0.0)
-    weak, inst_weak = _nucleus_contrast(SynthParams(vesicular_clearing=(0.2, 0.2), **clean), centre_only=True)
-    strong, inst_strong = _nucleus_contrast(SynthParams(vesicular_clearing=(0.8, 0.8), **clean), centre_only=True)
-    assert (inst_weak == inst_strong).all()
+    weak, maps_weak = _nucleus_contrast(centre_only=True, vesicular_fraction=1.0, vesicular_clearing=(0.2, 0.2))
+    strong, maps_strong = _nucleus_contrast(centre_only=True, vesicular_fraction=1.0, vesicular_clearing=(0.8, 0.8))
+    assert (maps_weak == maps_strong).all()
     assert np.median(strong) < 0.6 * np.median(weak)

@@ -450,7 +450,7 @@ def _raster(poly: np.ndarray, h: int, w: int):
 
 
 def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1.0,
-               vesicular: bool = False, clearing: tuple[float, float] = (0.35, 0.6)) -> None:
+               vesicular: bool = False, clearing: tuple[float, float] = SynthParams.vesicular_clearing) -> None:
     """Alpha-blend one nucleus with a blurred rim and chromatin texture into ``image`` in place."""
     hh, ww = mask.shape
     alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), rim * rng.uniform(0.4, 0.9))
