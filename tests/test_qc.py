@@ -255,3 +255,28 @@ def test_workflow_splits_qc_config_by_the_same_levels():
     text = (REPO / "workflow" / "rules" / "common.smk").read_text()
     repeated = ast.literal_eval(re.search(r"^QC_LEVELS = (\(.*?\))$", text, re.M).group(1))
     assert repeated == LEVELS and set(LEVELS) <= set(vars(QCParams()))
+
+
+def test_stain_floor_follows_a_faded_slide(rng):
+    from skimage.color import hed2rgb, rgb2hed
+
+    from nucseg.instances import hematoxylin_level
+    from nucseg.qc import stain_floor
+    from nucseg.synth import hematoxylin_od
+
+    params = QCParams()
+    image, truth = patch_with_nuclei(rng, [(15, 15), (40, 45), (50, 15)])
+    hed = rgb2hed(image)
+    hed[..., 0] *= 0.3   # hematoxylin at 30 %: a faded slide
+    faded = (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
+    level = hematoxylin_level([hematoxylin_od(faded)], 0.5)
+    assert level < params.hema_threshold < hematoxylin_level([hematoxylin_od(image)], 0.5)
+    # With the fixed floor the faded nuclei are "unstained", and their correct segmentation looks false.
+    assert patch_verdict(faded, truth, params)["reason"] == "nuclei on unstained tissue"
+    lowered = patch_verdict(faded, truth, params, stain_floor(params, level))
+    assert not lowered["bad"] and lowered["recall"] > 0.8 and lowered["precision"] > 0.8
+    # Still a check: nuclei where there is no stain are false, and a well-stained slide keeps the floor.
+    wrong = np.zeros_like(truth)
+    wrong[20:35, 20:35] = True
+    assert patch_verdict(faded, wrong, params, stain_floor(params, level))["bad"]
+    assert stain_floor(params, 0.09) == stain_floor(params, None) == params.hema_threshold

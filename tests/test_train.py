@@ -16,6 +16,10 @@ def test_importance_weight_formula_and_clip():
     assert w[2] == pytest.approx(0.2)      # 0.111 clipped up
     assert w[3] == pytest.approx(2.0)      # 9 clipped down
     assert w[4] == pytest.approx(0.2) and w[5] == pytest.approx(2.0)
+    # Flattened: the same weights to the power λ (λ = 0 would be unweighted), so their order is kept.
+    flat = importance_weights(p, (0.2, 2.0), power=0.5)
+    torch.testing.assert_close(flat, w.sqrt())
+    assert flat.max() / flat.min() == pytest.approx(10 ** 0.5)
 
 
 def test_per_sample_loss_is_per_sample():
@@ -110,8 +114,16 @@ def test_resume_from_last_checkpoint(small_model, tmp_path):
     assert (out / "importance_weights.npz").stat().st_mtime_ns == weights_mtime
     # The resumed run replaced last.ckpt (no last-v1.ckpt), so a second resume continues from step 160.
     assert not list((out / "checkpoints").glob("last-v*.ckpt"))
-    card = train_model([root / "synth"], out, TrainParams(**{**vars(params), "max_steps": 170}), progress=False)
+    # A new weight power applies to the stored discriminator scores without retraining the discriminator.
+    p_real = np.load(out / "importance_weights.npz")["p_real"]
+    card = train_model([root / "synth"], out, TrainParams(**{**vars(params), "max_steps": 170, "weight_power": 0.5}),
+                       progress=False)
     assert card["global_step"] == 170
+    with np.load(out / "importance_weights.npz") as data:
+        np.testing.assert_array_equal(data["p_real"], p_real)
+        np.testing.assert_allclose(data["weight"], np.clip(p_real / (1 - p_real), 0.2, 2.0) ** 0.5, rtol=1e-5)
+    assert card["importance_weights"]["clipped_low"] == pytest.approx(
+        float((np.clip(p_real / (1 - p_real), 0.2, 2.0) <= 0.2 + 1e-6).mean()))
 
 
 def test_each_synthetic_patch_is_scored_by_a_discriminator_that_never_saw_it(small_model, tmp_path, monkeypatch):

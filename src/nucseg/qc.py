@@ -60,7 +60,7 @@ class QCParams:
     n_patches: int = 50           # patches sampled per slide
     patch_um: float = 64.0        # patch edge
     mpp: float = 0.5              # resolution the stain-coverage check reads at
-    hema_threshold: float = 0.04  # floor of the hematoxylin OD counted as nuclear stain
+    hema_threshold: float = 0.04  # floor of the hematoxylin OD counted as nuclear stain (lower on faded slides)
     min_stain_fraction: float = 0.02
     min_recall: float = 0.35      # of stained area covered by nuclei
     min_precision: float = 0.30   # of nucleus area that is stained
@@ -110,9 +110,26 @@ def stain_mask(image: np.ndarray, hema_threshold: float) -> np.ndarray:
     return cv2.morphologyEx(stain.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
 
 
-def patch_verdict(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams) -> dict:
-    """Stain-coverage statistics of one patch and whether they alone make its segmentation look bad."""
-    stain = stain_mask(image, params.hema_threshold)
+def stain_floor(params: QCParams, hematoxylin_level: float | None = None) -> float:
+    """The least hematoxylin OD counted as nuclear stain: ``hema_threshold``, lowered to the slide's
+    hematoxylin level where that is below it.
+
+    The floor keeps a nucleus-free patch's Otsu split from calling noise stain. On a faded slide whole
+    nuclei lie below a fixed floor (hematoxylin at a third: the slide's level 0.015-0.03 OD instead of
+    0.045-0.09), and every correctly segmented nucleus would count as "on unstained tissue".
+    """
+    if hematoxylin_level is None:
+        return params.hema_threshold
+    return min(params.hema_threshold, hematoxylin_level)
+
+
+def patch_verdict(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams,
+                  hema_floor: float | None = None) -> dict:
+    """Stain-coverage statistics of one patch and whether they alone make its segmentation look bad.
+
+    ``hema_floor``: the least OD counted as stain (:func:`stain_floor`; default ``params.hema_threshold``).
+    """
+    stain = stain_mask(image, params.hema_threshold if hema_floor is None else hema_floor)
     n_stain, n_nuc = int(stain.sum()), int(nuclei_mask.sum())
     both = int((stain & nuclei_mask).sum())
     recall = both / n_stain if n_stain else np.nan
@@ -195,10 +212,12 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
         Features of the segmented nuclei whose centroid lies in the patch.
     hematoxylin_level : float or None
         The slide's hematoxylin gate level, so the TTA instances are extracted as the segment stage's
-        (:func:`nucseg.instances.hematoxylin_gate`); None: ungated.
+        (:func:`nucseg.instances.hematoxylin_gate`), and the stain floor of a faded slide is lowered to
+        it (:func:`stain_floor`); None: ungated.
     """
+    floor = stain_floor(params, hematoxylin_level)
     small, small_mask = _resize_to(image, nuclei_mask, mpp_work / params.mpp)
-    out = patch_verdict(small, small_mask, params)
+    out = patch_verdict(small, small_mask, params, floor)
     missed = (1 - out["recall"]) if out["stain_fraction"] >= params.min_stain_fraction else 0.0
     nuclear = out["nuclei_fraction"] >= 0.005
     false = (1 - out["precision"]) if nuclear else 0.0
@@ -206,7 +225,7 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
                shape=shape_outliers(areas_um2, solidity, params), disagreement=np.nan, entropy=np.nan)
     if probs is not None:
         fg = probs[:, 0]
-        region = (fg > 0.5).any(0) | stain_mask(image, params.hema_threshold)
+        region = (fg > 0.5).any(0) | stain_mask(image, floor)
         from .instances import hematoxylin_gate
 
         gate = None if hematoxylin_level is None else hematoxylin_gate(hematoxylin_od(image), mpp_work,

@@ -163,20 +163,22 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
              sum(c for *_, c in shards), len(shards), len(real))
 
     weights_file = out_dir / "importance_weights.npz"
-    if weights_file.exists():
+    if weights_file.exists():  # the discriminator's scores from an earlier (interrupted) run
         with np.load(weights_file) as data:
-            p_real, weights = data["p_real"], data["weight"]
+            p_real, stored = data["p_real"], data["weight"]
     elif len(real) == 0:
         raise ValueError("no real patches for the discriminator")
     else:
-        p_real = cross_fitted_p_real(real, shards, out_dir, params, progress)
-        weights = importance_weights(torch.from_numpy(p_real), params.weight_clip).numpy()
+        p_real, stored = cross_fitted_p_real(real, shards, out_dir, params, progress), None
+    # Recomputed from the scores every time, so a changed clip or power takes effect on resume.
+    weights = importance_weights(torch.from_numpy(p_real), params.weight_clip, params.weight_power).numpy()
+    if stored is None or not np.array_equal(stored, weights):
         io.write_npz(weights_file, p_real=p_real, weight=weights)
     w_stats = {"mean": float(weights.mean()), "std": float(weights.std()),
                "quantiles": dict(zip(["min", "q10", "q50", "q90", "max"],
                                      np.quantile(weights, [0, .1, .5, .9, 1]).round(4).tolist())),
-               "clipped_low": float((weights <= params.weight_clip[0] + 1e-6).mean()),
-               "clipped_high": float((weights >= params.weight_clip[1] - 1e-6).mean())}
+               "clipped_low": float((weights <= params.weight_clip[0] ** params.weight_power + 1e-6).mean()),
+               "clipped_high": float((weights >= params.weight_clip[1] ** params.weight_power - 1e-6).mean())}
     log.info("importance weights: %s", w_stats)
 
     dm = SynthDataModule(synth_dirs, weights if params.weighted else None, params.batch_size,

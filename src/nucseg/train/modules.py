@@ -12,14 +12,17 @@ from torch.nn import functional as F
 from ..model import OUTPUTS, UNet, normalize
 
 
-def importance_weights(p_real: torch.Tensor, clip: tuple[float, float] = (0.2, 2.0)) -> torch.Tensor:
-    """w = D / (1 − D) for discriminator outputs D = P(real | x), clipped to ``clip``.
+def importance_weights(p_real: torch.Tensor, clip: tuple[float, float] = (0.2, 2.0),
+                       power: float = 1.0) -> torch.Tensor:
+    """w = D / (1 − D) for discriminator outputs D = P(real | x), clipped to ``clip``, raised to ``power``.
 
     Under the discriminator's density-ratio estimate, weighting a synthetic sample's loss by w gives the
-    expected loss under the real distribution (Hou et al., 2019).
+    expected loss under the real distribution (Hou et al., 2019). A ``power`` λ < 1 flattens the weights
+    (Shimodaira, 2000): λ = 1 is unbiased under the estimate, λ = 0 is unweighted; in between trades that
+    bias for a larger effective sample size.
     """
     p = p_real.clamp(1e-6, 1 - 1e-6)
-    return (p / (1 - p)).clamp(*clip)
+    return (p / (1 - p)).clamp(*clip) ** power
 
 
 def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_weight: float = 1.0) -> torch.Tensor:

@@ -14,6 +14,7 @@ class TrainParams:
     depth: int = 3
     weighted: bool = True
     weight_clip: tuple[float, float] = (0.2, 2.0)
+    weight_power: float = 1.0    # w ** power after clipping; < 1 flattens the weights (README "The shipped model")
     disc_steps: int = 300
     disc_lr: float = 1e-3
     disc_crop: int = 128
