@@ -210,3 +210,54 @@ def test_stain_jitter_widens_the_colour_spread(rng):
         return np.std([m - m.mean() for m in means], axis=0).mean()
 
     assert hue_spread(0.0) < 0.5 * hue_spread(0.15) and hue_spread(0.35) > 1.8 * hue_spread(0.15)
+
+
+def test_weight_average_is_the_mean_of_the_iterates_after_its_start():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from nucseg.train.modules import WeightAverage
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average, seen = WeightAverage(start_step=3), []
+    for step in range(1, 7):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.fill_(float(step * step))
+        net[1].num_batches_tracked.fill_(step)
+        if step > 3:
+            seen.append(float(step * step))
+        average.on_train_batch_end(SimpleNamespace(global_step=step), SimpleNamespace(net=net), None, None, step)
+    assert average.n_averaged == 3
+    assert torch.allclose(average.average["0.weight"], torch.full((2, 2), np.mean(seen)))
+    assert average.average["1.num_batches_tracked"] == 6   # counters are copied, not averaged
+    restored = WeightAverage(start_step=3)
+    restored.load_state_dict(average.state_dict())
+    assert restored.n_averaged == 3 and torch.equal(restored.average["0.bias"], average.average["0.bias"])
+
+
+def test_training_saves_the_averaged_weights_and_resumes_the_average(small_model, tmp_path):
+    import shutil
+
+    from nucseg.train import TrainParams, train_model
+
+    root = small_model.parent.parent
+    out = tmp_path / "model"
+    shutil.copytree(small_model.parent, out)
+    params = TrainParams(max_steps=170, batch_size=8, disc_steps=20, base=8, lr=5e-3, average_last=0.1)
+    card = train_model([root / "synth"], out, params, progress=False)
+    # Steps 154-170 averaged (the last 10 % of 170); the saved weights are their mean, not the last iterate.
+    assert card["weight_averaging"]["from_step"] == 153 and card["weight_averaging"]["n_averaged"] == 17
+    saved, _ = load_weights(out / "model.pt")
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    last_iterate = {k[len("net."):]: v for k, v in last["state_dict"].items() if k.startswith("net.")}
+    average = next(v for k, v in last["callbacks"].items() if "WeightAverage" in k)["average"]
+    for name, value in saved.state_dict().items():
+        if value.is_floating_point():   # float16 on disk
+            torch.testing.assert_close(value, average[name].float(), atol=2e-3, rtol=2e-3)
+    assert any(not torch.equal(average[k], v) for k, v in last_iterate.items())
+    assert "val_loss" in card["metrics"] and "val_loss" in card["weight_averaging"]["last_iterate_metrics"]
+    # Resumed with more steps, the average continues from the checkpoint's.
+    card = train_model([root / "synth"], out, TrainParams(**{**vars(params), "max_steps": 180}), progress=False)
+    assert card["weight_averaging"]["n_averaged"] == 17 + 10

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from .. import __version__, io
 from ..model import OUTPUTS, save_weights
 from .data import SynthDataModule, list_shards, read_shard_images
-from .modules import DiscriminatorModule, SegmentationModule, importance_weights
+from .modules import DiscriminatorModule, SegmentationModule, WeightAverage, importance_weights
 from .params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,22 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     # the next resume would start again from the first interruption.
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, enable_version_counter=False,
                                            every_n_train_steps=max(1, min(200, params.max_steps // 5)))
-    trainer = _trainer(out_dir, params.max_steps, params, progress, "segmentation", callbacks=[ckpt_cb],
+    callbacks = [ckpt_cb]
+    if params.average_last > 0:
+        callbacks.append(WeightAverage(round(params.max_steps * (1 - params.average_last))))
+    trainer = _trainer(out_dir, params.max_steps, params, progress, "segmentation", callbacks=callbacks,
                        limit_val_batches=4, check_val_every_n_epoch=1)
     resume = out_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    averaging = None
+    if params.average_last > 0 and callbacks[-1].average is not None:
+        # From here on the module holds the averaged weights (last.ckpt keeps the last iterate, to resume from).
+        average = callbacks[-1]
+        module.net.load_state_dict(average.average)
+        averaging = {"from_step": average.start_step, "n_averaged": average.n_averaged,
+                     "last_iterate_metrics": metrics}
+        metrics = {**metrics, **trainer.validate(module, datamodule=dm, verbose=False)[0]}
     calibration = calibrate_center_head(module.net, dm.val_shards, params.mpp) if params.center_head else None
 
     wall = time.monotonic() - started
@@ -206,7 +217,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
                           "n_real_for_discriminator": int(len(real)), "manual_labels": 0,
                           "synth_params": [json.loads((Path(d) / "params.json").read_text())["params"]
                                            for d in synth_dirs]},
-        "importance_weights": w_stats, "metrics": metrics, "center_calibration": calibration,
+        "importance_weights": w_stats, "metrics": metrics, "weight_averaging": averaging,
+        "center_calibration": calibration,
         "global_step": int(trainer.global_step),
         "wall_time_s": round(wall, 1),
         "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -27,6 +27,9 @@ class TrainParams:
     # A third output, the centre map (README "The shipped model"). Off by default: on clean tiles it tied
     # with the boundary-only model, on blurred ones it segmented clearly worse.
     center_head: bool = False
+    # Save the mean of the network's weights over the last ``average_last`` share of the steps instead of the
+    # last step's (0 = off): weight averaging (SWA / SWAD) generalises better out of the training domain.
+    average_last: float = 0.0
     stain_jitter: float = 0.15   # training augmentation: per-channel optical-density scale U(1 ± s)
     mpp: float = 0.25
     seed: int = 0
