@@ -63,7 +63,7 @@ def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainPa
     loader = DataLoader(TensorDataset(images, labels), batch_size=32,
                         sampler=WeightedRandomSampler(sample_w, num_samples=len(labels),
                                                       generator=torch.Generator().manual_seed(params.seed)))
-    module = DiscriminatorModule(lr=params.disc_lr, augment=params.disc_augment)
+    module = DiscriminatorModule(lr=params.disc_lr, augment=params.disc_augment, downsample=params.disc_downsample)
     _trainer(out_dir, params.disc_steps, params, progress, name,
              enable_checkpointing=False).fit(module, loader)
     return module.eval()

@@ -54,13 +54,22 @@ class Discriminator(nn.Module):
 
 
 class DiscriminatorModule(pl.LightningModule):
-    def __init__(self, lr: float = 1e-3, base: int = 16, augment: bool = False):
+    """P(real | patch). ``downsample`` k > 1: the network sees the patch averaged over k × k pixels, i.e.
+    its composition (how many nuclei, how large, what colours) but not the fine detail of how they were drawn."""
+
+    def __init__(self, lr: float = 1e-3, base: int = 16, augment: bool = False, downsample: int = 1):
         super().__init__()
         self.save_hyperparameters()
         self.net = Discriminator(base)
 
+    def _logits(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = normalize(images_uint8)
+        if self.hparams.downsample > 1:
+            x = F.avg_pool2d(x, self.hparams.downsample)
+        return self.net(x)
+
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(normalize(images_uint8)))
+        return torch.sigmoid(self._logits(images_uint8))
 
     def training_step(self, batch, batch_idx):
         images, is_real = batch
@@ -71,7 +80,7 @@ class DiscriminatorModule(pl.LightningModule):
             images = torch.rot90(images, k, dims=(1, 2))
             if torch.rand(1).item() < 0.5:
                 images = images.flip(2)
-        logits = self.net(normalize(images))
+        logits = self._logits(images)
         loss = F.binary_cross_entropy_with_logits(logits, is_real)
         acc = ((logits > 0).float() == is_real).float().mean()
         self.log_dict({"disc_loss": loss, "disc_acc": acc}, prog_bar=True)

@@ -23,6 +23,7 @@ class TrainParams:
     # of 53-85 %) but the model segmented real tiles worse (README "The shipped model").
     disc_folds: int = 1          # > 1: cross-fitting, each synthetic patch scored by a discriminator that never saw it
     disc_augment: bool = False   # random flips / quarter turns of the discriminator's training patches
+    disc_downsample: int = 1     # > 1: the discriminator judges patches averaged over k x k pixels (composition only)
     boundary_weight: float = 1.0
     # A third output, the centre map (README "The shipped model"). Off by default: on clean tiles it tied
     # with the boundary-only model, on blurred ones it segmented clearly worse.
