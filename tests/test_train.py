@@ -261,3 +261,21 @@ def test_training_saves_the_averaged_weights_and_resumes_the_average(small_model
     # Resumed with more steps, the average continues from the checkpoint's.
     card = train_model([root / "synth"], out, TrainParams(**{**vars(params), "max_steps": 180}), progress=False)
     assert card["weight_averaging"]["n_averaged"] == 17 + 10
+
+
+def test_a_downsampling_discriminator_sees_only_block_averages():
+    from nucseg.train.modules import DiscriminatorModule
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    # Shuffle the pixels inside each 4 x 4 block: the block means stay, the fine detail changes.
+    blocks = images.reshape(2, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 8, 8, 16, 3)
+    shuffled = np.take_along_axis(blocks, rng.permuted(np.tile(np.arange(16)[:, None], (2, 8, 8, 1, 3)), axis=3), 3)
+    shuffled = shuffled.reshape(2, 8, 8, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
+    assert not np.array_equal(shuffled, images)
+    torch.manual_seed(0)
+    coarse, fine = DiscriminatorModule(downsample=4).eval(), DiscriminatorModule().eval()
+    with torch.no_grad():
+        a, b = (torch.from_numpy(x) for x in (images, shuffled))
+        torch.testing.assert_close(coarse(a), coarse(b))
+        assert not torch.allclose(fine(a), fine(b))
