@@ -6,7 +6,7 @@ import pytest
 from shapely.geometry import Point, Polygon
 
 from nucseg.synth import (SynthParams, at_resolution, boundary_map, draw_nuclei, generate_dataset, load_textures,
-                          make_patch, remove_nuclei, smooth_outline, star_polygon, texture_stats)
+                          make_patch, match_colour, remove_nuclei, smooth_outline, star_polygon, texture_stats)
 
 
 def test_star_polygon_is_star_shaped_around_origin(rng):
@@ -433,3 +433,37 @@ def test_vesicular_clearing_pales_the_centres_only():
     strong, maps_strong = _nucleus_contrast(centre_only=True, vesicular_fraction=1.0, vesicular_clearing=(0.8, 0.8))
     assert (maps_weak == maps_strong).all()
     assert np.median(strong) < 0.6 * np.median(weak)
+
+
+def _lab_stats(image):
+    lab = cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    return lab.mean(0), lab.std(0)
+
+
+def test_match_colour_takes_the_reference_statistics_and_keeps_what_is_darker(rng):
+    reference = texture(rng, 128)
+    bluish = np.clip(texture(rng, 128).astype(np.float32) * (0.8, 0.8, 1.0) + (0, 10, 20), 0, 255).astype(np.uint8)
+    matched = match_colour(bluish, reference)
+    (m_mean, m_std), (r_mean, r_std), (b_mean, _) = _lab_stats(matched), _lab_stats(reference), _lab_stats(bluish)
+    assert np.abs(m_mean - r_mean).max() < 1.5 < np.abs(b_mean - r_mean).max()
+    np.testing.assert_allclose(m_std, r_std, rtol=0.1)
+    # A per-channel affine map: the blobs stay darker than the tissue around them.
+    yy, xx = np.mgrid[:128, :128]
+    blob = (yy - 40) ** 2 + (xx - 40) ** 2 < 49
+    grey = matched.mean(2)
+    assert grey[blob].mean() < grey[~blob].mean() - 40
+
+
+def test_match_texture_colour_moves_the_colour_not_the_nuclei(rng):
+    tex = texture(rng, 200)
+    t_mean = _lab_stats(tex)[0]
+    plain_gap, matched_gap, labelled = [], [], 0
+    for seed in range(6):
+        plain = make_patch(tex, seed, SynthParams(patch_size=128, wash_probability=1.0))
+        matched = make_patch(tex, seed, SynthParams(patch_size=128, wash_probability=1.0, match_texture_colour=True))
+        assert (plain["instances"] == matched["instances"]).all()
+        labelled += plain["instances"].max() > 0
+        plain_gap.append(np.abs(_lab_stats(plain["image"])[0] - t_mean).sum())
+        matched_gap.append(np.abs(_lab_stats(matched["image"])[0] - t_mean).sum())
+    # Washed patches are bluer than their texture; matched, their mean colour is the texture's again.
+    assert labelled >= 2 and np.mean(matched_gap) < 0.5 * np.mean(plain_gap)

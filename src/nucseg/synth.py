@@ -71,6 +71,10 @@ class SynthParams:
     # Render each patch at its texture's own resolution (down to the source's µm/px and back): nuclei
     # drawn on a texture upsampled from 20x are then no sharper than the tissue around them.
     match_source_resolution: bool = False
+    # Give each finished patch the colour statistics of the real texture it was made from (mean and spread
+    # of each CIELAB channel over the tissue): washes and cytoplasm clutter make patches bluer and flatter
+    # than real tissue, and a discriminator tells them apart by colour alone (README "The shipped model").
+    match_texture_colour: bool = False
     shard_size: int = 128
     real_per_texture: int = 1   # crops of each texture into real.npz, the discriminator's real class
     seed: int = 0
@@ -499,10 +503,28 @@ def make_patch(texture: np.ndarray, seed: int, params: SynthParams, source_mpp: 
     coverage = float(np.clip(stats["nuclear_fraction"] * rng.uniform(0.8, 1.2), lo, hi))
     image, instances = draw_nuclei(stats["background"], stats["tissue"], stats["colour"], coverage, rng,
                                    params, stats["real_nuclei"])
+    if params.match_texture_colour:
+        image = match_colour(image, texture, stats["tissue"])
     if params.match_source_resolution and source_mpp is not None:
         image = at_resolution(image, source_mpp / params.mpp)
     return {"image": image, "instances": instances, "boundary": boundary_map(instances),
             "coverage": coverage}
+
+
+def match_colour(image: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """``image`` with the mean and standard deviation of each CIELAB channel of ``reference`` (Reinhard et
+    al., 2001), both measured over ``mask`` (default: all pixels); uint8 RGB in and out.
+
+    A per-channel affine map: what is darker or bluer than its surroundings stays so, only the overall
+    colour balance and contrast move to the reference's.
+    """
+    if mask is None or mask.sum() < 16:
+        mask = np.ones(image.shape[:2], bool)
+    lab, ref = (cv2.cvtColor(x.astype(np.float32) / 255, cv2.COLOR_RGB2LAB) for x in (image, reference))
+    mu, sd = lab[mask].mean(0), lab[mask].std(0) + 1e-6
+    lab = (lab - mu) * (ref[mask].std(0) / sd) + ref[mask].mean(0)
+    rgb = cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(rgb * 255, 0, 255).round().astype(np.uint8)
 
 
 def at_resolution(image: np.ndarray, factor: float) -> np.ndarray:
