@@ -10,7 +10,8 @@ nucleus-coloured cytoplasm; faint nucleus-like distractors and small debris are 
 is labelled. Optionally (``real_nuclei_fraction``) some nuclei are the texture's own isolated real nuclei,
 moved to random places instead of drawn; the inpainted holes get texture copied from elsewhere
 (``textured_background``); a patch is rendered at its texture's scan resolution (``match_source_resolution``);
-some nuclei are drawn faint (``pale_fraction``).
+some nuclei are drawn faint (``pale_fraction``); a patch gets its texture's colour statistics
+(``match_texture_colour``).
 Targets are an instance map and a boundary map.
 """
 
@@ -73,7 +74,7 @@ class SynthParams:
     match_source_resolution: bool = False
     # Give each finished patch the colour statistics of the real texture it was made from (mean and spread
     # of each CIELAB channel over the tissue): washes and cytoplasm clutter make patches bluer and flatter
-    # than real tissue, and a discriminator tells them apart by colour alone (README "The shipped model").
+    # than real tissue. Off by default: measured, the model segmented real tiles worse (README "The shipped model").
     match_texture_colour: bool = False
     shard_size: int = 128
     real_per_texture: int = 1   # crops of each texture into real.npz, the discriminator's real class
