@@ -238,17 +238,14 @@ def test_weight_average_is_the_mean_of_the_iterates_after_its_start():
 
 
 def test_training_saves_the_averaged_weights_and_resumes_the_average(small_model, tmp_path):
-    import shutil
-
     from nucseg.train import TrainParams, train_model
 
     root = small_model.parent.parent
     out = tmp_path / "model"
-    shutil.copytree(small_model.parent, out)
-    params = TrainParams(max_steps=170, batch_size=8, disc_steps=20, base=8, lr=5e-3, average_last=0.1)
+    params = TrainParams(max_steps=40, batch_size=8, disc_steps=20, base=8, lr=5e-3, average_last=0.25)
     card = train_model([root / "synth"], out, params, progress=False)
-    # Steps 154-170 averaged (the last 10 % of 170); the saved weights are their mean, not the last iterate.
-    assert card["weight_averaging"]["from_step"] == 153 and card["weight_averaging"]["n_averaged"] == 17
+    # Steps 31-40 averaged (the last quarter of 40); the saved weights are their mean, not the last iterate.
+    assert card["weight_averaging"]["from_step"] == 30 and card["weight_averaging"]["n_averaged"] == 10
     saved, _ = load_weights(out / "model.pt")
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     last_iterate = {k[len("net."):]: v for k, v in last["state_dict"].items() if k.startswith("net.")}
@@ -259,8 +256,31 @@ def test_training_saves_the_averaged_weights_and_resumes_the_average(small_model
     assert any(not torch.equal(average[k], v) for k, v in last_iterate.items())
     assert "val_loss" in card["metrics"] and "val_loss" in card["weight_averaging"]["last_iterate_metrics"]
     # Resumed with more steps, the average continues from the checkpoint's.
-    card = train_model([root / "synth"], out, TrainParams(**{**vars(params), "max_steps": 180}), progress=False)
-    assert card["weight_averaging"]["n_averaged"] == 17 + 10
+    card = train_model([root / "synth"], out, TrainParams(**{**vars(params), "max_steps": 50}), progress=False)
+    assert card["global_step"] == 50 and card["weight_averaging"]["n_averaged"] == 10 + 10
+
+
+def test_changed_data_is_not_resumed_from_a_stale_run(small_model, tmp_path, caplog):
+    """Snakemake reruns training when the synthetic data changed: the old scores and checkpoint must not be used."""
+    import shutil
+
+    from nucseg.train import TrainParams, train_model
+
+    synth, out = tmp_path / "synth", tmp_path / "model"
+    shutil.copytree(small_model.parent.parent / "synth", synth)
+    shutil.copytree(small_model.parent, out)
+    old_p_real = np.load(out / "importance_weights.npz")["p_real"]
+    shard = sorted(synth.glob("shard-*.npz"))[0]
+    with np.load(shard) as data:
+        arrays = dict(data)
+    arrays["image"] = np.ascontiguousarray(arrays["image"][:, ::-1])   # other patches, same count
+    np.savez_compressed(shard, **arrays)
+    params = TrainParams(max_steps=150, batch_size=8, disc_steps=20, base=8, lr=5e-3)   # the fixture's
+    with caplog.at_level("WARNING"):
+        card = train_model([synth], out, params, progress=False)
+    assert "scoring again" in caplog.text and "training from scratch" in caplog.text
+    assert card["global_step"] == 150 and card["metrics"]   # trained (a stale resume logs no metrics)
+    assert not np.array_equal(np.load(out / "importance_weights.npz")["p_real"], old_p_real)
 
 
 def test_a_downsampling_discriminator_sees_only_block_averages():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import platform
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -144,6 +146,27 @@ def calibrate_center_head(net, shards, mpp: float, n: int = 64,
             "synthetic_aji": {str(t): round(v, 4) for t, v in aji.items()}}
 
 
+# What the discriminator's scores depend on besides the data; the network's checkpoint depends on every
+# parameter but these (a resumed run may extend max_steps; workers and device do not change the result).
+DISCRIMINATOR_FIELDS = ("disc_steps", "disc_lr", "disc_crop", "disc_max_synthetic", "disc_folds", "disc_augment",
+                        "disc_downsample", "seed")
+RESUMABLE_CHANGES = ("max_steps", "num_workers", "accelerator")
+
+
+def data_fingerprint(synth_dirs: list[str | Path]) -> str:
+    """sha256 over the contents of the synthetic data (parameters, shards, real patches) of ``synth_dirs``."""
+    digest = hashlib.sha256()
+    for d in map(Path, synth_dirs):
+        files = ["params.json", "real.npz", *(s["file"] for s in json.loads((d / "params.json").read_text())["shards"])]
+        for name in files:
+            digest.update(f"{name}:{io.file_sha256(d / name)};".encode())
+    return digest.hexdigest()
+
+
+def _key(data: str, params: TrainParams, fields) -> str:
+    return hashlib.sha256(json.dumps([data, {f: getattr(params, f) for f in fields}], default=str).encode()).hexdigest()
+
+
 def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: TrainParams = TrainParams(),
                 progress: bool = True, command: str | None = None) -> dict:
     """Train the segmentation network from synthetic shards; write weights and a model card.
@@ -162,18 +185,27 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     log.info("training on %d synthetic patches from %d shard(s); %d real patches for the discriminator",
              sum(c for *_, c in shards), len(shards), len(real))
 
+    # An earlier run's discriminator scores and checkpoint are reused only if made from the same data and
+    # parameters: when snakemake reruns training because its inputs changed, nothing stale may carry over.
+    data_key = data_fingerprint(synth_dirs)
+    disc_key = _key(data_key, params, DISCRIMINATOR_FIELDS)
+    net_key = _key(data_key, params, [f for f in asdict(params) if f not in RESUMABLE_CHANGES])
     weights_file = out_dir / "importance_weights.npz"
+    p_real = stored = None
     if weights_file.exists():  # the discriminator's scores from an earlier (interrupted) run
         with np.load(weights_file) as data:
-            p_real, stored = data["p_real"], data["weight"]
-    elif len(real) == 0:
-        raise ValueError("no real patches for the discriminator")
-    else:
-        p_real, stored = cross_fitted_p_real(real, shards, out_dir, params, progress), None
+            if "key" in data and str(data["key"]) == disc_key:
+                p_real, stored = data["p_real"], data["weight"]
+            else:
+                log.warning("%s: made from other data or discriminator parameters; scoring again", weights_file)
+    if p_real is None:
+        if len(real) == 0:
+            raise ValueError("no real patches for the discriminator")
+        p_real = cross_fitted_p_real(real, shards, out_dir, params, progress)
     # Recomputed from the scores every time, so a changed clip or power takes effect on resume.
     weights = importance_weights(torch.from_numpy(p_real), params.weight_clip, params.weight_power).numpy()
     if stored is None or not np.array_equal(stored, weights):
-        io.write_npz(weights_file, p_real=p_real, weight=weights)
+        io.write_npz(weights_file, p_real=p_real, weight=weights, key=np.str_(disc_key))
     w_stats = {"mean": float(weights.mean()), "std": float(weights.std()),
                "quantiles": dict(zip(["min", "q10", "q50", "q90", "max"],
                                      np.quantile(weights, [0, .1, .5, .9, 1]).round(4).tolist())),
@@ -195,7 +227,12 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
         callbacks.append(WeightAverage(round(params.max_steps * (1 - params.average_last))))
     trainer = _trainer(out_dir, params.max_steps, params, progress, "segmentation", callbacks=callbacks,
                        limit_val_batches=4, check_val_every_n_epoch=1)
-    resume = out_dir / "checkpoints" / "last.ckpt"
+    resume, key_file = out_dir / "checkpoints" / "last.ckpt", out_dir / "checkpoints" / "key.txt"
+    if resume.exists() and not (key_file.exists() and key_file.read_text() == net_key):
+        log.warning("%s: made from other data or training parameters; training from scratch", resume)
+        shutil.rmtree(resume.parent)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(net_key)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     averaging = None
