@@ -95,8 +95,8 @@ class WeightAverage(pl.Callback):
     ``start_step`` on, kept in the checkpoint so that an interrupted run resumes its average too.
 
     Averaging the iterates of one run (stochastic weight averaging; SWAD for domain generalisation,
-    Cha et al., 2021) lands in a flatter region of the loss than the last iterate, which transfers better
-    to data unlike the training data (here: real tissue after synthetic training).
+    Cha et al., 2021) lands in a flatter region of the loss than the last iterate, which is meant to
+    transfer better to data unlike the training data (here it did not: README "The shipped model").
     """
 
     def __init__(self, start_step: int):
