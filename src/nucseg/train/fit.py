@@ -155,11 +155,11 @@ RESUMABLE_CHANGES = ("max_steps", "num_workers", "accelerator")
 
 def data_fingerprint(synth_dirs: list[str | Path]) -> str:
     """sha256 over the contents of the synthetic data (parameters, shards, real patches) of ``synth_dirs``."""
+    files = [Path(d) / name for d in synth_dirs for name in ("params.json", "real.npz")]
+    files += [path for path, _, _ in list_shards(synth_dirs)]
     digest = hashlib.sha256()
-    for d in map(Path, synth_dirs):
-        files = ["params.json", "real.npz", *(s["file"] for s in json.loads((d / "params.json").read_text())["shards"])]
-        for name in files:
-            digest.update(f"{name}:{io.file_sha256(d / name)};".encode())
+    for path in files:
+        digest.update(f"{path.name}:{io.file_sha256(path)};".encode())
     return digest.hexdigest()
 
 
@@ -222,9 +222,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     # the next resume would start again from the first interruption.
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, enable_version_counter=False,
                                            every_n_train_steps=max(1, min(200, params.max_steps // 5)))
-    callbacks = [ckpt_cb]
-    if params.average_last > 0:
-        callbacks.append(WeightAverage(round(params.max_steps * (1 - params.average_last))))
+    averager = WeightAverage(round(params.max_steps * (1 - params.average_last))) if params.average_last > 0 else None
+    callbacks = [ckpt_cb] if averager is None else [ckpt_cb, averager]
     trainer = _trainer(out_dir, params.max_steps, params, progress, "segmentation", callbacks=callbacks,
                        limit_val_batches=4, check_val_every_n_epoch=1)
     resume, key_file = out_dir / "checkpoints" / "last.ckpt", out_dir / "checkpoints" / "key.txt"
@@ -236,11 +235,10 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     averaging = None
-    if params.average_last > 0 and callbacks[-1].average is not None:
+    if averager is not None and averager.average is not None:
         # From here on the module holds the averaged weights (last.ckpt keeps the last iterate, to resume from).
-        average = callbacks[-1]
-        module.net.load_state_dict(average.average)
-        averaging = {"from_step": average.start_step, "n_averaged": average.n_averaged,
+        module.net.load_state_dict(averager.average)
+        averaging = {"from_step": averager.start_step, "n_averaged": averager.n_averaged,
                      "last_iterate_metrics": metrics}
         metrics = {**metrics, **trainer.validate(module, datamodule=dm, verbose=False)[0]}
     calibration = calibrate_center_head(module.net, dm.val_shards, params.mpp) if params.center_head else None
