@@ -5,7 +5,7 @@ import pytest
 import shapely
 
 from nucseg import io
-from nucseg.segment import SegmentParams, plan_blocks, segment_slide
+from nucseg.segment import Block, SeamFilter, SegmentParams, plan_blocks, segment_slide
 
 from .conftest import CMU, TCGA_TS, need
 
@@ -18,6 +18,23 @@ def test_blocks_cover_tissue_once():
     # Tissue spans 500 x 150 working px: 4 columns x 2 rows of 128-px cores.
     assert {cx for cx, _ in cores} == {0, 128, 256, 384} and {cy for _, cy in cores} == {0, 128}
     assert all(b.read_size == 160 for b in blocks)
+
+
+def test_seam_filter_drops_a_nucleus_kept_twice_across_a_block_border():
+    """Two neighbouring blocks outline a nucleus on their border differently, with the centroids on either
+    side: the later block's copy goes; distinct touching nuclei and far-apart blocks stay."""
+    a, right, below_right, far = (Block(cx, cy, 100, 20) for cx, cy in ((0, 0), (100, 0), (100, 100), (300, 300)))
+    seams = SeamFilter(scale=0.5, reach=20)  # polygons in level-0 px = 2 x working px
+    box = shapely.box
+    first = [box(180, 80, 204, 104), box(60, 60, 80, 80), box(186, 180, 206, 200)]  # two at A's border
+    assert list(seams.filter(first, [a, a, a])) == [0, 1, 2]
+    second = [box(190, 82, 210, 106),   # the first one's twin, centroid across the seam: dropped
+              box(203, 20, 230, 44),    # a different nucleus touching nothing of A's
+              box(202, 176, 224, 198),  # shares 18 % of A's third one: kept
+              box(192, 190, 212, 210),  # A's third one's twin (35 % shared) in the diagonal block: dropped
+              box(700, 700, 720, 720)]  # a far block: compared with nothing
+    owners = [right, right, right, below_right, far]
+    assert list(seams.filter(second, owners)) == [1, 2, 4] and seams.n_dropped == 2
 
 
 @pytest.fixture(scope="module")

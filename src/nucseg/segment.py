@@ -5,6 +5,10 @@ cell) and a *read region* (the core grown by a margin wider than the largest nuc
 instance extraction run on the read region; a nucleus is kept only by the block whose core contains
 its centroid, so every nucleus belongs to exactly one block and none is cut at a block border
 (the scheme of stardist's ``big.py``).
+
+Centroid ownership alone can still keep a nucleus twice: two neighbouring blocks may outline a nucleus
+on their shared border slightly differently, with the two versions' centroids on either side of it.
+:class:`SeamFilter` drops a nucleus that overlaps one already kept by an earlier neighbouring block.
 """
 
 from __future__ import annotations
@@ -168,7 +172,7 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
     status = tissue_meta.get("status", "ok")
     meta = {"slide_id": slide_id, "model_id": model_meta["model_id"], "mpp_work": mpp_work, "status": status,
             **(extra_metadata or {})}
-    n_blocks = 0
+    n_blocks = n_seam_duplicates = 0
     writer = io.GeoParquetWriter(out_path, NUCLEI_SCHEMA, row_group_size=params.row_group_size)
     try:
         if status == "ok":
@@ -190,17 +194,21 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
             blocks = plan_blocks(slide_size, scale, core, margin, tissue)
             n_blocks = len(blocks)
             reader = BlockReader(slide_path, backend, blocks, scale)
-            for frame, geoms in _segment_blocks(reader, model, device, mpp_work, params, tissue, level, progress):
-                writer.write(frame, geoms)
+            seams = SeamFilter(scale, margin)
+            for frame, geoms, owners in _segment_blocks(reader, model, device, mpp_work, params, tissue, level,
+                                                        progress):
+                keep = seams.filter(geoms, [blocks[i] for i in owners])
+                writer.write(frame.iloc[keep].reset_index(drop=True), [geoms[k] for k in keep])
+            n_seam_duplicates = seams.n_dropped
     except BaseException:
         writer.abort()
         raise
     meta["seconds"] = round(time.monotonic() - started, 2)
     writer.close(io.provenance(**meta))
     summary = {"slide_id": slide_id, "status": status, "n_nuclei": writer.n_rows, "n_blocks": n_blocks,
-               "device": device.type, **meta}
-    log.info("slide %s: %d nuclei in %d blocks, %.1f s on %s", slide_id, writer.n_rows, n_blocks,
-             meta["seconds"], device.type)
+               "n_seam_duplicates": n_seam_duplicates, "device": device.type, **meta}
+    log.info("slide %s: %d nuclei in %d blocks (%d seam duplicates dropped), %.1f s on %s", slide_id,
+             writer.n_rows, n_blocks, n_seam_duplicates, meta["seconds"], device.type)
     return summary
 
 
@@ -237,7 +245,7 @@ def _detect_tissue(slide, mpp: float):
 
 def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params: SegmentParams, tissue,
                     level: float | None, progress: bool):
-    """Yield ``(features frame, polygons)`` per batch of blocks.
+    """Yield ``(features frame, polygons, block index of each nucleus)`` per batch of blocks.
 
     Tiles are read in DataLoader workers; instance extraction and features of one batch run in a thread
     while the network processes the next (at most two batches in flight, so memory stays bounded).
@@ -297,8 +305,8 @@ def _collate(items):
 
 
 def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissue, level):
-    """Instances, ownership, polygons (level-0) and features of one batch of blocks."""
-    frames, polygons = [], []
+    """Instances, ownership, polygons (level-0), features and owning block index of one batch of blocks."""
+    frames, polygons, owners = [], [], []
     for (i, image), prob in zip(batch, probs):
         block = blocks[i]
         hema = hematoxylin_od(image)
@@ -325,8 +333,69 @@ def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissu
             "tile_x": np.full(len(keep), round(block.cx / scale), np.int64),
             "tile_y": np.full(len(keep), round(block.cy / scale), np.int64), "score": f.score.to_numpy()}))
         polygons.extend(_valid_polygon((polys[k] + (rx, ry)) / scale) for k in keep)
+        owners.extend([i] * len(keep))
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(NUCLEI_SCHEMA))
-    return frame, polygons
+    return frame, polygons, owners
+
+
+class SeamFilter:
+    """Drops nuclei already kept, in another outline, by an earlier neighbouring block.
+
+    Blocks arrive in raster order, so a block's earlier neighbours are the one to its left and the three
+    above it. Each kept nucleus whose bounding box comes within ``reach`` of its block's core border is
+    remembered for the blocks after it (two rows of blocks at most); a later nucleus sharing at least
+    ``min_overlap`` of the smaller of the two areas with one of them is the same nucleus and is dropped.
+    Distinct neighbours share a few border pixels at most, so both stay.
+
+    Parameters
+    ----------
+    scale : float
+        Working px per level-0 px (blocks are in working px, polygons in level-0 px).
+    reach : float
+        Distance from the core border, in working px, within which a nucleus can have a twin in the
+        neighbouring block (the read margin).
+    """
+
+    def __init__(self, scale: float, reach: float, min_overlap: float = 0.3):
+        self.scale, self.reach, self.min_overlap = scale, reach, min_overlap
+        self._border: dict[tuple[int, int], list[Polygon]] = {}
+        self.n_dropped = 0
+
+    def filter(self, polygons: list[Polygon], blocks: list[Block]) -> np.ndarray:
+        """Indices of ``polygons`` (owned by ``blocks``, given in raster order) that are no duplicates."""
+        keep = []
+        for block in dict.fromkeys(blocks):
+            mine = np.flatnonzero([b == block for b in blocks])
+            earlier = [p for dx, dy in ((-1, 0), (-1, -1), (0, -1), (1, -1))
+                       for p in self._border.get((block.cx + dx * block.core, block.cy + dy * block.core), [])]
+            kept = mine[~self._duplicates([polygons[k] for k in mine], earlier)]
+            keep.extend(kept)
+            self.n_dropped += len(mine) - len(kept)
+            self._remember(block, [polygons[k] for k in kept])
+        return np.array(sorted(keep), dtype=np.int64)
+
+    def _duplicates(self, polygons: list[Polygon], earlier: list[Polygon]) -> np.ndarray:
+        dup = np.zeros(len(polygons), bool)
+        if not polygons or not earlier:
+            return dup
+        earlier = np.array(earlier, dtype=object)
+        mine, theirs = shapely.STRtree(earlier).query(np.array(polygons, dtype=object), predicate="intersects")
+        if len(mine):
+            a, b = np.array(polygons, dtype=object)[mine], earlier[theirs]
+            shared = shapely.area(shapely.intersection(a, b))
+            dup[mine[shared >= self.min_overlap * np.minimum(shapely.area(a), shapely.area(b))]] = True
+        return dup
+
+    def _remember(self, block: Block, polygons: list[Polygon]) -> None:
+        # Blocks above the previous row can neighbour no later block.
+        for key in [k for k in self._border if k[1] < block.cy - block.core]:
+            del self._border[key]
+        if not polygons:
+            return
+        x0, y0, x1, y1 = shapely.bounds(np.array(polygons, dtype=object)).T * self.scale
+        near = ((x0 < block.cx + self.reach) | (y0 < block.cy + self.reach)
+                | (x1 > block.cx + block.core - self.reach) | (y1 > block.cy + block.core - self.reach))
+        self._border[(block.cx, block.cy)] = [p for p, n in zip(polygons, near) if n]
 
 
 def _valid_polygon(points: np.ndarray) -> Polygon:
