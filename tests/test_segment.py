@@ -1,5 +1,6 @@
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import shapely
@@ -106,6 +107,17 @@ def assert_tiling_independent(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> None:
         iou = (gdf.geometry.values[i[pairs]].intersection(gdf.geometry.values[j[pairs]]).area /
                gdf.geometry.values[i[pairs]].union(gdf.geometry.values[j[pairs]]).area)
         assert (iou <= 0.3).all()
+
+
+def test_postprocessing_in_processes_gives_the_same_file(segmented, demo_slide, demo_tissue, small_model, tmp_path):
+    """Instances and features in 2 worker processes: the same nuclei, in the same order, as in one thread."""
+    out = tmp_path / "n.parquet"
+    segment_slide(demo_slide, out, small_model, tissue_path=demo_tissue / "tissue.parquet", slide_id="demo",
+                  params=SegmentParams(tile_size=256, postprocess_workers=2), progress=False)
+    a, b = gpd.read_parquet(segmented[256]), gpd.read_parquet(out)
+    assert len(a) > 50
+    pd.testing.assert_frame_equal(a.drop(columns="geometry"), b.drop(columns="geometry"))
+    assert a.geometry.geom_equals_exact(b.geometry, 0).all()
 
 
 def test_slide_hematoxylin_level_is_per_slide_and_splits_nuclei_from_the_rest(demo_slide, demo_tissue):

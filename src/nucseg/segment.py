@@ -13,8 +13,11 @@ on their shared border slightly differently, with the two versions' centroids on
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
+import multiprocessing
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +57,9 @@ class SegmentParams:
     margin_um: float = 32.0
     batch_size: int = 4
     workers: int = 0              # DataLoader processes reading tiles
+    # Processes extracting instances and features (1: one thread beside the network). Raise on GPU nodes,
+    # where this CPU work, not the network, sets the pace (README "Whole-slide inference").
+    postprocess_workers: int = 1
     device: str = "auto"
     row_group_size: int = 50_000  # nuclei per Parquet row group (bounds the writer's memory)
     foreground_threshold: float = 0.5
@@ -245,34 +251,68 @@ def _detect_tissue(slide, mpp: float):
 
 def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params: SegmentParams, tissue,
                     level: float | None, progress: bool):
-    """Yield ``(features frame, polygons, block index of each nucleus)`` per batch of blocks.
+    """Yield ``(features frame, polygons, block index of each nucleus)`` per batch of blocks, in block order.
 
-    Tiles are read in DataLoader workers; instance extraction and features of one batch run in a thread
-    while the network processes the next (at most two batches in flight, so memory stays bounded).
+    Tiles are read in DataLoader workers; instance extraction and features of a batch run in a thread (or
+    ``params.postprocess_workers`` processes) while the network processes the next ones. At most
+    ``postprocess_workers + 1`` batches are in flight, so memory stays bounded.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from collections import deque
 
     from tqdm import tqdm
 
     loader = DataLoader(reader, batch_size=params.batch_size, num_workers=params.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
-    inst_params = params.instance_params()
-    if tissue is not None and not tissue.is_empty:
-        shapely.prepare(tissue)
-    else:
+    if tissue is not None and tissue.is_empty:
         tissue = None
-    pending = None
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    context = {"scale": reader.scale, "mpp_work": mpp_work, "inst_params": params.instance_params(),
+               "tissue": tissue, "level": level}
+    workers = max(1, params.postprocess_workers)
+    pending = deque()
+    with _postprocess_pool(workers, context) as (pool, postprocess):
         for batch in tqdm(loader, desc="segment", unit="batch", disable=not progress):
             probs = predict(model, np.stack([img for _, img in batch]), device, params.tta)
-            future = pool.submit(_postprocess_batch, batch, probs, reader.blocks, reader.scale, mpp_work,
-                                 inst_params, tissue, level)
-            if pending is not None:
-                yield pending.result()
+            pending.append(pool.submit(postprocess, batch, probs, [reader.blocks[i] for i, _ in batch]))
+            while len(pending) > workers:
+                yield pending.popleft().result()
                 _release_freed_memory()
-            pending = future
-        if pending is not None:
-            yield pending.result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@contextlib.contextmanager
+def _postprocess_pool(workers: int, context: dict):
+    """An executor and the function it runs on ``(batch, probs, blocks)``: one thread, or ``workers``
+    processes that receive ``context`` (the tissue geometry above all) once instead of with every batch."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    if workers == 1:
+        if context["tissue"] is not None:
+            shapely.prepare(context["tissue"])
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            yield pool, functools.partial(_postprocess_batch, **context)
+        return
+    # spawn, not fork: forking a process that runs torch's thread pools can deadlock the children.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_postprocess_worker, initargs=(context,)) as pool:
+        yield pool, _postprocess_in_worker
+
+
+_WORKER_CONTEXT: dict = {}
+
+
+def _init_postprocess_worker(context: dict) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one core per worker process
+    torch.set_num_threads(1)
+    if context["tissue"] is not None:
+        shapely.prepare(context["tissue"])
+    _WORKER_CONTEXT.update(context)
+
+
+def _postprocess_in_worker(batch, probs, blocks):
+    return _postprocess_batch(batch, probs, blocks, **_WORKER_CONTEXT)
 
 
 def _release_freed_memory() -> None:
@@ -305,10 +345,10 @@ def _collate(items):
 
 
 def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissue, level):
-    """Instances, ownership, polygons (level-0), features and owning block index of one batch of blocks."""
+    """Instances, ownership, polygons (level-0), features and owning block index of one batch of blocks
+    (``blocks``: the batch's, in its order)."""
     frames, polygons, owners = [], [], []
-    for (i, image), prob in zip(batch, probs):
-        block = blocks[i]
+    for (i, image), prob, block in zip(batch, probs, blocks):
         hema = hematoxylin_od(image)
         gate = None if level is None else hematoxylin_gate(hema, mpp_work, level)
         labels = extract_instances(prob, mpp_work, inst_params, gate=gate)

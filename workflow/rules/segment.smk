@@ -23,7 +23,7 @@ rule segment:
         # Static flags in one string each: every {field} of the command costs planning time per job.
         flags=f"--config-hash {SEGMENT_CONFIG_HASH} {cfg_flags(config['segment'])}",
         qc=f"--backend {config['slide_backend']} --config-hash {SEGMENT_CONFIG_HASH} {qc_flags(measure=True)}",
-    threads: config["segment"].get("workers", 0) + 1
+    threads: config["segment"].get("workers", 0) + config["segment"].get("postprocess_workers", 1)
     resources:
         mem_mb=lambda wc, attempt: 3000 * attempt,
         gpu=config["gpus_per_job"],
