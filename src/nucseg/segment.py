@@ -418,10 +418,10 @@ class SeamFilter:
         dup = np.zeros(len(polygons), bool)
         if not polygons or not earlier:
             return dup
-        earlier = np.array(earlier, dtype=object)
-        mine, theirs = shapely.STRtree(earlier).query(np.array(polygons, dtype=object), predicate="intersects")
+        polygons, earlier = np.array(polygons, dtype=object), np.array(earlier, dtype=object)
+        mine, theirs = shapely.STRtree(earlier).query(polygons, predicate="intersects")
         if len(mine):
-            a, b = np.array(polygons, dtype=object)[mine], earlier[theirs]
+            a, b = polygons[mine], earlier[theirs]
             shared = shapely.area(shapely.intersection(a, b))
             dup[mine[shared >= self.min_overlap * np.minimum(shapely.area(a), shapely.area(b))]] = True
         return dup
