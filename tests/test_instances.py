@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, hematoxylin_gate,
-                              relabel)
+                              label_peaks, relabel)
 from nucseg.synth import hematoxylin_od
 
 
@@ -123,3 +123,22 @@ def test_relabel_is_consecutive():
     out = relabel(labels)
     assert sorted(np.unique(out)) == [0, 1, 2, 3]
     assert (out[labels == 0] == 0).all()
+
+
+@pytest.mark.parametrize("min_distance", [1, 2, 4])
+def test_label_peaks_are_skimages_per_label_peaks(rng, min_distance):
+    """The same peaks, in the same order, as skimage's per-label peak_local_max: smooth blobs, plateaus
+    (quantised values) and flat labels included."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+
+    for trial in range(12):
+        image = ndi.gaussian_filter(rng.random((160, 160)), 3).astype(np.float32)
+        labels, n = ndi.label(image > np.percentile(image, 60))
+        if trial % 3 == 1:
+            image = np.round(image * 25) / 25
+        if trial % 3 == 2:
+            image[labels == 1] = image[labels == 1].mean()  # a flat label
+        expected = peak_local_max(image, min_distance=min_distance, labels=labels, exclude_border=False)
+        assert n > 3 and len(expected) >= n
+        np.testing.assert_array_equal(label_peaks(image, labels, min_distance), expected)

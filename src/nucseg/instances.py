@@ -146,12 +146,9 @@ def _with_coreless_components(core_labels: np.ndarray, n: int, mask: np.ndarray)
 
 def _split_cores(core_labels: np.ndarray, n: int, mpp: float, params: InstanceParams) -> np.ndarray:
     """Markers at the peaks of the cores' distance map, plus one per core without a peak."""
-    from skimage.feature import peak_local_max
-
     dist = ndi.distance_transform_edt(core_labels > 0).astype(np.float32)
     dist = cv2.GaussianBlur(dist, (0, 0), max(0.3, params.smooth_um / mpp))
-    peaks = peak_local_max(dist, min_distance=max(1, round(params.min_distance_um / mpp)), labels=core_labels,
-                           exclude_border=False)
+    peaks = label_peaks(dist, core_labels, max(1, round(params.min_distance_um / mpp)))
     markers = np.zeros(core_labels.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # A core whose distance map is flat has no peak: it still is one nucleus.
@@ -162,6 +159,35 @@ def _split_cores(core_labels: np.ndarray, n: int, mpp: float, params: InstancePa
     orphan = missing[core_labels]
     markers[orphan] = len(peaks) + core_labels[orphan]
     return markers
+
+
+def label_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int) -> np.ndarray:
+    """``skimage.feature.peak_local_max(image, min_distance, labels=labels, exclude_border=False)``, faster.
+
+    The same peaks in the same order: each label's local maxima within its own pixels, in a window of
+    ``2 * min_distance + 1``. skimage spaces every label's candidates with a k-d tree; most cores have one
+    candidate, which needs no spacing, so only labels with several are handed to skimage.
+    """
+    from skimage.feature import peak_local_max
+
+    threshold = image.min()  # peak_local_max's default threshold: the whole image's minimum
+    size = 2 * min_distance + 1
+    background = np.finfo(image.dtype).min if np.issubdtype(image.dtype, np.floating) else np.iinfo(image.dtype).min
+    found = []
+    for index, roi in enumerate(ndi.find_objects(labels)):
+        if roi is None:
+            continue
+        inside = labels[roi] == index + 1
+        crop = np.where(inside, image[roi], background)
+        peak = crop == ndi.maximum_filter(crop, size=size, mode="nearest")
+        if np.all(peak[inside]) or np.count_nonzero(peak & (crop > threshold)) > 1:
+            # A flat label (skimage's special case) or several candidates to space: skimage itself.
+            coords = peak_local_max(image[roi], min_distance=min_distance, threshold_abs=threshold,
+                                    labels=inside.astype(np.int32), exclude_border=False)
+        else:
+            coords = np.argwhere(peak & (crop > threshold))
+        found.append(coords + [s.start for s in roi])
+    return np.vstack(found) if found else np.empty((0, 2), np.intp)
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
