@@ -173,6 +173,9 @@ def test_rerun_is_a_no_op_and_param_change_replans_only_downstream(run):
     for change in ("qc={'n_patches': 11}", "segment={'min_area_um2': 7.0}"):
         out = snakemake(work, "-n", "--config", change).stdout
         assert planned_jobs(out) == {"segment": n, "qc_cohort": 1, "qc_all": 1, **report, "all": 1}, out[-2000:]
+    # How the segment jobs run (tile readers, post-processing processes, batch size) re-segments nothing.
+    result = snakemake(work, "-n", "--config", "segment={'workers': 1, 'postprocess_workers': 2, 'batch_size': 2}")
+    assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-2000:]
 
 
 def test_new_grading_levels_regrade_without_segmenting_again(run):

@@ -71,9 +71,16 @@ def cfg_flags(params):
     return " ".join(out)
 
 
-def config_hash(*sections):
-    """Hash of the config sections that determine an output (recorded as provenance)."""
-    blob = json.dumps({s: config.get(s) for s in sections}, sort_keys=True, default=str)
+# How a segment job runs, not what it computes. These travel to the job as resources, which are no rerun
+# trigger, and stay out of the config hashes: changing them (in the config, or with --set-resources)
+# segments nothing again.
+SEGMENT_RUNTIME = ("workers", "postprocess_workers", "batch_size")
+SEGMENT_SETTINGS = {k: v for k, v in config["segment"].items() if k not in SEGMENT_RUNTIME}
+
+
+def config_hash(*sections, **values):
+    """Hash of the config sections (and other named values) that determine an output (recorded as provenance)."""
+    blob = json.dumps({**{s: config.get(s) for s in sections}, **values}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,4 +1,4 @@
-SEGMENT_CONFIG_HASH = config_hash("mpp_work", "segment", "model")
+SEGMENT_CONFIG_HASH = config_hash("mpp_work", "model", segment=SEGMENT_SETTINGS)
 
 
 rule segment:
@@ -21,12 +21,15 @@ rule segment:
     params:
         slide=lambda wc: {"source": SLIDE_ROWS[wc.slide_id]["source"], "mpp": mpp_flags(wc.slide_id)},
         # Static flags in one string each: every {field} of the command costs planning time per job.
-        flags=f"--config-hash {SEGMENT_CONFIG_HASH} {cfg_flags(config['segment'])}",
+        flags=f"--config-hash {SEGMENT_CONFIG_HASH} {cfg_flags(SEGMENT_SETTINGS)}",
         qc=f"--backend {config['slide_backend']} --config-hash {SEGMENT_CONFIG_HASH} {qc_flags(measure=True)}",
     threads: config["segment"].get("workers", 0) + config["segment"].get("postprocess_workers", 1)
     resources:
         mem_mb=lambda wc, attempt: 3000 * attempt,
         gpu=config["gpus_per_job"],
+        segment_readers=config["segment"].get("workers", 0),
+        segment_postprocess=config["segment"].get("postprocess_workers", 1),
+        segment_batch=config["segment"].get("batch_size", 4),
     retries: 1
     log:
         "logs/segment/{cancer_type}/{slide_id}.log",
@@ -34,7 +37,9 @@ rule segment:
         "../../envs/nucseg.yaml"
     shell:
         "(nucseg --no-progress segment {input.slide} --out {output.nuclei} --checkpoint {input.weights} "
-        "--tissue-mask {input.tissue} --slide-id {wildcards.slide_id} {params.slide[mpp]} {params.flags} && "
+        "--tissue-mask {input.tissue} --slide-id {wildcards.slide_id} {params.slide[mpp]} {params.flags} "
+        "--workers {resources.segment_readers} --postprocess-workers {resources.segment_postprocess} "
+        "--batch-size {resources.segment_batch} && "
         "nucseg --no-progress qc --wsi {input.facts} --nuclei {output.nuclei} --tiles {input.tiles} "
         "--slide {input.slide} --out-json {output.row} --out-patches {output.patches} "
         "--checkpoint {input.weights} --tissue {input.tissue} --out-overlay {output.overlay} "
