@@ -180,12 +180,13 @@ def label_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int) -> np.
         inside = labels[roi] == index + 1
         crop = np.where(inside, image[roi], background)
         peak = crop == ndi.maximum_filter(crop, size=size, mode="nearest")
-        if np.all(peak[inside]) or np.count_nonzero(peak & (crop > threshold)) > 1:
+        candidates = peak & (crop > threshold)
+        if np.all(peak[inside]) or np.count_nonzero(candidates) > 1:
             # A flat label (skimage's special case) or several candidates to space: skimage itself.
             coords = peak_local_max(image[roi], min_distance=min_distance, threshold_abs=threshold,
                                     labels=inside.astype(np.int32), exclude_border=False)
         else:
-            coords = np.argwhere(peak & (crop > threshold))
+            coords = np.argwhere(candidates)
         found.append(coords + [s.start for s in roi])
     return np.vstack(found) if found else np.empty((0, 2), np.intp)
 

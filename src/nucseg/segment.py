@@ -403,9 +403,12 @@ class SeamFilter:
 
     def filter(self, polygons: list[Polygon], blocks: list[Block]) -> np.ndarray:
         """Indices of ``polygons`` (owned by ``blocks``, given in raster order) that are no duplicates."""
+        by_block: dict[Block, list[int]] = {}
+        for k, block in enumerate(blocks):
+            by_block.setdefault(block, []).append(k)
         keep = []
-        for block in dict.fromkeys(blocks):
-            mine = np.flatnonzero([b == block for b in blocks])
+        for block, mine in by_block.items():
+            mine = np.array(mine)
             earlier = [p for dx, dy in ((-1, 0), (-1, -1), (0, -1), (1, -1))
                        for p in self._border.get((block.cx + dx * block.core, block.cy + dy * block.core), [])]
             kept = mine[~self._duplicates([polygons[k] for k in mine], earlier)]
