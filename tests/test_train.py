@@ -299,3 +299,39 @@ def test_a_downsampling_discriminator_sees_only_block_averages():
         a, b = (torch.from_numpy(x) for x in (images, shuffled))
         torch.testing.assert_close(coarse(a), coarse(b))
         assert not torch.allclose(fine(a), fine(b))
+
+
+def test_gradient_reversal_and_its_ramp():
+    from nucseg.train.modules import _GradientReversal, adaptation_ramp
+
+    x = torch.randn(3, 4, requires_grad=True)
+    (_GradientReversal.apply(x, 0.3) * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(x.grad, -0.3 * torch.arange(4.0).expand(3, 4))   # identity forward, reversed back
+    ramp = [adaptation_ramp(p) for p in np.linspace(0, 1, 11)]
+    assert ramp[0] == 0 and all(b > a for a, b in zip(ramp, ramp[1:])) and 0.99 < ramp[-1] <= 1
+
+
+def test_output_space_adaptation(small_model, tmp_path):
+    """The network trains against an output discriminator on the unlabelled real patches; only the network ships."""
+    from nucseg.train import TrainParams, train_model
+    from nucseg.train.modules import SegmentationModule
+
+    root = small_model.parent.parent
+    out = tmp_path / "model"
+    params = TrainParams(max_steps=30, batch_size=8, disc_steps=20, base=8, lr=5e-3, adapt_weight=0.5,
+                         adapt_real_batch=4)
+    card = train_model([root / "synth"], out, params, progress=False)
+    assert {"adapt_loss", "adapt_acc"} <= set(card["metrics"])
+    assert 0 < card["metrics"]["adapt_scale"] <= 0.5
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert any(k.startswith("output_disc.") for k in state)
+    net, _ = load_weights(out / "model.pt")   # the plain U-Net: the discriminator is not part of the model
+    assert not any("output_disc" in k for k in net.state_dict())
+
+    # Real batches depend on the step alone (a resumed run draws the same ones) and must fit the patch size.
+    module = SegmentationModule(base=4, depth=2, adapt_weight=1.0, adapt_real_batch=3)
+    module.real_patches = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (10, 40, 40, 3), np.uint8))
+    first, again = module._real_batch((32, 32)), module._real_batch((32, 32))
+    assert first.shape == (3, 32, 32, 3) and torch.equal(first, again)
+    with pytest.raises(ValueError, match="smaller than the synthetic"):
+        module._real_batch((64, 64))

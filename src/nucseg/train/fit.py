@@ -217,7 +217,10 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
                          params.num_workers, params.seed, params.stain_jitter, params.center_head)
     module = SegmentationModule(base=params.base, depth=params.depth, lr=params.lr, weighted=params.weighted,
                                 boundary_weight=params.boundary_weight, max_steps=params.max_steps,
-                                center_head=params.center_head)
+                                center_head=params.center_head, adapt_weight=params.adapt_weight,
+                                adapt_real_batch=params.adapt_real_batch, seed=params.seed)
+    if params.adapt_weight > 0:
+        module.real_patches = torch.from_numpy(real)
     # No version counter: a resumed run must overwrite last.ckpt (not write last-v1.ckpt beside it), or
     # the next resume would start again from the first interruption.
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, enable_version_counter=False,

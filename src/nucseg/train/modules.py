@@ -90,6 +90,41 @@ class DiscriminatorModule(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; the gradient backwards is multiplied by ``-scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+class OutputDiscriminator(nn.Module):
+    """Fully convolutional patch classifier on the network's output probabilities: logit of P(real tissue)
+    for each 8 × 8-pixel neighbourhood (Tsai et al., 2018, at a quarter of their width)."""
+
+    def __init__(self, in_channels: int, base: int = 32):
+        super().__init__()
+        layers, cin = [], in_channels
+        for i in range(3):
+            layers += [nn.Conv2d(cin, base * 2**i, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+            cin = base * 2**i
+        self.net = nn.Sequential(*layers, nn.Conv2d(cin, 1, 3, padding=1))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return self.net(probs)
+
+
+def adaptation_ramp(progress: float) -> float:
+    """DANN's schedule of the reversed gradient's scale, 0 at the start to ~1 at the end (Ganin et al., 2016):
+    the discriminator first learns what tells the domains apart while the network's outputs are still noise."""
+    return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
+
+
 class WeightAverage(pl.Callback):
     """Running mean of the network's state (weights and BatchNorm statistics) after each step from
     ``start_step`` on, kept in the checkpoint so that an interrupted run resumes its average too.
@@ -129,20 +164,37 @@ class SegmentationModule(pl.LightningModule):
 
     The loss of sample i is multiplied by w_i / mean(w) over the batch (weights normalised per batch so
     the learning rate keeps its meaning); with ``weighted=False`` every w_i is 1 (the ablation).
+
+    With ``adapt_weight`` > 0 and unlabelled real tissue patches in ``real_patches`` (uint8 NHWC, set by the
+    caller; not part of the state), each step also passes ``adapt_real_batch`` of them through the network in
+    the same batch, and an :class:`OutputDiscriminator` learns to tell its output probabilities on real
+    patches from those on synthetic ones; its gradient reaches the network reversed and scaled by
+    ``adapt_weight`` × :func:`adaptation_ramp`, so the network learns to give real tissue outputs shaped like
+    those of synthetic tissue (output-space adaptation, label-free).
     """
 
     def __init__(self, base: int = 16, depth: int = 3, lr: float = 2e-3, weighted: bool = True,
-                 boundary_weight: float = 1.0, max_steps: int = 1000, center_head: bool = False):
+                 boundary_weight: float = 1.0, max_steps: int = 1000, center_head: bool = False,
+                 adapt_weight: float = 0.0, adapt_real_batch: int = 16, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.net = UNet(base=base, depth=depth, out_channels=len(OUTPUTS) if center_head else 2)
+        self.output_disc = OutputDiscriminator(self.net.head.out_channels) if adapt_weight > 0 else None
+        self.real_patches: torch.Tensor | None = None
 
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.net(normalize(images_uint8))
 
     def training_step(self, batch, batch_idx):
         images, targets, weights, _ = batch
-        losses = per_sample_loss(self(images), targets, self.hparams.boundary_weight)
+        adapting = self.output_disc is not None and self.real_patches is not None
+        if adapting:
+            real = self._real_batch(images.shape[1:3])
+            logits_all = self(torch.cat([images, real]))
+            logits = logits_all[:len(images)]
+        else:
+            logits = self(images)
+        losses = per_sample_loss(logits, targets, self.hparams.boundary_weight)
         if self.hparams.weighted:
             w = weights / weights.mean().clamp_min(1e-6)
         else:
@@ -150,7 +202,32 @@ class SegmentationModule(pl.LightningModule):
         loss = (losses * w).mean()
         self.log("train_loss", loss, prog_bar=True)
         self.log_dict({"w_mean": weights.mean(), "w_min": weights.min(), "w_max": weights.max()})
+        if adapting:
+            scale = self.hparams.adapt_weight * adaptation_ramp(self.global_step / max(1, self.hparams.max_steps))
+            d_logits = self.output_disc(_GradientReversal.apply(torch.sigmoid(logits_all), scale))
+            is_real = torch.zeros_like(d_logits)
+            is_real[len(images):] = 1.0
+            adv = F.binary_cross_entropy_with_logits(d_logits, is_real)
+            acc = ((d_logits > 0).float() == is_real).float().mean()
+            self.log_dict({"adapt_loss": adv, "adapt_acc": acc, "adapt_scale": scale})
+            loss = loss + adv
         return loss
+
+    def _real_batch(self, size) -> torch.Tensor:
+        """``adapt_real_batch`` real patches, cropped to ``size`` and turned by a random quarter turn and flip,
+        drawn from a generator seeded by the step (the same patches on a resumed run)."""
+        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        real = self.real_patches
+        if real.shape[1] < size[0] or real.shape[2] < size[1]:
+            raise ValueError(f"real patches {tuple(real.shape[1:3])} are smaller than the synthetic ones {tuple(size)}")
+        idx = torch.randint(len(real), (self.hparams.adapt_real_batch,), generator=g)
+        y = int(torch.randint(real.shape[1] - size[0] + 1, (1,), generator=g))
+        x = int(torch.randint(real.shape[2] - size[1] + 1, (1,), generator=g))
+        batch = real[idx, y:y + size[0], x:x + size[1]]
+        batch = torch.rot90(batch, int(torch.randint(4, (1,), generator=g)), dims=(1, 2))
+        if torch.rand(1, generator=g).item() < 0.5:
+            batch = batch.flip(2)
+        return batch.to(self.device)
 
     def validation_step(self, batch, batch_idx):
         images, targets, _, _ = batch

@@ -31,6 +31,12 @@ class TrainParams:
     # Save the mean of the network's weights over the last ``average_last`` share of the steps instead of the
     # last step's (0 = off). Off by default: measured, worse on real tiles than the last iterate (README).
     average_last: float = 0.0
+    # Output-space domain adaptation (Tsai et al., 2018; gradient reversal, Ganin & Lempitsky, 2015): > 0 adds a
+    # discriminator telling the network's outputs on real tissue crops (the discriminator's real patches) from
+    # those on synthetic patches, whose reversed gradient, scaled by this weight, makes outputs on real tissue
+    # look like outputs on synthetic tissue. 0 = off.
+    adapt_weight: float = 0.0
+    adapt_real_batch: int = 16
     stain_jitter: float = 0.15   # training augmentation: per-channel optical-density scale U(1 ± s)
     mpp: float = 0.25
     seed: int = 0
