@@ -435,6 +435,49 @@ def test_vesicular_clearing_pales_the_centres_only():
     assert np.median(strong) < 0.6 * np.median(weak)
 
 
+def _rim_and_interior(**params):
+    """Hematoxylin of each drawn nucleus's outer 1.5 px ring and of its interior beyond it, above the background."""
+    from nucseg.synth import hematoxylin_od
+
+    rims, insides = [], []
+    for seed in range(4):
+        bg, tissue = _blank_tissue(160)
+        img, inst = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.15, np.random.default_rng(seed),
+                                SynthParams(**_NUCLEI_ONLY, mpp=0.25, vesicular_fraction=1.0, **params))
+        hema = hematoxylin_od(img)
+        base = np.median(hema[inst == 0])
+        for k in range(1, inst.max() + 1):
+            dist = cv2.distanceTransform((inst == k).astype(np.uint8), cv2.DIST_L2, 3)
+            if dist.max() < 6:
+                continue
+            rims.append(hema[(dist > 0) & (dist <= 1.5)].mean() - base)
+            insides.append(hema[dist > 3].mean() - base)
+    return np.array(rims), np.array(insides)
+
+
+def test_crisp_vesicular_nuclei_have_a_membrane_around_a_clear_interior():
+    soft_rim, soft_inside = _rim_and_interior()
+    crisp_rim, crisp_inside = _rim_and_interior(crisp_vesicular=1.0)
+    assert len(soft_rim) > 10 and len(crisp_rim) > 10
+    # The default fades smoothly from a blurred rim; the crisp membrane is the darkest part of the nucleus.
+    assert np.median(crisp_rim / crisp_inside) > 1.3 * np.median(soft_rim / soft_inside)
+    assert (crisp_inside > 0).mean() > 0.95   # cleared, not empty: chromatin and nucleoli stay
+
+
+def test_large_coverage_packs_the_large_nucleus_patches():
+    def nuclear_fraction(**params):
+        values = []
+        for seed in range(6):
+            bg, tissue = _blank_tissue(256)
+            _, inst = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.08, np.random.default_rng(seed),
+                                  SynthParams(**{**_NUCLEI_ONLY, "max_overlap": 0.15}, large_fraction=1.0, **params))
+            values.append((inst > 0).mean())
+        return np.mean(values)
+
+    texture_own, packed = nuclear_fraction(), nuclear_fraction(large_coverage=(0.35, 0.45))
+    assert texture_own < 0.12 and packed > 2.5 * texture_own
+
+
 def _lab_stats(image):
     lab = cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3)
     return lab.mean(0), lab.std(0)

@@ -60,6 +60,13 @@ class SynthParams:
     vesicular_clearing: tuple[float, float] = (0.35, 0.6)  # how much paler a vesicular centre is than its rim
     # Share of the other nuclei drawn faint (hypochromatic: opacity 0.35-0.6 instead of 0.7-0.95).
     pale_fraction: float = 0.0
+    # Share of the vesicular nuclei drawn as real carcinoma nuclei look at 40x: a crisp membrane about half
+    # a micron wide around a clear interior (cleared by 45-75 %) holding discrete chromatin clumps and
+    # one or two nucleoli, instead of the default's centre fading gradually towards the middle.
+    crisp_vesicular: float = 0.0
+    # Nuclear area fraction of the large-nucleus patches (carcinoma: packed, touching nuclei) drawn from
+    # this range instead of the texture's own; (0, 0) = the texture's own.
+    large_coverage: tuple[float, float] = (0.0, 0.0)
     debris_per_patch: tuple[int, int] = (0, 12)
     # Share of the nuclei that are real ones moved elsewhere in their own texture (when it has isolated
     # nuclei to take): real chromatin, membranes and outlines instead of drawn ones; labelled exactly as pasted.
@@ -317,6 +324,8 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
     bias = rng.uniform(*(params.large_size_bias if large else params.size_bias))
     # Large carcinoma nuclei are mostly vesicular: open chromatin, a nucleolus, a dark membrane.
     vesicular_fraction = max(params.vesicular_fraction, 0.8) if large else params.vesicular_fraction
+    if large and params.large_coverage[1] > 0:  # drawn only when asked for: the random stream stays as before
+        coverage = rng.uniform(*params.large_coverage)
     elong = rng.uniform(*params.elongation)
     theta = rng.uniform(0, np.pi)
     mean_area = np.pi * (np.mean(params.radius_um) * bias * px) ** 2
@@ -364,8 +373,9 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
             vesicular = rng.random() < vesicular_fraction
             # Drawn only when asked for, so that without pale nuclei the random stream is as before.
             pale = not vesicular and params.pale_fraction > 0 and rng.random() < params.pale_fraction
+            crisp = vesicular and params.crisp_vesicular > 0 and rng.random() < params.crisp_vesicular
             _composite(image, mask, region, colour, rng, px, alpha_range=(0.35, 0.6) if pale else (0.7, 0.95),
-                       vesicular=vesicular, clearing=params.vesicular_clearing)
+                       vesicular="crisp" if crisp else vesicular, clearing=params.vesicular_clearing)
         instances[region][mask] = label
         occupied[region] |= mask
     for _ in range(int(rng.integers(params.distractors_per_patch[0], params.distractors_per_patch[1] + 1))):
@@ -455,8 +465,11 @@ def _raster(poly: np.ndarray, h: int, w: int):
 
 
 def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1.0,
-               vesicular: bool = False, clearing: tuple[float, float] = SynthParams.vesicular_clearing) -> None:
-    """Alpha-blend one nucleus with a blurred rim and chromatin texture into ``image`` in place."""
+               vesicular: bool | str = False, clearing: tuple[float, float] = SynthParams.vesicular_clearing) -> None:
+    """Alpha-blend one nucleus with a blurred rim and chromatin texture into ``image`` in place.
+
+    ``vesicular``: False, True (centre fading towards the middle) or ``"crisp"`` (:func:`_crisp_vesicular`).
+    """
     hh, ww = mask.shape
     alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), rim * rng.uniform(0.4, 0.9))
     alpha = np.maximum(alpha, mask * 0.85) * rng.uniform(*alpha_range)
@@ -464,7 +477,10 @@ def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1
     chroma = 0.6 * _smooth_noise(rng, (hh, ww), max(0.6, 0.3 * px)) + 0.4 * _smooth_noise(rng, (hh, ww), max(1.0, px))
     tone = colour * rng.uniform(0.75, 1.15) + rng.normal(0, 6, 3)
     strength = 0.12
-    if vesicular:  # open chromatin: pale, textured centre, dark nuclear membrane, a nucleolus or two
+    if vesicular == "crisp":
+        alpha = _crisp_vesicular(alpha, mask, rng, px)
+        strength = 0.15
+    elif vesicular:  # open chromatin: pale, textured centre, dark nuclear membrane, a nucleolus or two
         dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
         centre = np.clip(dist / (dist.max() + 1e-6), 0, 1)
         alpha = alpha * (1 - rng.uniform(*clearing) * np.sqrt(centre))
@@ -478,6 +494,22 @@ def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1
     patch = image[region]
     a = alpha[..., None]
     image[region] = patch * (1 - a) + nucleus * a
+
+
+def _crisp_vesicular(alpha: np.ndarray, mask: np.ndarray, rng, px: float) -> np.ndarray:
+    """Opacity of a carcinoma nucleus with open chromatin: a membrane 0.35-0.7 µm wide at full opacity, a
+    clear interior (opacity cut by 45-75 %), chromatin clumps (~0.7 µm) and one or two nucleoli (0.5-1 µm)."""
+    dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    membrane = dist <= max(1.0, rng.uniform(0.35, 0.7) * px)
+    full = float(alpha.max())
+    opacity = np.where(membrane, alpha, alpha * (1 - rng.uniform(0.45, 0.75)))
+    specks = _smooth_noise(rng, mask.shape, max(0.7, 0.35 * px)) > rng.uniform(0.6, 1.2)
+    opacity = np.where(specks & mask & ~membrane, np.maximum(opacity, 0.75 * full), opacity)
+    ys, xs = np.nonzero(dist > 0.35 * dist.max())
+    for _ in range(int(rng.integers(1, 3)) if len(ys) else 0):
+        k = rng.integers(len(ys))
+        cv2.circle(opacity, (int(xs[k]), int(ys[k])), max(1, round(rng.uniform(0.25, 0.5) * px)), full, -1)
+    return cv2.GaussianBlur(opacity, (0, 0), 0.5)
 
 
 def boundary_map(instances: np.ndarray) -> np.ndarray:
