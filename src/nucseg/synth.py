@@ -10,7 +10,8 @@ nucleus-coloured cytoplasm; faint nucleus-like distractors and small debris are 
 is labelled. Optionally (``real_nuclei_fraction``) some nuclei are the texture's own isolated real nuclei,
 moved to random places instead of drawn; the inpainted holes get texture copied from elsewhere
 (``textured_background``); a patch is rendered at its texture's scan resolution (``match_source_resolution``);
-some nuclei are drawn faint (``pale_fraction``); a patch gets its texture's colour statistics
+some nuclei are drawn faint (``pale_fraction``); vesicular nuclei get a crisp membrane around a cleared
+interior (``crisp_vesicular``) and large-nucleus patches are packed (``large_coverage``); a patch gets its texture's colour statistics
 (``match_texture_colour``).
 Targets are an instance map and a boundary map.
 """
