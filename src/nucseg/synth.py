@@ -482,7 +482,7 @@ def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1
         alpha = _crisp_vesicular(alpha, mask, rng, px)
         strength = 0.15
     elif vesicular:  # open chromatin: pale, textured centre, dark nuclear membrane, a nucleolus or two
-        dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+        dist = _depth_inside(mask)
         centre = np.clip(dist / (dist.max() + 1e-6), 0, 1)
         alpha = alpha * (1 - rng.uniform(*clearing) * np.sqrt(centre))
         strength = rng.uniform(0.2, 0.35)
@@ -497,10 +497,15 @@ def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1
     image[region] = patch * (1 - a) + nucleus * a
 
 
+def _depth_inside(mask: np.ndarray) -> np.ndarray:
+    """Each pixel's distance to the outside of ``mask``, the edge of the crop counting as outside."""
+    return cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+
+
 def _crisp_vesicular(alpha: np.ndarray, mask: np.ndarray, rng, px: float) -> np.ndarray:
     """Opacity of a carcinoma nucleus with open chromatin: a membrane 0.35-0.7 µm wide at full opacity, a
     clear interior (opacity cut by 45-75 %), chromatin clumps (~0.7 µm) and one or two nucleoli (0.5-1 µm)."""
-    dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    dist = _depth_inside(mask)
     membrane = dist <= max(1.0, rng.uniform(0.35, 0.7) * px)
     full = float(alpha.max())
     opacity = np.where(membrane, alpha, alpha * (1 - rng.uniform(0.45, 0.75)))

@@ -74,7 +74,8 @@ def cfg_flags(params):
 # How a segment job runs, not what it computes. These travel to the job as resources, which are no rerun
 # trigger, and stay out of the config hashes: changing them (in the config, or with --set-resources)
 # segments nothing again.
-SEGMENT_RUNTIME = ("workers", "postprocess_workers", "batch_size")
+SEGMENT_RUNTIME = {k: config["segment"].get(k, default)
+                   for k, default in (("workers", 0), ("postprocess_workers", 1), ("batch_size", 4))}
 SEGMENT_SETTINGS = {k: v for k, v in config["segment"].items() if k not in SEGMENT_RUNTIME}
 
 

@@ -23,13 +23,13 @@ rule segment:
         # Static flags in one string each: every {field} of the command costs planning time per job.
         flags=f"--config-hash {SEGMENT_CONFIG_HASH} {cfg_flags(SEGMENT_SETTINGS)}",
         qc=f"--backend {config['slide_backend']} --config-hash {SEGMENT_CONFIG_HASH} {qc_flags(measure=True)}",
-    threads: config["segment"].get("workers", 0) + config["segment"].get("postprocess_workers", 1)
+    threads: SEGMENT_RUNTIME["workers"] + SEGMENT_RUNTIME["postprocess_workers"]
     resources:
         mem_mb=lambda wc, attempt: 3000 * attempt,
         gpu=config["gpus_per_job"],
-        segment_readers=config["segment"].get("workers", 0),
-        segment_postprocess=config["segment"].get("postprocess_workers", 1),
-        segment_batch=config["segment"].get("batch_size", 4),
+        segment_readers=SEGMENT_RUNTIME["workers"],
+        segment_postprocess=SEGMENT_RUNTIME["postprocess_workers"],
+        segment_batch=SEGMENT_RUNTIME["batch_size"],
     retries: 1
     log:
         "logs/segment/{cancer_type}/{slide_id}.log",
