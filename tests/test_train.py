@@ -335,3 +335,48 @@ def test_output_space_adaptation(small_model, tmp_path):
     assert first.shape == (3, 32, 32, 3) and torch.equal(first, again)
     with pytest.raises(ValueError, match="smaller than the synthetic"):
         module._real_batch((64, 64))
+
+
+def test_photometric_transform_identity_and_direction():
+    from nucseg.train.modules import photometric_transform
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.uniform(40, 230, (2, 3, 24, 24)).astype(np.float32))
+    theta = torch.zeros(2, 7)
+    torch.testing.assert_close(photometric_transform(images, theta), images, atol=1e-3, rtol=1e-4)
+    darker = theta.clone()
+    darker[:, :3] = 0.2                      # more stain: every pixel darker
+    assert (photometric_transform(images, darker) < images - 1e-3).all()
+    blur, sharp = theta.clone(), theta.clone()
+    blur[:, 6], sharp[:, 6] = -0.6, 0.6
+    assert photometric_transform(images, blur).std() < images.std() < photometric_transform(images, sharp).std()
+
+
+def test_hard_examples_raise_the_loss(small_model, tmp_path):
+    """The chosen transform makes the network's loss higher than on the untransformed patches, and training
+    with hard examples runs and logs that gain."""
+    from nucseg.train import TrainParams, train_model
+    from nucseg.train.modules import SegmentationModule, hard_example_parameters, photometric_transform
+
+    root = small_model.parent.parent
+    with np.load(root / "synth" / "shard-00000.npz") as data:
+        images = torch.from_numpy(data["image"][:16]).permute(0, 3, 1, 2).float()
+        targets = torch.from_numpy(np.stack([data["instances"][:16] > 0, data["boundary"][:16] > 0], 1)).float()
+    module = SegmentationModule(base=8, depth=3)
+    module.net, _ = load_weights(small_model)
+    module.eval()
+
+    def loss_of(x):
+        return per_sample_loss(module(x), targets)
+
+    theta, clean = hard_example_parameters(loss_of, images)
+    assert theta.shape == (16, 7)
+    torch.testing.assert_close(theta.abs().max(0).values, torch.tensor([.2] * 3 + [.04] * 3 + [.6]))
+    with torch.no_grad():
+        torch.testing.assert_close(clean, loss_of(images), atol=1e-4, rtol=1e-4)   # the identity, up to rounding
+        hard = loss_of(photometric_transform(images, theta))
+    assert (hard > clean).float().mean() >= 0.75
+
+    card = train_model([root / "synth"], tmp_path / "model", TrainParams(max_steps=10, batch_size=8, disc_steps=10,
+                                                                          base=8, hard_examples=0.5), progress=False)
+    assert "hard_gain" in card["metrics"] and card["params"]["hard_examples"] == 0.5

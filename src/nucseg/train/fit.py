@@ -218,7 +218,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     module = SegmentationModule(base=params.base, depth=params.depth, lr=params.lr, weighted=params.weighted,
                                 boundary_weight=params.boundary_weight, max_steps=params.max_steps,
                                 center_head=params.center_head, adapt_weight=params.adapt_weight,
-                                adapt_real_batch=params.adapt_real_batch, seed=params.seed)
+                                adapt_real_batch=params.adapt_real_batch, hard_examples=params.hard_examples,
+                                seed=params.seed)
     if params.adapt_weight > 0:
         module.real_patches = torch.from_numpy(real)
     # No version counter: a resumed run must overwrite last.ckpt (not write last-v1.ckpt beside it), or

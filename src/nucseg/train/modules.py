@@ -125,6 +125,52 @@ def adaptation_ramp(progress: float) -> float:
     return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
 
 
+# Bounds of the hard-example transform: each channel's optical density scaled by 1 ± 0.2 and shifted by
+# ± 0.04 (the range of the stain jitter, a little wider), and the fine detail x − blur(x) added back
+# scaled by ± 0.6 (from a mild blur to a mild unsharp mask): changes a scanner or a lab could make.
+HARD_BOUNDS = (0.2, 0.04, 0.6)
+
+
+def _blur3(x: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur (σ 1 px) of an NCHW float tensor, channel by channel, reflected at the edges."""
+    k = torch.exp(-torch.arange(-2, 3, dtype=x.dtype, device=x.device) ** 2 / 2)
+    k = (k / k.sum()).view(1, 1, 1, 5)
+    n, c, h, w = x.shape
+    y = F.pad(x.reshape(n * c, 1, h, w), (2, 2, 2, 2), mode="reflect")
+    return F.conv2d(F.conv2d(y, k), k.transpose(2, 3)).reshape(n, c, h, w)
+
+
+def photometric_transform(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Stain and focus change of float NCHW RGB images (0-255) by per-sample parameters ``theta`` (N, 7).
+
+    ``theta[:, :3]`` scales each channel's optical density by ``1 + θ``, ``theta[:, 3:6]`` shifts it, and
+    ``theta[:, 6]`` adds ``θ`` × the image's fine detail (negative blurs, positive sharpens). Zero is the
+    identity; every step is differentiable in ``theta``.
+    """
+    detail = images - _blur3(images)
+    x = (images + theta[:, 6, None, None, None] * detail).clamp(1.0, 255.0)
+    od = -torch.log(x / 255.0)
+    od = od * (1 + theta[:, :3, None, None]) + theta[:, 3:6, None, None]
+    return 255.0 * torch.exp(-od.clamp_min(0.0))
+
+
+def hard_example_parameters(net_loss, images: torch.Tensor, bounds=HARD_BOUNDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transform of :func:`photometric_transform` within ``bounds`` that most raises each sample's loss,
+    to first order: one signed-gradient step from the identity to the bounds (FGSM in parameter space).
+
+    ``net_loss`` maps transformed float NCHW images to one loss per sample. The task-adversarial half of
+    Hou et al. (2019), whose synthesiser also learns to make examples the segmenter finds hard, restricted
+    here to changes that keep a patch realistic by construction. Returns the parameters ``(N, 7)`` and the
+    loss of each untransformed sample.
+    """
+    theta = torch.zeros(len(images), 7, device=images.device, requires_grad=True)
+    loss = net_loss(photometric_transform(images, theta))
+    (grad,) = torch.autograd.grad(loss.sum(), theta)
+    scale, shift, detail = bounds
+    bound = torch.tensor([scale] * 3 + [shift] * 3 + [detail], device=images.device)
+    return grad.sign() * bound, loss.detach()
+
+
 class WeightAverage(pl.Callback):
     """Running mean of the network's state (weights and BatchNorm statistics) after each step from
     ``start_step`` on, kept in the checkpoint so that an interrupted run resumes its average too.
@@ -175,7 +221,8 @@ class SegmentationModule(pl.LightningModule):
 
     def __init__(self, base: int = 16, depth: int = 3, lr: float = 2e-3, weighted: bool = True,
                  boundary_weight: float = 1.0, max_steps: int = 1000, center_head: bool = False,
-                 adapt_weight: float = 0.0, adapt_real_batch: int = 16, seed: int = 0):
+                 adapt_weight: float = 0.0, adapt_real_batch: int = 16, hard_examples: float = 0.0,
+                 seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.net = UNet(base=base, depth=depth, out_channels=len(OUTPUTS) if center_head else 2)
@@ -187,14 +234,21 @@ class SegmentationModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, targets, weights, _ = batch
+        hard = self.hparams.hard_examples > 0
+        if hard:
+            images, clean_losses = self._harden(images, targets)
         adapting = self.output_disc is not None and self.real_patches is not None
         if adapting:
-            real = self._real_batch(images.shape[1:3])
+            real = self._real_batch(targets.shape[2:])
+            if images.is_floating_point():  # hardened: float NCHW
+                real = real.permute(0, 3, 1, 2).float()
             logits_all = self(torch.cat([images, real]))
             logits = logits_all[:len(images)]
         else:
             logits = self(images)
         losses = per_sample_loss(logits, targets, self.hparams.boundary_weight)
+        if hard and len(clean_losses):
+            self.log("hard_gain", (losses[:len(clean_losses)].detach() - clean_losses).mean())
         if self.hparams.weighted:
             w = weights / weights.mean().clamp_min(1e-6)
         else:
@@ -212,6 +266,19 @@ class SegmentationModule(pl.LightningModule):
             self.log_dict({"adapt_loss": adv, "adapt_acc": acc, "adapt_scale": scale})
             loss = loss + adv
         return loss
+
+    def _harden(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``hard_examples`` share of the batch replaced by its hard examples
+        (:func:`hard_example_parameters`; float NCHW 0-255 from here on), and their losses before."""
+        x = images.permute(0, 3, 1, 2).float()
+        n = round(len(x) * self.hparams.hard_examples)
+        if n == 0:
+            return x, x.new_zeros(0)
+        theta, clean_losses = hard_example_parameters(
+            lambda imgs: per_sample_loss(self(imgs), targets[:n], self.hparams.boundary_weight), x[:n])
+        with torch.no_grad():
+            hard = photometric_transform(x[:n], theta)
+        return torch.cat([hard, x[n:]]), clean_losses
 
     def _real_batch(self, size) -> torch.Tensor:
         """``adapt_real_batch`` real patches, cropped to ``size`` and turned by a random quarter turn and flip,
