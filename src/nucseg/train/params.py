@@ -40,7 +40,7 @@ class TrainParams:
     adapt_real_batch: int = 16
     # Task-adversarial hard examples (Hou et al., 2019): this share of each batch gets the stain and focus change,
     # within fixed realistic bounds, that most raises the network's loss on it (one signed-gradient step;
-    # ~1.4x the training time at 0.5). 0 = off.
+    # ~1.4x the time per step at 0.5). 0 = off: measured, a tie with the gate and worse without it (README).
     hard_examples: float = 0.0
     stain_jitter: float = 0.15   # training augmentation: per-channel optical-density scale U(1 ± s)
     mpp: float = 0.25
