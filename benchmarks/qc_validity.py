@@ -98,7 +98,8 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
                  max_side: int = 3) -> list[dict]:
     """QC signals and true AJI/Dice of each patch of one (degraded) annotated tile."""
     from nucseg.evaluate import instance_metrics, resample_to
-    from nucseg.instances import InstanceParams, describe_instances, extract_instances, hematoxylin_gate, hematoxylin_level
+    from nucseg.instances import (InstanceParams, describe_instances, extract_instances, gate_unit_for, hematoxylin_gate,
+                                  hematoxylin_level)
     from nucseg.model import predict
     from nucseg.qc import patch_signals, tta_predict
     from nucseg.synth import hematoxylin_od
@@ -109,11 +110,13 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
     truth = cv2.resize(sample.labels.astype(np.float32), (work.shape[1], work.shape[0]),
                        interpolation=cv2.INTER_NEAREST).astype(np.int32)
     # Segment the whole tile (the segment stage sees context around every patch too), gated at the tile's
-    # hematoxylin level as the segment stage gates at its slide's.
+    # hematoxylin level, in the unit for its slide type, as the segment stage gates at its slide's.
     hema = hematoxylin_od(work)
     level = hematoxylin_level([hema], mpp_work)
     gate = None if level is None else hematoxylin_gate(hema, mpp_work, level)
-    labels = extract_instances(predict(model, work[None], device)[0], mpp_work, InstanceParams(), gate=gate)
+    unit = gate_unit_for(sample.slide_type)
+    labels = extract_instances(predict(model, work[None], device)[0], mpp_work, InstanceParams(gate_unit=unit),
+                               gate=gate)
     _, feats = describe_instances(labels)
     areas = feats.area_px.to_numpy() * mpp_work**2
     size = max(8, round(params.patch_um / mpp_work))
@@ -139,7 +142,7 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
         inside = ((feats.centroid_x >= x) & (feats.centroid_x < x + size) &
                   (feats.centroid_y >= y) & (feats.centroid_y < y + size)).to_numpy()
         signals = patch_signals(work[y:y + size, x:x + size], p, pred > 0, areas[inside],
-                                feats.solidity.to_numpy()[inside], params, mpp_work, level)
+                                feats.solidity.to_numpy()[inside], params, mpp_work, level, unit)
         m = instance_metrics(true, pred)
         rows.append({"tile": sample.id, "variant": variant, "y": int(y), "x": int(x), "n_true": n_true,
                      "aji": m["aji"], "dice": m["dice"], **signals})

@@ -64,7 +64,7 @@ def downsampled(samples, factor: float):
         size = (round(s.image.shape[1] / factor), round(s.image.shape[0] / factor))
         image = cv2.resize(s.image, size, interpolation=cv2.INTER_AREA)
         labels = cv2.resize(s.labels.astype(np.float32), size, interpolation=cv2.INTER_NEAREST).astype(np.int32)
-        out.append(Sample(s.id, image, labels, s.mpp * factor))
+        out.append(Sample(s.id, image, labels, s.mpp * factor, s.slide_type))
     return out
 
 

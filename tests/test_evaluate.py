@@ -64,6 +64,10 @@ def test_monuseg_annotations_load():
     assert len(polygons) > 100 and 0.2 < mpp < 0.3
     samples = load_dataset(root, default_mpp=0.25)  # one XML lacks MicronsPerPixel (40x: 0.25)
     assert len(samples) == 18
+    # Slide types from the TCGA barcodes of the ids: FFPE diagnostic slides and frozen sections.
+    types = {x.id: x.slide_type for x in samples}
+    assert types["TCGA-50-5931-01Z-00-DX1"] == "DX" and types["TCGA-2Z-A9J9-01A-01-TS1"] == "TS"
+    assert types["TCGA-CU-A0YN-01A-02-BSB"] == "BS" and set(types.values()) == {"DX", "TS", "BS"}
     s = samples[0]
     assert s.image.shape == (1000, 1000, 3) and s.labels.max() > 100
     # Nuclei are darker than the rest of the tile: image and annotation line up.
@@ -92,11 +96,15 @@ def test_label_map_layout_through_the_cli(tmp_path, rng):
     cv2.imwrite(str(root / "labels" / "a.png"), labels.astype(np.uint16))
     np.save(root / "labels" / "b.npy", labels)
     cv2.imwrite(str(root / "images" / "b.png"), np.clip(img, 0, 255).astype(np.uint8)[..., ::-1])
-    (root / "manifest.csv").write_text("id,mpp\na,0.25\nb,0.25\n")
+    (root / "manifest.csv").write_text("id,mpp,slide_type\na,0.25,DX\nb,0.25,\n")
     # The shipped model with test-time augmentation (the 3 flat discs are easy: it must find them all).
     assert main(["-q", "evaluate", "--dataset", str(root), "--tta", "8", "--out", str(tmp_path / "tta.json")]) == 0
     result = json.loads((tmp_path / "tta.json").read_text())
     assert result["tta"] == 8 and result["mean"]["f1"] == 1.0
+    # The gate's unit follows each image's slide type (manifest), unless given.
+    assert [(r["slide_type"], r["gate_unit"]) for r in result["images"]] == [("DX", "nucleus"), ("", "pixel")]
+    assert main(["-q", "evaluate", "--dataset", str(root), "--gate-unit", "pixel", "--out", str(tmp_path / "p.json")]) == 0
+    assert {r["gate_unit"] for r in json.loads((tmp_path / "p.json").read_text())["images"]} == {"pixel"}
     assert main(["-q", "evaluate", "--dataset", str(root), "--method", "classical", "--out", str(tmp_path / "m.json"),
                  "--save-predictions", str(tmp_path / "pred")]) == 0
     result = json.loads((tmp_path / "m.json").read_text())

@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, hematoxylin_gate,
-                              label_peaks, relabel)
+from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, gate_unit_for,
+                              hematoxylin_gate, label_peaks, relabel)
 from nucseg.synth import hematoxylin_od
 
 
@@ -88,6 +88,36 @@ def test_hematoxylin_gate_drops_foreground_on_paler_purple_tissue():
     assert ungated[between] > 0
     # An image without contrast has no level to split at: nothing is gated.
     assert hematoxylin_gate(np.zeros((20, 20), np.float32), 0.25).all()
+
+
+def test_gate_by_nucleus_keeps_pale_nuclei_whole_and_drops_false_ones():
+    shape = (100, 160)
+    dark, pale, false = disc(shape, 50, 30, 14), disc(shape, 50, 80, 14), disc(shape, 50, 130, 14)
+    # The gate (hematoxylin above the level) covers the dark nucleus, the pale one's rim (open on one
+    # side) and chromatin clumps (over half of it), and a sliver of the false one (cytoplasm called nucleus).
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    inside = disc(shape, 50, 80, 9)
+    ring = pale & ~inside & ~((xx > 86) & (abs(yy - 50) < 6))
+    clumps = disc(shape, 50, 80, 6) & ((yy // 4 + xx // 4) % 3 == 0)
+    gate = dark | ring | clumps | (false & (xx > 140))
+    assert 0.5 < gate[pale].mean() < 0.8 and gate[false].mean() < 0.3
+    prob = np.stack([(dark | pale | false).astype(np.float32), np.zeros(shape, np.float32)])
+    by_nucleus = extract_instances(prob, 0.25, InstanceParams(gate_unit="nucleus"), gate=gate)
+    assert by_nucleus.max() == 2 and by_nucleus[50, 130] == 0
+    assert by_nucleus[dark].min() > 0 and by_nucleus[pale].min() > 0      # every pixel of both kept
+    by_pixel = extract_instances(prob, 0.25, InstanceParams(gate_unit="pixel"), gate=gate)
+    assert by_pixel[50, 130] == 0 and (by_pixel[pale] > 0).mean() < 0.8     # the pale nucleus loses its inside
+    # Without a gate, or with the gate off, the unit does not matter.
+    ungated = extract_instances(prob, 0.25, InstanceParams(hematoxylin_gate=False, gate_unit="nucleus"), gate=gate)
+    assert ungated.max() == 3
+    with pytest.raises(ValueError, match="gate_unit 'nuclei'"):
+        extract_instances(prob, 0.25, InstanceParams(gate_unit="nuclei"), gate=gate)
+
+
+@pytest.mark.parametrize("slide_type, unit", [("DX", "nucleus"), ("TS", "pixel"), ("BS", "pixel"),
+                                              ("MS", "pixel"), ("", "pixel")])
+def test_gate_unit_by_slide_type(slide_type, unit):
+    assert gate_unit_for(slide_type) == unit
 
 
 def test_size_limits_in_um2():

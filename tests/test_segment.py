@@ -143,6 +143,23 @@ def test_nuclei_inside_tissue_and_tile_independent(segmented, demo_tissue):
     assert_tiling_independent(a, b)
 
 
+def test_gate_by_nucleus_is_tile_independent(segmented, demo_slide, demo_tissue, small_model, tmp_path):
+    """FFPE slides (DX) are gated by nucleus: recorded, different nuclei, and still independent of the tiling."""
+    out = {}
+    for tile in (256, 512):
+        out[tile] = tmp_path / f"n{tile}.parquet"
+        segment_slide(demo_slide, out[tile], small_model, tissue_path=demo_tissue / "tissue.parquet",
+                      slide_id="demo", slide_type="DX", params=SegmentParams(tile_size=tile), progress=False)
+    assert io.read_provenance(out[512])["gate_unit"] == "nucleus"
+    assert io.read_provenance(segmented[512])["gate_unit"] == "pixel"
+    by_nucleus, by_pixel = gpd.read_parquet(out[512]), gpd.read_parquet(segmented[512])
+    assert_tiling_independent(gpd.read_parquet(out[256]), by_nucleus)
+    # Whole nuclei are kept or dropped, never trimmed: they are larger than the pixel-gated ones.
+    assert by_nucleus.area_um2.median() > by_pixel.area_um2.median()
+    with pytest.raises(ValueError, match="gate_unit 'cells'"):
+        SegmentParams(gate_unit="cells").instance_params()
+
+
 @pytest.mark.slow
 def test_real_slide_tile_independent(tmp_path, real_model):
     """The real 20x Aperio slide, segmented with tiles of 512 and 1024: the same nuclei."""

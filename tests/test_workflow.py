@@ -68,7 +68,9 @@ def run(tmp_path_factory):
                      compression="jpeg", photometric="rgb")
     write_pyramidal_tiff(incoming / "blank.tiff", np.full((512, 640, 3), (242, 240, 244), np.uint8), 0.25)
     sheet = work / "config" / "cohorts" / "DEMO.tsv"
-    sheet.write_text(sheet.read_text() + "".join(f"{sid}\tDEMO\tincoming/{name}\tDX\n" for sid, name in BROKEN.items()))
+    # One frozen section (TS): its hematoxylin gate works by pixel, the FFPE (DX) slides' by nucleus.
+    sheet.write_text(sheet.read_text() + "".join(f"{sid}\tDEMO\tincoming/{name}\t{SLIDE_TYPES.get(sid, 'DX')}\n"
+                                                 for sid, name in BROKEN.items()))
     proc = snakemake(work)
     return work, proc
 
@@ -76,6 +78,7 @@ def run(tmp_path_factory):
 BROKEN = {"DEMO-BROKEN": "broken.svs", "DEMO-NOTASLIDE": "notaslide.svs", "DEMO-NOMPP": "nompp.tiff",
           "DEMO-BLANK": "blank.tiff"}
 OK_SLIDES = ["DEMO-01", "DEMO-02", "DEMO-NOMPP"]
+SLIDE_TYPES = {"DEMO-NOMPP": "TS"}
 ALL_SLIDES = sorted(["DEMO-01", "DEMO-02", *BROKEN])
 
 
@@ -114,6 +117,7 @@ def test_every_output_exists_and_is_consistent(run):
         meta = io.read_provenance(d / "nuclei.parquet")
         assert meta["model_id"] == card["model_id"] and len(meta["config_hash"]) == 16
         assert meta["mpp_source"] == ("fallback" if slide_id == "DEMO-NOMPP" else "slide")
+        assert meta["gate_unit"] == ("pixel" if SLIDE_TYPES.get(slide_id) == "TS" else "nucleus")
         assert (d / "tissue.png").stat().st_size > 0 and (d / "qc_overlay.png").stat().st_size > 0
         patches = pd.read_parquet(d / "qc_patches.parquet")
         assert len(patches) and {"disagreement", "entropy", "missed", "false", "shape", "score"} <= set(patches)

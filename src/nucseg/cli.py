@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help="model.pt (default: the shipped model)")
     p.add_argument("--tissue-mask", type=Path, default=None, help="tissue.parquet of the tissue stage")
     p.add_argument("--slide-id", default=None)
+    p.add_argument("--slide-type", default="", choices=("DX", "TS", "BS", "MS", ""),
+                   help="TCGA slide type (DX: FFPE; TS/BS/MS: frozen), for --gate-unit auto (default: unknown)")
     p.add_argument("--config-hash", default=None, help="recorded in the output metadata")
     _add_backend_mpp(p)
     _add_dataclass_flags(p, SegmentParams)
@@ -177,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-predictions", type=Path, default=None, help="folder for <id>.png uint16 instance maps")
     p.add_argument("--hematoxylin-gate", action=argparse.BooleanOptionalAction, default=True,
                    help="foreground only above each image's hematoxylin Otsu level (off: the network alone)")
+    p.add_argument("--gate-unit", choices=("auto", "pixel", "nucleus"), default="auto",
+                   help="what the gate removes: pixels below the level, or whole nuclei mostly below it; "
+                        "auto: nucleus for FFPE (slide type DX), pixel otherwise")
     p.add_argument("--tta", type=int, default=1, metavar="N",
                    help="average the network's outputs over N of the 8 flips/quarter turns (as segment's tta)")
 
@@ -342,12 +347,15 @@ def _cmd_train(args, progress):
 
 
 def _cmd_segment(args, progress):
+    from .download import parse_barcode
     from .segment import SegmentParams, segment_slide
 
     weights = args.checkpoint or default_weights()
+    # Slides named by their TCGA barcode say their type themselves.
+    slide_type = args.slide_type or parse_barcode(args.slide_id or args.slide.name)["slide_type"]
     summary = segment_slide(args.slide, args.out, weights, tissue_path=args.tissue_mask, slide_id=args.slide_id,
                             mpp_override=args.mpp, mpp_fallback=args.mpp_fallback, backend=args.backend,
-                            params=_dataclass_from_args(SegmentParams, args),
+                            params=_dataclass_from_args(SegmentParams, args), slide_type=slide_type,
                             extra_metadata={"config_hash": args.config_hash} if args.config_hash else None,
                             progress=progress)
     print(json.dumps({k: summary[k] for k in ("slide_id", "status", "n_nuclei", "n_blocks", "seconds")}))
@@ -413,7 +421,7 @@ def _cmd_evaluate(args, progress):
     weights = None if args.method == "classical" else (args.checkpoint or default_weights())
     result = evaluate(load_dataset(args.dataset, args.mpp), args.method, weights, args.device,
                       args.save_predictions, progress, InstanceParams(hematoxylin_gate=args.hematoxylin_gate),
-                      args.tta)
+                      args.tta, args.gate_unit)
     if args.out:
         io.write_json(args.out, result)
     print(json.dumps(result["mean"] if args.out else result, indent=None if args.out else 2))

@@ -3,7 +3,9 @@
 Datasets (DESIGN.md): MoNuSeg layout (``images/<id>.tif`` + ``annotations/<id>.xml``, Aperio XML
 polygons) or label-map layout (``images/<id>.{png,tif}`` + ``labels/<id>.{png,tif,npy}``, instance ids,
 0 = background). Pixel size per image: ``manifest.csv`` (``id,mpp``), else the XML's
-``MicronsPerPixel``, else the caller's default.
+``MicronsPerPixel``, else the caller's default. Slide type (DX, TS, BS, MS; it sets the hematoxylin
+gate's unit, :func:`nucseg.instances.gate_unit_for`): the manifest's ``slide_type`` column, else the
+TCGA barcode in the id (``TCGA-50-5931-01Z-00-DX1`` → DX), else unknown.
 
 **Rasterisation of polygon ground truth.** Vertex ``(x, y)`` is in the image's pixel units with pixel
 ``(row r, column c)`` centred at ``(c, r)`` (the convention of ``skimage.draw.polygon`` and MATLAB's
@@ -19,7 +21,7 @@ from __future__ import annotations
 import csv
 import logging
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -39,6 +41,7 @@ class Sample:
     image: np.ndarray       # RGB uint8
     labels: np.ndarray      # int32 instance map
     mpp: float
+    slide_type: str = ""    # TCGA slide type (DX: FFPE; TS, BS, MS: frozen), "" unknown
 
 
 # ---------------------------------------------------------------- datasets
@@ -92,10 +95,14 @@ def load_dataset(root, default_mpp: float | None = None) -> list[Sample]:
     images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"{root}/images holds no images")
-    manifest = {}
+    from .download import parse_barcode
+
+    manifest, slide_types = {}, {}
     if (root / "manifest.csv").is_file():
         with open(root / "manifest.csv", newline="") as fh:
             for row in csv.DictReader(fh):
+                if row.get("slide_type"):
+                    slide_types[row["id"]] = row["slide_type"].strip().upper()
                 if row.get("mpp") or row.get("um_per_px"):
                     try:
                         manifest[row["id"]] = float(row.get("mpp") or row.get("um_per_px"))
@@ -119,7 +126,8 @@ def load_dataset(root, default_mpp: float | None = None) -> list[Sample]:
         mpp = manifest.get(sid) or xml_mpp or default_mpp
         if mpp is None:
             raise ValueError(f"{img_path}: pixel size unknown (no manifest.csv entry, no XML MicronsPerPixel); pass --mpp")
-        samples.append(Sample(sid, image, labels, float(mpp)))
+        slide_type = slide_types.get(sid) or parse_barcode(sid)["slide_type"]
+        samples.append(Sample(sid, image, labels, float(mpp), slide_type))
     return samples
 
 
@@ -240,9 +248,16 @@ def instance_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def evaluate(samples: list[Sample], method: str = "model", weights=None, device: str = "cpu",
-             save_predictions=None, progress: bool = True, instance_params=None, tta: int = 1) -> dict:
-    """Metrics per image and their mean; optionally write each prediction as ``<id>.png`` (uint16)."""
+             save_predictions=None, progress: bool = True, instance_params=None, tta: int = 1,
+             gate_unit: str = "auto") -> dict:
+    """Metrics per image and their mean; optionally write each prediction as ``<id>.png`` (uint16).
+
+    ``gate_unit``: the hematoxylin gate's unit, ``auto`` (each image's by its slide type,
+    :func:`nucseg.instances.gate_unit_for`), ``pixel`` or ``nucleus``.
+    """
     from tqdm import tqdm
+
+    from .instances import InstanceParams, gate_unit_for
 
     model = meta = dev = None
     if method == "model":
@@ -254,12 +269,15 @@ def evaluate(samples: list[Sample], method: str = "model", weights=None, device:
         raise ValueError(f"unknown method {method!r}: model or classical")
     rows = []
     for s in tqdm(samples, desc=f"evaluate ({method})", disable=not progress):
+        row = {"id": s.id, "mpp": s.mpp, "slide_type": s.slide_type}
         if method == "model":
-            pred = predict_model(s.image, s.mpp, model, dev, float(meta.get("mpp", 0.25)), instance_params,
-                                 tta)
+            unit = gate_unit_for(s.slide_type) if gate_unit == "auto" else gate_unit
+            params = replace(instance_params or InstanceParams(), gate_unit=unit)
+            pred = predict_model(s.image, s.mpp, model, dev, float(meta.get("mpp", 0.25)), params, tta)
+            row["gate_unit"] = unit if params.hematoxylin_gate else "off"
         else:
             pred = predict_classical(s.image, s.mpp)
-        rows.append({"id": s.id, "mpp": s.mpp, **instance_metrics(s.labels, pred)})
+        rows.append({**row, **instance_metrics(s.labels, pred)})
         if save_predictions:
             from .io import write_png
 

@@ -26,6 +26,7 @@ class InstanceParams:
     min_distance_um: float = 2.0       # between the centres of two touching nuclei
     smooth_um: float = 0.25            # blur of the core distance map before its peaks are taken
     hematoxylin_gate: bool = True      # foreground only where hematoxylin is above the image's Otsu level
+    gate_unit: str = "pixel"           # what the gate removes: "pixel"s below the level, or whole "nucleus"es
     center_threshold: float = 0.5      # three-output models: centre map above it = cores (training calibrates to 0.5)
 
 
@@ -45,6 +46,24 @@ def hematoxylin_level(hematoxylin: list[np.ndarray], mpp: float) -> float | None
     if not values.size or values.max() <= values.min():
         return None
     return float(threshold_otsu(values))
+
+
+# TCGA slide types (the sample sheet's ``slide_type``): DX slides are formalin-fixed, paraffin-embedded
+# (FFPE); TS/BS/MS are frozen sections (top/bottom/middle of the frozen sample).
+FFPE_SLIDE_TYPES = ("DX",)
+GATE_UNITS = ("pixel", "nucleus")
+
+
+def gate_unit_for(slide_type: str) -> str:
+    """The hematoxylin gate's unit for a slide type: ``"nucleus"`` for FFPE (DX) slides, else ``"pixel"``.
+
+    On the network's nuclei in FFPE tissue the pixel gate cuts the pale chromatin and rims of large
+    vesicular nuclei into pieces; there it only needs to remove whole false nuclei (cytoplasm or stroma
+    called nucleus). In frozen sections nuclei are swollen and smeared and the network's foreground
+    spills into the purple cytoplasm around them, which the pixel gate trims. Slides of unknown type get
+    the pixel gate. README "The shipped model" has the measurements.
+    """
+    return "nucleus" if slide_type in FFPE_SLIDE_TYPES else "pixel"
 
 
 def hematoxylin_gate(hematoxylin: np.ndarray, mpp: float, level: float | None = None) -> np.ndarray:
@@ -85,7 +104,9 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
     """Instance map from ``prob`` ``(C, H, W)``: foreground, boundary and (C = 3) centre probabilities at ``mpp``.
 
     ``gate`` (bool ``(H, W)``, e.g. :func:`hematoxylin_gate` of the image; used when
-    ``params.hematoxylin_gate``) limits the foreground to its pixels before holes are filled.
+    ``params.hematoxylin_gate``) limits the foreground to its pixels before holes are filled
+    (``params.gate_unit`` ``"pixel"``), or keeps only the nuclei with at least half of their pixels in it
+    (``"nucleus"``; see :func:`gate_unit_for`).
 
     The foreground mask (holes filled: pale vesicular nuclei) is cut into cores, one per nucleus, which
     are grown by watershed inside the mask. Two-output models: the cores are the foreground minus the
@@ -100,8 +121,11 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
     -------
     ndarray (H, W) int32, 0 = background, 1..n instances.
     """
+    if params.gate_unit not in GATE_UNITS:
+        raise ValueError(f"gate_unit {params.gate_unit!r}: one of {', '.join(GATE_UNITS)}")
     fg, bnd = prob[0], prob[1]
-    if gate is not None and params.hematoxylin_gate:
+    gate = gate if params.hematoxylin_gate else None
+    if gate is not None and params.gate_unit == "pixel":
         fg = np.where(gate, fg, 0.0)
     mask = ndi.binary_fill_holes(fg > params.foreground_threshold)
     if len(prob) > 2:
@@ -124,6 +148,8 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
     labels = watershed(relief, markers, mask=mask | (core_labels > 0)).astype(np.int32)
     areas = np.bincount(labels.ravel())
     bad = (areas < params.min_area_um2 / mpp**2) | (areas > params.max_area_um2 / mpp**2)
+    if gate is not None and params.gate_unit == "nucleus":
+        bad |= np.bincount(labels.ravel(), weights=gate.ravel(), minlength=len(areas)) < 0.5 * areas
     bad[0] = False
     labels[bad[labels]] = 0
     return relabel(labels)

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, io
+from .instances import GATE_UNITS
 from .slides import SlideError, open_slide
 from .synth import hematoxylin_od
 from .tissue import seed_from
@@ -195,7 +196,7 @@ def _resize_to(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.n
 
 def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.ndarray,
                   areas_um2: np.ndarray, solidity: np.ndarray, params: QCParams,
-                  mpp_work: float = 0.25, hematoxylin_level: float | None = None) -> dict:
+                  mpp_work: float = 0.25, hematoxylin_level: float | None = None, gate_unit: str = "pixel") -> dict:
     """All QC signals of one patch, its badness score and verdict.
 
     Parameters
@@ -214,6 +215,8 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
         The slide's hematoxylin gate level, so the TTA instances are extracted as the segment stage's
         (:func:`nucseg.instances.hematoxylin_gate`), and the stain floor of a faded slide is lowered to
         it (:func:`stain_floor`); None: ungated.
+    gate_unit : str
+        The gate's unit the segment stage used (``pixel`` or ``nucleus``, :func:`nucseg.instances.gate_unit_for`).
     """
     floor = stain_floor(params, hematoxylin_level)
     small, small_mask = _resize_to(image, nuclei_mask, mpp_work / params.mpp)
@@ -226,11 +229,12 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
     if probs is not None:
         fg = probs[:, 0]
         region = (fg > 0.5).any(0) | stain_mask(image, floor)
-        from .instances import hematoxylin_gate
+        from .instances import InstanceParams, hematoxylin_gate
 
         gate = None if hematoxylin_level is None else hematoxylin_gate(hematoxylin_od(image), mpp_work,
                                                                        hematoxylin_level)
-        out.update(disagreement=tta_disagreement(probs, mpp_work, gate=gate), entropy=foreground_entropy(fg, region))
+        out.update(disagreement=tta_disagreement(probs, mpp_work, InstanceParams(gate_unit=gate_unit), gate),
+                   entropy=foreground_entropy(fg, region))
     out.update(grade_patches(pd.DataFrame([out]), params).iloc[0][["score", "bad", "reason"]].to_dict())
     return out
 
@@ -287,10 +291,11 @@ def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: i
 
 def check_patches(slide_path, nuclei, tiles: pd.DataFrame, mpp: float, slide_id: str, backend: str,
                   params: QCParams, model=None, device=None, mpp_work: float = 0.25,
-                  hematoxylin_level: float | None = None) -> pd.DataFrame:
+                  hematoxylin_level: float | None = None, gate_unit: str = "pixel") -> pd.DataFrame:
     """Sample patches over the tissue tiles and judge each (see :func:`patch_signals`).
 
-    ``hematoxylin_level``: the slide's gate level the segment stage used (None: no gate).
+    ``hematoxylin_level``, ``gate_unit``: the slide's gate level (None: no gate) and unit the segment
+    stage used.
 
     Patches are read at the model's working resolution on the same global grid the segment stage reads
     (:meth:`nucseg.slides.Slide.read_grid`), with ``context_um`` around them for the network.
@@ -334,7 +339,7 @@ def check_patches(slide_path, nuclei, tiles: pd.DataFrame, mpp: float, slide_id:
     rows = []
     for i, (x0, y0, n) in enumerate(origins):
         signals = patch_signals(images[i], None if probs is None else probs[i], masks[i], *feats[i], params,
-                                mpp_work, hematoxylin_level)
+                                mpp_work, hematoxylin_level, gate_unit)
         rows.append({"x": x0, "y": y0, "size": int(round(side0)), "n_nuclei": n, **signals})
     return pd.DataFrame(rows).reindex(columns=PATCH_COLUMNS)
 
@@ -393,8 +398,10 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
                 model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU
             mpp_work, model_id = float(meta.get("mpp", mpp_work)), meta["model_id"]
         try:
+            # Nuclei files written before the gate had a unit were gated by pixel.
+            unit = nuc_meta.get("gate_unit") if nuc_meta.get("gate_unit") in GATE_UNITS else "pixel"
             patches = check_patches(slide_path, nuclei, tiles, facts["mpp"], slide_id, backend, params, model,
-                                    device, mpp_work, _float(nuc_meta.get("hematoxylin_level")))
+                                    device, mpp_work, _float(nuc_meta.get("hematoxylin_level")), unit)
         except SlideError as exc:
             row.update(status="failed", failure_stage="qc", failure_reason=str(exc))
         row["n_patches_checked"] = len(patches)

@@ -30,7 +30,8 @@ from shapely.geometry import Polygon, box
 from torch.utils.data import DataLoader, Dataset
 
 from . import io
-from .instances import InstanceParams, describe_instances, extract_instances, hematoxylin_gate, hematoxylin_level
+from .instances import (GATE_UNITS, InstanceParams, describe_instances, extract_instances, gate_unit_for,
+                        hematoxylin_gate, hematoxylin_level)
 from .model import load_weights, predict, resolve_device
 from .slides import open_slide, resolve_mpp
 from .synth import hematoxylin_od
@@ -68,15 +69,22 @@ class SegmentParams:
     min_area_um2: float = 6.0
     max_area_um2: float = 400.0
     hematoxylin_gate: bool = True  # foreground only above the slide's hematoxylin Otsu level
+    # What the gate removes: "pixel"s below the level or whole "nucleus"es mostly below it; "auto": by the
+    # slide type, nucleus for FFPE (DX), pixel for frozen sections and unknown (instances.gate_unit_for).
+    gate_unit: str = "auto"
     # Test-time augmentation: the network's outputs averaged over this many flips / quarter turns (1-8).
     # Costs tta x the network's time; at 8, AJI +0.009 on MoNuSeg, -0.010 on CryoNuSeg (README "The shipped model").
     tta: int = 1
 
-    def instance_params(self) -> InstanceParams:
+    def instance_params(self, slide_type: str = "") -> InstanceParams:
+        """Instance extraction parameters for a slide of ``slide_type`` (DX, TS, BS, MS or "")."""
+        unit = gate_unit_for(slide_type) if self.gate_unit == "auto" else self.gate_unit
+        if unit not in GATE_UNITS:
+            raise ValueError(f"gate_unit {self.gate_unit!r}: auto, {' or '.join(GATE_UNITS)}")
         return InstanceParams(foreground_threshold=self.foreground_threshold,
                               marker_threshold=self.marker_threshold, center_threshold=self.center_threshold,
                               min_area_um2=self.min_area_um2, max_area_um2=self.max_area_um2,
-                              hematoxylin_gate=self.hematoxylin_gate)
+                              hematoxylin_gate=self.hematoxylin_gate, gate_unit=unit)
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,7 @@ def load_tissue(path) -> tuple[shapely.Geometry | None, dict]:
 
 def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: str | None = None,
                   mpp_override: float | None = None, mpp_fallback: float | None = None,
-                  backend: str = "tiffslide", params: SegmentParams = SegmentParams(),
+                  backend: str = "tiffslide", params: SegmentParams = SegmentParams(), slide_type: str = "",
                   extra_metadata: dict | None = None, progress: bool = True) -> dict:
     """Segment every nucleus of a slide's tissue and write a GeoParquet 1.1 file.
 
@@ -161,6 +169,9 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
         ``tissue.parquet`` of the tissue stage: its polygons restrict inference and its metadata gives
         the slide mpp. If its status is ``failed`` an empty nuclei file is written (graded by QC).
         Without it, the tissue is detected here with :func:`nucseg.tissue.tissue_mask`.
+    slide_type : str
+        TCGA slide type (DX: FFPE; TS, BS, MS: frozen; "" unknown): sets the hematoxylin gate's unit
+        when ``params.gate_unit`` is ``auto``. Recorded as ``gate_unit`` in the file's metadata.
 
     Returns
     -------
@@ -176,8 +187,9 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
     mpp_work = float(model_meta.get("mpp", 0.25))
     tissue, tissue_meta = (load_tissue(tissue_path) if tissue_path else (None, {}))
     status = tissue_meta.get("status", "ok")
+    inst_params = params.instance_params(slide_type)
     meta = {"slide_id": slide_id, "model_id": model_meta["model_id"], "mpp_work": mpp_work, "status": status,
-            **(extra_metadata or {})}
+            "gate_unit": inst_params.gate_unit if params.hematoxylin_gate else "off", **(extra_metadata or {})}
     n_blocks = n_seam_duplicates = 0
     writer = io.GeoParquetWriter(out_path, NUCLEI_SCHEMA, row_group_size=params.row_group_size)
     try:
@@ -201,8 +213,8 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
             n_blocks = len(blocks)
             reader = BlockReader(slide_path, backend, blocks, scale)
             seams = SeamFilter(scale, margin)
-            for frame, geoms, owners in _segment_blocks(reader, model, device, mpp_work, params, tissue, level,
-                                                        progress):
+            for frame, geoms, owners in _segment_blocks(reader, model, device, mpp_work, params, inst_params,
+                                                        tissue, level, progress):
                 keep = seams.filter(geoms, [blocks[i] for i in owners])
                 writer.write(frame.iloc[keep].reset_index(drop=True), [geoms[k] for k in keep])
             n_seam_duplicates = seams.n_dropped
@@ -249,8 +261,8 @@ def _detect_tissue(slide, mpp: float):
     return shapely.union_all(mask_to_polygons(mask, scale))
 
 
-def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params: SegmentParams, tissue,
-                    level: float | None, progress: bool):
+def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params: SegmentParams,
+                    inst_params: InstanceParams, tissue, level: float | None, progress: bool):
     """Yield ``(features frame, polygons, block index of each nucleus)`` per batch of blocks, in block order.
 
     Tiles are read in DataLoader workers; instance extraction and features of a batch run in a thread (or
@@ -265,7 +277,7 @@ def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params:
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     if tissue is not None and tissue.is_empty:
         tissue = None
-    context = {"scale": reader.scale, "mpp_work": mpp_work, "inst_params": params.instance_params(),
+    context = {"scale": reader.scale, "mpp_work": mpp_work, "inst_params": inst_params,
                "tissue": tissue, "level": level}
     workers = max(1, params.postprocess_workers)
     pending = deque()

@@ -19,7 +19,8 @@ rule segment:
         patches="results/{cancer_type}/{slide_id}/qc_patches.parquet",
         overlay="results/{cancer_type}/{slide_id}/qc_overlay.png",
     params:
-        slide=lambda wc: {"source": SLIDE_ROWS[wc.slide_id]["source"], "mpp": mpp_flags(wc.slide_id)},
+        slide=lambda wc: {"source": SLIDE_ROWS[wc.slide_id]["source"], "mpp": mpp_flags(wc.slide_id),
+                          "type": SLIDE_ROWS[wc.slide_id].get("slide_type", "")},
         # Static flags in one string each: every {field} of the command costs planning time per job.
         flags=f"--config-hash {SEGMENT_CONFIG_HASH} {cfg_flags(SEGMENT_SETTINGS)}",
         qc=f"--backend {config['slide_backend']} --config-hash {SEGMENT_CONFIG_HASH} {qc_flags(measure=True)}",
@@ -37,7 +38,8 @@ rule segment:
         "../../envs/nucseg.yaml"
     shell:
         "(nucseg --no-progress segment {input.slide} --out {output.nuclei} --checkpoint {input.weights} "
-        "--tissue-mask {input.tissue} --slide-id {wildcards.slide_id} {params.slide[mpp]} {params.flags} "
+        "--tissue-mask {input.tissue} --slide-id {wildcards.slide_id} --slide-type '{params.slide[type]}' "
+        "{params.slide[mpp]} {params.flags} "
         "--workers {resources.segment_readers} --postprocess-workers {resources.segment_postprocess} "
         "--batch-size {resources.segment_batch} && "
         "nucseg --no-progress qc --wsi {input.facts} --nuclei {output.nuclei} --tiles {input.tiles} "
