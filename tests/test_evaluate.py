@@ -75,7 +75,7 @@ def test_monuseg_annotations_load():
     assert grey[s.labels > 0].mean() < grey[s.labels == 0].mean() - 20
 
 
-def test_label_map_layout_through_the_cli(tmp_path, rng):
+def test_label_map_layout_through_the_cli(tmp_path, rng, caplog):
     import json
 
     import cv2
@@ -96,6 +96,10 @@ def test_label_map_layout_through_the_cli(tmp_path, rng):
     cv2.imwrite(str(root / "labels" / "a.png"), labels.astype(np.uint16))
     np.save(root / "labels" / "b.npy", labels)
     cv2.imwrite(str(root / "images" / "b.png"), np.clip(img, 0, 255).astype(np.uint8)[..., ::-1])
+    (root / "manifest.csv").write_text("id,mpp,slide_type\na,0.25,FFPE\nb,0.25,\n")
+    with caplog.at_level("WARNING"):
+        assert [x.slide_type for x in load_dataset(root)] == ["FFPE", ""]
+    assert "slide_type 'FFPE' of a is not one of DX, TS, BS, MS" in caplog.text
     (root / "manifest.csv").write_text("id,mpp,slide_type\na,0.25,DX\nb,0.25,\n")
     # The shipped model with test-time augmentation (the 3 flat discs are easy: it must find them all).
     assert main(["-q", "evaluate", "--dataset", str(root), "--tta", "8", "--out", str(tmp_path / "tta.json")]) == 0

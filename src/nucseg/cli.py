@@ -41,6 +41,7 @@ def _dataclass_from_args(cls, args: argparse.Namespace, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .instances import SLIDE_TYPES
     from .qc import LEVELS, QCParams
     from .refiner import RefinerParams
     from .segment import SegmentParams
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help="model.pt (default: the shipped model)")
     p.add_argument("--tissue-mask", type=Path, default=None, help="tissue.parquet of the tissue stage")
     p.add_argument("--slide-id", default=None)
-    p.add_argument("--slide-type", default="", choices=("DX", "TS", "BS", "MS", ""),
+    p.add_argument("--slide-type", default="", choices=(*SLIDE_TYPES, ""),
                    help="TCGA slide type (DX: FFPE; TS/BS/MS: frozen), for --gate-unit auto (default: unknown)")
     p.add_argument("--config-hash", default=None, help="recorded in the output metadata")
     _add_backend_mpp(p)

@@ -96,6 +96,7 @@ def load_dataset(root, default_mpp: float | None = None) -> list[Sample]:
     if not images:
         raise FileNotFoundError(f"{root}/images holds no images")
     from .download import parse_barcode
+    from .instances import SLIDE_TYPES
 
     manifest, slide_types = {}, {}
     if (root / "manifest.csv").is_file():
@@ -103,6 +104,9 @@ def load_dataset(root, default_mpp: float | None = None) -> list[Sample]:
             for row in csv.DictReader(fh):
                 if row.get("slide_type"):
                     slide_types[row["id"]] = row["slide_type"].strip().upper()
+                    if slide_types[row["id"]] not in SLIDE_TYPES:
+                        log.warning("%s: slide_type %r of %s is not one of %s; treated as unknown",
+                                    root / "manifest.csv", row["slide_type"], row["id"], ", ".join(SLIDE_TYPES))
                 if row.get("mpp") or row.get("um_per_px"):
                     try:
                         manifest[row["id"]] = float(row.get("mpp") or row.get("um_per_px"))

@@ -50,6 +50,7 @@ def hematoxylin_level(hematoxylin: list[np.ndarray], mpp: float) -> float | None
 
 # TCGA slide types (the sample sheet's ``slide_type``): DX slides are formalin-fixed, paraffin-embedded
 # (FFPE); TS/BS/MS are frozen sections (top/bottom/middle of the frozen sample).
+SLIDE_TYPES = ("DX", "TS", "BS", "MS")
 FFPE_SLIDE_TYPES = ("DX",)
 GATE_UNITS = ("pixel", "nucleus")
 
