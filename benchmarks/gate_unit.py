@@ -34,9 +34,13 @@ METRICS = ("aji", "dice", "pq", "f1")
 
 def group_of(dataset: str, slide_type: str) -> str:
     """``ffpe`` (DX), ``frozen`` (TS/BS/MS, and every CryoNuSeg tile) or ``unknown``."""
-    if dataset == "cryonuseg" or slide_type in ("TS", "BS", "MS"):
+    from nucseg.instances import FFPE_SLIDE_TYPES, SLIDE_TYPES
+
+    if dataset == "cryonuseg":
         return "frozen"
-    return "ffpe" if slide_type == "DX" else "unknown"
+    if slide_type in FFPE_SLIDE_TYPES:
+        return "ffpe"
+    return "frozen" if slide_type in SLIDE_TYPES else "unknown"
 
 
 def tile_metrics(weights: str, samples: list) -> list[dict]:

@@ -275,7 +275,7 @@ def evaluate(samples: list[Sample], method: str = "model", weights=None, device:
     for s in tqdm(samples, desc=f"evaluate ({method})", disable=not progress):
         row = {"id": s.id, "mpp": s.mpp, "slide_type": s.slide_type}
         if method == "model":
-            unit = gate_unit_for(s.slide_type) if gate_unit == "auto" else gate_unit
+            unit = gate_unit_for(s.slide_type, gate_unit)
             params = replace(instance_params or InstanceParams(), gate_unit=unit)
             pred = predict_model(s.image, s.mpp, model, dev, float(meta.get("mpp", 0.25)), params, tta)
             row["gate_unit"] = unit if params.hematoxylin_gate else "off"

@@ -55,8 +55,9 @@ FFPE_SLIDE_TYPES = ("DX",)
 GATE_UNITS = ("pixel", "nucleus")
 
 
-def gate_unit_for(slide_type: str) -> str:
-    """The hematoxylin gate's unit for a slide type: ``"nucleus"`` for FFPE (DX) slides, else ``"pixel"``.
+def gate_unit_for(slide_type: str, setting: str = "auto") -> str:
+    """The hematoxylin gate's unit for a slide type: ``setting`` when it names a unit; ``"auto"``:
+    ``"nucleus"`` for FFPE (DX) slides, else ``"pixel"``.
 
     On the network's nuclei in FFPE tissue the pixel gate cuts the pale chromatin and rims of large
     vesicular nuclei into pieces; there it only needs to remove whole false nuclei (cytoplasm or stroma
@@ -64,7 +65,11 @@ def gate_unit_for(slide_type: str) -> str:
     spills into the purple cytoplasm around them, which the pixel gate trims. Slides of unknown type get
     the pixel gate. README "The shipped model" has the measurements.
     """
-    return "nucleus" if slide_type in FFPE_SLIDE_TYPES else "pixel"
+    if setting == "auto":
+        return "nucleus" if slide_type in FFPE_SLIDE_TYPES else "pixel"
+    if setting not in GATE_UNITS:
+        raise ValueError(f"gate_unit {setting!r}: auto, {' or '.join(GATE_UNITS)}")
+    return setting
 
 
 def hematoxylin_gate(hematoxylin: np.ndarray, mpp: float, level: float | None = None) -> np.ndarray:

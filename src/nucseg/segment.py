@@ -30,8 +30,8 @@ from shapely.geometry import Polygon, box
 from torch.utils.data import DataLoader, Dataset
 
 from . import io
-from .instances import (GATE_UNITS, InstanceParams, describe_instances, extract_instances, gate_unit_for,
-                        hematoxylin_gate, hematoxylin_level)
+from .instances import (InstanceParams, describe_instances, extract_instances, gate_unit_for, hematoxylin_gate,
+                        hematoxylin_level)
 from .model import load_weights, predict, resolve_device
 from .slides import open_slide, resolve_mpp
 from .synth import hematoxylin_od
@@ -78,9 +78,7 @@ class SegmentParams:
 
     def instance_params(self, slide_type: str = "") -> InstanceParams:
         """Instance extraction parameters for a slide of ``slide_type`` (DX, TS, BS, MS or "")."""
-        unit = gate_unit_for(slide_type) if self.gate_unit == "auto" else self.gate_unit
-        if unit not in GATE_UNITS:
-            raise ValueError(f"gate_unit {self.gate_unit!r}: auto, {' or '.join(GATE_UNITS)}")
+        unit = gate_unit_for(slide_type, self.gate_unit)
         return InstanceParams(foreground_threshold=self.foreground_threshold,
                               marker_threshold=self.marker_threshold, center_threshold=self.center_threshold,
                               min_area_um2=self.min_area_um2, max_area_um2=self.max_area_um2,
