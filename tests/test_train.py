@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nucseg.model import UNet, load_weights, predict
-from nucseg.train.modules import importance_weights, per_sample_loss
+from nucseg.train.modules import importance_weights, per_sample_loss, stratified_weights
 
 
 def test_importance_weight_formula_and_clip():
@@ -20,6 +20,22 @@ def test_importance_weight_formula_and_clip():
     flat = importance_weights(p, (0.2, 2.0), power=0.5)
     torch.testing.assert_close(flat, w.sqrt())
     assert flat.max() / flat.min() == pytest.approx(10 ** 0.5)
+
+
+def test_stratified_weights_keep_each_stratum_s_share():
+    # Crowded patches (high fraction) get low weights, sparse ones high: the preference between strata goes,
+    # the order within a stratum stays.
+    fraction = np.array([0.05, 0.06, 0.07, 0.08, 0.30, 0.31, 0.32, 0.33])
+    weights = np.array([1.0, 2.0, 1.5, 0.5, 0.2, 0.2, 0.4, 0.2])
+    out = stratified_weights(weights, fraction, 2)
+    np.testing.assert_allclose(out[:4], weights[:4] / 1.25, rtol=1e-6)
+    np.testing.assert_allclose(out[4:], weights[4:] / 0.25, rtol=1e-6)
+    assert out[:4].mean() == pytest.approx(1) and out[4:].mean() == pytest.approx(1)
+    assert out[6] > out[4] == out[5] and out[1] > out[2] > out[0] > out[3]
+    # The strata are quantile bins, so their order in the input does not matter; one stratum changes nothing.
+    order = np.random.default_rng(0).permutation(8)
+    np.testing.assert_allclose(stratified_weights(weights[order], fraction[order], 2), out[order], rtol=1e-6)
+    np.testing.assert_allclose(stratified_weights(weights, fraction, 0), weights)
 
 
 def test_per_sample_loss_is_per_sample():
@@ -124,6 +140,22 @@ def test_resume_from_last_checkpoint(small_model, tmp_path):
         np.testing.assert_allclose(data["weight"], np.clip(p_real / (1 - p_real), 0.2, 2.0) ** 0.5, rtol=1e-5)
     assert card["importance_weights"]["clipped_low"] == pytest.approx(
         float((np.clip(p_real / (1 - p_real), 0.2, 2.0) <= 0.2 + 1e-6).mean()))
+    # Stratified by crowding: still from the stored scores; within each third of the patches by nucleus-pixel
+    # fraction the weights average 1, and the card says how P(real) follows crowding.
+    card = train_model([root / "synth"], out, TrainParams(**{**vars(params), "max_steps": 175, "weight_strata": 3}),
+                       progress=False)
+    fraction = np.concatenate([(np.load(f)["instances"] > 0).mean(axis=(1, 2))
+                               for f in sorted((root / "synth").glob("shard-*.npz"))])
+    with np.load(out / "importance_weights.npz") as data:
+        np.testing.assert_array_equal(data["p_real"], p_real)
+        w = data["weight"]
+    # (Ties share a stratum: here over a third of the patches have no nuclei, so one tercile is empty.)
+    tercile = np.searchsorted(np.quantile(fraction, [1 / 3, 2 / 3]), fraction, side="right")
+    strata = np.unique(tercile)
+    assert len(strata) >= 2
+    np.testing.assert_allclose([w[tercile == k].mean() for k in strata], 1, rtol=1e-5)
+    stats = card["importance_weights"]
+    assert -1 <= stats["p_real_vs_crowding"] <= 1 and 0 < stats["effective_sample_size"] <= 1
 
 
 def test_each_synthetic_patch_is_scored_by_a_discriminator_that_never_saw_it(small_model, tmp_path, monkeypatch):

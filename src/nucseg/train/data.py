@@ -32,6 +32,15 @@ def read_shard_images(path: Path) -> np.ndarray:
         return data["image"]
 
 
+def nucleus_fractions(shards) -> np.ndarray:
+    """Share of nucleus pixels of every sample of the given shards, in their order."""
+    fractions = []
+    for path, _, _ in shards:
+        with np.load(path) as data:
+            fractions.append((data["instances"] > 0).mean(axis=(1, 2)))
+    return np.concatenate(fractions)
+
+
 def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
             stain_jitter: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
     """Flips, rot90, scale, blur or sharpening, and stain/brightness jitter. ``image`` HWC uint8, ``targets`` CHW.

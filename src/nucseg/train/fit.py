@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from scipy.stats import rankdata
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from .. import __version__, io
 from ..model import OUTPUTS, save_weights
-from .data import SynthDataModule, list_shards, read_shard_images
-from .modules import DiscriminatorModule, SegmentationModule, WeightAverage, importance_weights
+from .data import SynthDataModule, list_shards, nucleus_fractions, read_shard_images
+from .modules import (DiscriminatorModule, SegmentationModule, WeightAverage, effective_sample_size,
+                      importance_weights, stratified_weights)
 from .params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -203,14 +205,19 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
             raise ValueError("no real patches for the discriminator")
         p_real = cross_fitted_p_real(real, shards, out_dir, params, progress)
     # Recomputed from the scores every time, so a changed clip or power takes effect on resume.
-    weights = importance_weights(torch.from_numpy(p_real), params.weight_clip, params.weight_power).numpy()
+    clipped = importance_weights(torch.from_numpy(p_real), params.weight_clip, params.weight_power).numpy()
+    crowding = nucleus_fractions(shards)
+    weights = stratified_weights(clipped, crowding, params.weight_strata)
     if stored is None or not np.array_equal(stored, weights):
         io.write_npz(weights_file, p_real=p_real, weight=weights, key=np.str_(disc_key))
     w_stats = {"mean": float(weights.mean()), "std": float(weights.std()),
                "quantiles": dict(zip(["min", "q10", "q50", "q90", "max"],
                                      np.quantile(weights, [0, .1, .5, .9, 1]).round(4).tolist())),
-               "clipped_low": float((weights <= params.weight_clip[0] ** params.weight_power + 1e-6).mean()),
-               "clipped_high": float((weights >= params.weight_clip[1] ** params.weight_power - 1e-6).mean())}
+               "clipped_low": float((clipped <= params.weight_clip[0] ** params.weight_power + 1e-6).mean()),
+               "clipped_high": float((clipped >= params.weight_clip[1] ** params.weight_power - 1e-6).mean()),
+               "effective_sample_size": effective_sample_size(weights),
+               # Spearman correlation of P(real) with the patches' nucleus-pixel fraction (weight_strata).
+               "p_real_vs_crowding": float(np.corrcoef(rankdata(p_real), rankdata(crowding))[0, 1])}
     log.info("importance weights: %s", w_stats)
 
     dm = SynthDataModule(synth_dirs, weights if params.weighted else None, params.batch_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -23,6 +24,43 @@ def importance_weights(p_real: torch.Tensor, clip: tuple[float, float] = (0.2, 2
     """
     p = p_real.clamp(1e-6, 1 - 1e-6)
     return (p / (1 - p)).clamp(*clip) ** power
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """Kish's effective sample size as a share of the samples, (Σw)² / (N Σw²), in (0, 1]."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(min(1.0, w.sum() ** 2 / (len(w) * (w ** 2).sum())))
+
+
+def stratified_weights(weights: np.ndarray, strata_by: np.ndarray, n_strata: int) -> np.ndarray:
+    """Divide each weight by the mean weight of its stratum, so every stratum keeps its share of the samples.
+
+    Strata are ``n_strata`` quantile bins of ``strata_by`` (e.g. each patch's nucleus-pixel fraction). The
+    density ratio p_real(x) / p_synth(x) factors into the ratio of the strata's frequencies and the ratio
+    within a stratum; this keeps the second only. Where the discriminator's preference between strata is
+    not a real difference of the two distributions (it finds crowded synthetic patches easier to spot
+    because they show more synthetic nuclei), that preference would otherwise shift the label
+    distribution the network learns.
+
+    Parameters
+    ----------
+    weights : (N,) array of importance weights.
+    strata_by : (N,) array, the quantity to stratify by.
+    n_strata : number of quantile bins; ≤ 1 leaves the weights as they are.
+
+    Returns
+    -------
+    (N,) float32 array; its mean within every stratum is 1.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if n_strata <= 1:
+        return weights.astype(np.float32)
+    edges = np.quantile(strata_by, np.linspace(0, 1, n_strata + 1)[1:-1])
+    stratum = np.searchsorted(edges, strata_by, side="right")
+    sums = np.bincount(stratum, weights, minlength=n_strata)
+    counts = np.bincount(stratum, minlength=n_strata)
+    means = sums / np.maximum(counts, 1)
+    return (weights / means[stratum]).astype(np.float32)
 
 
 def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_weight: float = 1.0) -> torch.Tensor:
