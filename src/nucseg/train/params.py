@@ -15,7 +15,7 @@ class TrainParams:
     weighted: bool = True
     weight_clip: tuple[float, float] = (0.2, 2.0)
     weight_power: float = 1.0    # w ** power after clipping; < 1 flattens the weights (README "The shipped model")
-    # > 0: divide each weight by the mean weight of its patch's stratum of nucleus-pixel fraction (this many
+    # > 1: divide each weight by the mean weight of its patch's stratum of nucleus-pixel fraction (this many
     # quantile bins), so the weights reorder patches of like crowding but no longer favour sparse patches as
     # a whole (the discriminator's P(real) falls with crowding: README "The shipped model"). 0 = off.
     weight_strata: int = 0
