@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from scipy.stats import rankdata
+from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from .. import __version__, io
@@ -216,8 +216,7 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
                "clipped_low": float((clipped <= params.weight_clip[0] ** params.weight_power + 1e-6).mean()),
                "clipped_high": float((clipped >= params.weight_clip[1] ** params.weight_power - 1e-6).mean()),
                "effective_sample_size": effective_sample_size(weights),
-               # Spearman correlation of P(real) with the patches' nucleus-pixel fraction (weight_strata).
-               "p_real_vs_crowding": float(np.corrcoef(rankdata(p_real), rankdata(crowding))[0, 1])}
+               "p_real_vs_crowding": float(spearmanr(p_real, crowding).statistic)}  # see weight_strata
     log.info("importance weights: %s", w_stats)
 
     dm = SynthDataModule(synth_dirs, weights if params.weighted else None, params.batch_size,
