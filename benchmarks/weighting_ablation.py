@@ -16,7 +16,7 @@ and an unweighted model trained from the same shards with the same seed, steps a
 
 (seed 0 is the shipped model and ``config/train_unweighted.yaml``'s model). On a GPU the same pairs train in
 under a minute each with the train rule's command (``snakemake -n -p`` prints it), seed and output folder
-changed, ``--no-weighted`` for the unweighted arm (README "The shipped model": 14 seeds). Datasets as in
+changed, ``--no-weighted`` for the unweighted arm (docs/experiments.md: 14 seeds). Datasets as in
 ``benchmarks/quality.py``; each model with the hematoxylin gate (the default) and without it (the network
 alone). Reported per dataset and gate: each seed's mean AJI / Dice / PQ / F1 for both arms, the weighted
 minus unweighted difference per seed, its mean and standard deviation over seeds, and per tile (averaged

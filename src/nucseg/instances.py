@@ -63,7 +63,7 @@ def gate_unit_for(slide_type: str, setting: str = "auto") -> str:
     vesicular nuclei into pieces; there it only needs to remove whole false nuclei (cytoplasm or stroma
     called nucleus). In frozen sections nuclei are swollen and smeared and the network's foreground
     spills into the purple cytoplasm around them, which the pixel gate trims. Slides of unknown type get
-    the pixel gate. README "The shipped model" has the measurements.
+    the pixel gate. docs/experiments.md has the measurements.
     """
     if setting == "auto":
         return "nucleus" if slide_type in FFPE_SLIDE_TYPES else "pixel"

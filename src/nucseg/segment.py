@@ -73,7 +73,7 @@ class SegmentParams:
     # slide type, nucleus for FFPE (DX), pixel for frozen sections and unknown (instances.gate_unit_for).
     gate_unit: str = "auto"
     # Test-time augmentation: the network's outputs averaged over this many flips / quarter turns (1-8).
-    # Costs tta x the network's time; at 8, AJI +0.009 on MoNuSeg, -0.010 on CryoNuSeg (README "The shipped model").
+    # Costs tta x the network's time; at 8, AJI +0.009 on MoNuSeg, -0.010 on CryoNuSeg (docs/experiments.md).
     tta: int = 1
 
     def instance_params(self, slide_type: str = "") -> InstanceParams:

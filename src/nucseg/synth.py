@@ -71,7 +71,7 @@ class SynthParams:
     debris_per_patch: tuple[int, int] = (0, 12)
     # Share of the nuclei that are real ones moved elsewhere in their own texture (when it has isolated
     # nuclei to take): real chromatin, membranes and outlines instead of drawn ones; labelled exactly as pasted.
-    # Off by default: measured, it tied with drawn nuclei at best (README "Tried and not adopted").
+    # Off by default: measured, it tied with drawn nuclei at best (docs/experiments.md, "Tried and not adopted").
     real_nuclei_fraction: float = 0.0
     real_nucleus_um2: tuple[float, float] = (8.0, 150.0)   # area of an isolated real nucleus worth moving
     # Fill the holes left by the texture's removed nuclei with fine texture copied from elsewhere in it,
@@ -82,7 +82,7 @@ class SynthParams:
     match_source_resolution: bool = False
     # Give each finished patch the colour statistics of the real texture it was made from (mean and spread
     # of each CIELAB channel over the tissue): washes and cytoplasm clutter make patches bluer and flatter
-    # than real tissue. Off by default: measured, the model segmented real tiles worse (README "The shipped model").
+    # than real tissue. Off by default: measured, the model segmented real tiles worse (docs/experiments.md).
     match_texture_colour: bool = False
     shard_size: int = 128
     real_per_texture: int = 1   # crops of each texture into real.npz, the discriminator's real class

@@ -215,7 +215,7 @@ class WeightAverage(pl.Callback):
 
     Averaging the iterates of one run (stochastic weight averaging; SWAD for domain generalisation,
     Cha et al., 2021) lands in a flatter region of the loss than the last iterate, which is meant to
-    transfer better to data unlike the training data (here it did not: README "The shipped model").
+    transfer better to data unlike the training data (here it did not: docs/experiments.md).
     """
 
     def __init__(self, start_step: int):

@@ -14,37 +14,38 @@ class TrainParams:
     depth: int = 3
     weighted: bool = True
     weight_clip: tuple[float, float] = (0.2, 2.0)
-    weight_power: float = 1.0    # w ** power after clipping; < 1 flattens the weights (README "The shipped model")
+    weight_power: float = 1.0    # w ** power after clipping; < 1 flattens the weights (docs/experiments.md)
     # > 1: divide each weight by the mean weight of its patch's stratum of nucleus-pixel fraction (this many
     # quantile bins), so the weights reorder patches of like crowding but no longer favour sparse patches as
-    # a whole (the discriminator's P(real) falls with crowding: README "The shipped model"). 0 = off.
+    # a whole (the discriminator's P(real) falls with crowding: docs/experiments.md). 0 = off.
     weight_strata: int = 0
     disc_steps: int = 300
     disc_lr: float = 1e-3
     disc_crop: int = 128
     disc_max_synthetic: int = 2000
     # Off by default (the paper's in-sample scoring): on, they spread the weights (33 % at the floor instead
-    # of 53-85 %) but the model segmented real tiles worse (README "The shipped model").
+    # of 53-85 %) but the model segmented real tiles worse (docs/experiments.md).
     disc_folds: int = 1          # > 1: cross-fitting, each synthetic patch scored by a discriminator that never saw it
     disc_augment: bool = False   # random flips / quarter turns of the discriminator's training patches
     disc_downsample: int = 1     # > 1: the discriminator judges patches averaged over k x k pixels (composition only)
     boundary_weight: float = 1.0
-    # A third output, the centre map (README "The shipped model"). Off by default: on clean tiles it tied
+    # A third output, the centre map (docs/experiments.md). Off by default: on clean tiles it tied
     # with the boundary-only model, on blurred ones it segmented clearly worse.
     center_head: bool = False
     # Save the mean of the network's weights over the last ``average_last`` share of the steps instead of the
-    # last step's (0 = off). Off by default: measured, worse on real tiles than the last iterate (README).
+    # last step's (0 = off). Off by default: measured, worse on real tiles than the last iterate (docs/experiments.md).
     average_last: float = 0.0
     # Output-space domain adaptation (Tsai et al., 2018; gradient reversal, Ganin & Lempitsky, 2015): > 0 adds a
     # discriminator telling the network's outputs on real tissue crops (the discriminator's real patches) from
     # those on synthetic patches, whose reversed gradient, scaled by this weight, makes outputs on real tissue
     # look like outputs on synthetic tissue. Off (0) by default: measured, the network then called far more of
-    # real tissue nucleus and segmented it worse (README "Tried and not adopted").
+    # real tissue nucleus and segmented it worse (docs/experiments.md, "Tried and not adopted").
     adapt_weight: float = 0.0
     adapt_real_batch: int = 16
     # Task-adversarial hard examples (Hou et al., 2019): this share of each batch gets the stain and focus change,
     # within fixed realistic bounds, that most raises the network's loss on it (one signed-gradient step;
-    # ~1.4x the time per step at 0.5). 0 = off: measured, a tie with the gate and worse without it (README).
+    # ~1.4x the time per step at 0.5). 0 = off: measured, a tie with the gate and worse without it
+    # (docs/experiments.md).
     hard_examples: float = 0.0
     stain_jitter: float = 0.15   # training augmentation: per-channel optical-density scale U(1 ± s)
     mpp: float = 0.25
