@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from nucseg.train.data import list_shards  # noqa: E402
+from nucseg.train.data import list_shards, nucleus_contrast  # noqa: E402
 
 
 def patch_properties(images: np.ndarray, instances: np.ndarray, mpp: float) -> dict[str, np.ndarray]:
@@ -38,7 +38,7 @@ def patch_properties(images: np.ndarray, instances: np.ndarray, mpp: float) -> d
         mean_area = np.where(counts > 0, n_fg * mpp**2 / counts, np.nan)
     return {"nucleus_fraction": fg.mean(axis=(1, 2)), "nucleus_count": counts.astype(float),
             "mean_nucleus_area_um2": mean_area, "nucleus_grey": nucleus_grey, "background_grey": background_grey,
-            "nucleus_contrast": background_grey - nucleus_grey}
+            "nucleus_contrast": nucleus_contrast(images, instances)}   # as model.train.contrast_strata sees it
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -38,6 +38,33 @@ def test_stratified_weights_keep_each_stratum_s_share():
     np.testing.assert_allclose(stratified_weights(weights, fraction, 0), weights)
 
 
+def test_stratified_weights_split_each_stratum_again():
+    # Within each half by crowding, faint nuclei (low contrast) get low weights: split by contrast too, each
+    # quarter averages 1, so the preference for contrast goes as well; order within a quarter stays.
+    fraction = np.repeat([0.1, 0.3], 4) + np.arange(8) * 1e-3
+    # The crowded half's nuclei are all fainter than the sparse half's: bins of contrast over all patches would
+    # not split either half; bins within each half do.
+    contrast = np.array([50.0, 60.0, 55.0, 65.0, 9.0, 5.0, 10.0, 4.0])
+    weights = np.array([0.2, 1.0, 0.4, 2.0, 0.6, 0.3, 0.9, 0.3])
+    out = stratified_weights(weights, fraction, 2, contrast, 2)
+    for quarter in ([0, 2], [1, 3], [5, 7], [4, 6]):
+        np.testing.assert_allclose(out[quarter].mean(), 1, rtol=1e-6)
+        np.testing.assert_allclose(out[quarter], weights[quarter] / weights[quarter].mean(), rtol=1e-6)
+    # Without the second quantity, or with one bin of it, the strata are those of crowding alone.
+    np.testing.assert_allclose(stratified_weights(weights, fraction, 2, contrast, 1), stratified_weights(weights, fraction, 2))
+
+
+
+def test_nucleus_contrast_is_background_minus_nucleus_grey():
+    from nucseg.train.data import nucleus_contrast
+
+    images = np.full((3, 8, 8, 3), 200, np.uint8)
+    labels = np.zeros((3, 8, 8), np.int32)
+    images[0, 2:4, 2:4] = (60, 90, 90)      # grey 80 under a nucleus, 200 around it
+    labels[0, 2:4, 2:4] = 1
+    labels[1, 5:7, 5:7] = 1                 # a nucleus as pale as its surroundings
+    np.testing.assert_allclose(nucleus_contrast(images, labels), [120.0, 0.0, 0.0])  # the third has no nucleus
+
 def test_per_sample_loss_is_per_sample():
     targets = torch.zeros(2, 3, 16, 16)
     targets[:, 0, 4:12, 4:12] = 1
@@ -156,6 +183,7 @@ def test_resume_from_last_checkpoint(small_model, tmp_path):
     np.testing.assert_allclose([w[tercile == k].mean() for k in strata], 1, rtol=1e-5)
     stats = card["importance_weights"]
     assert -1 <= stats["p_real_vs_crowding"] <= 1 and 0 < stats["effective_sample_size"] <= 1
+    assert -1 <= stats["p_real_vs_contrast"] <= 1
 
 
 def test_each_synthetic_patch_is_scored_by_a_discriminator_that_never_saw_it(small_model, tmp_path, monkeypatch):

@@ -41,6 +41,25 @@ def nucleus_fractions(shards) -> np.ndarray:
     return np.concatenate(fractions)
 
 
+def nucleus_contrast(images: np.ndarray, instances: np.ndarray) -> np.ndarray:
+    """Mean grey level around the nuclei minus that of the nuclei, per NHWC uint8 image (0 without nuclei)."""
+    grey = images.astype(np.float32).mean(axis=-1)
+    fg = instances > 0
+    n_fg, n_bg = fg.sum(axis=(1, 2)), (~fg).sum(axis=(1, 2))
+    nucleus = (grey * fg).sum(axis=(1, 2)) / np.maximum(n_fg, 1)
+    background = (grey * ~fg).sum(axis=(1, 2)) / np.maximum(n_bg, 1)
+    return np.where((n_fg > 0) & (n_bg > 0), background - nucleus, 0.0)
+
+
+def nucleus_contrasts(shards) -> np.ndarray:
+    """:func:`nucleus_contrast` of every sample of the given shards, in their order."""
+    out = []
+    for path, _, _ in shards:
+        with np.load(path) as data:
+            out.append(nucleus_contrast(data["image"], data["instances"]))
+    return np.concatenate(out)
+
+
 def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
             stain_jitter: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
     """Flips, rot90, scale, blur or sharpening, and stain/brightness jitter. ``image`` HWC uint8, ``targets`` CHW.

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from .. import __version__, io
 from ..model import OUTPUTS, save_weights
-from .data import SynthDataModule, list_shards, nucleus_fractions, read_shard_images
+from .data import SynthDataModule, list_shards, nucleus_contrasts, nucleus_fractions, read_shard_images
 from .modules import (DiscriminatorModule, SegmentationModule, WeightAverage, effective_sample_size,
                       importance_weights, stratified_weights)
 from .params import TrainParams
@@ -206,8 +206,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
         p_real = cross_fitted_p_real(real, shards, out_dir, params, progress)
     # Recomputed from the scores every time, so a changed clip or power takes effect on resume.
     clipped = importance_weights(torch.from_numpy(p_real), params.weight_clip, params.weight_power).numpy()
-    crowding = nucleus_fractions(shards)
-    weights = stratified_weights(clipped, crowding, params.weight_strata)
+    crowding, contrast = nucleus_fractions(shards), nucleus_contrasts(shards)
+    weights = stratified_weights(clipped, crowding, params.weight_strata, contrast, params.contrast_strata)
     if stored is None or not np.array_equal(stored, weights):
         io.write_npz(weights_file, p_real=p_real, weight=weights, key=np.str_(disc_key))
     w_stats = {"mean": float(weights.mean()), "std": float(weights.std()),
@@ -216,7 +216,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
                "clipped_low": float((clipped <= params.weight_clip[0] ** params.weight_power + 1e-6).mean()),
                "clipped_high": float((clipped >= params.weight_clip[1] ** params.weight_power - 1e-6).mean()),
                "effective_sample_size": effective_sample_size(weights),
-               "p_real_vs_crowding": float(spearmanr(p_real, crowding).statistic)}  # see weight_strata
+               "p_real_vs_crowding": float(spearmanr(p_real, crowding).statistic),  # see weight_strata
+               "p_real_vs_contrast": float(spearmanr(p_real, contrast).statistic)}  # see contrast_strata
     log.info("importance weights: %s", w_stats)
 
     dm = SynthDataModule(synth_dirs, weights if params.weighted else None, params.batch_size,

@@ -32,21 +32,31 @@ def effective_sample_size(weights: np.ndarray) -> float:
     return float(min(1.0, w.sum() ** 2 / (len(w) * (w ** 2).sum())))
 
 
-def stratified_weights(weights: np.ndarray, strata_by: np.ndarray, n_strata: int) -> np.ndarray:
+def quantile_strata(values: np.ndarray, n_strata: int) -> np.ndarray:
+    """Index (0 … ``n_strata`` − 1) of each value's quantile bin."""
+    edges = np.quantile(values, np.linspace(0, 1, n_strata + 1)[1:-1])
+    return np.searchsorted(edges, values, side="right")
+
+
+def stratified_weights(weights: np.ndarray, strata_by: np.ndarray, n_strata: int,
+                       then_by: np.ndarray | None = None, n_then: int = 0) -> np.ndarray:
     """Divide each weight by the mean weight of its stratum, so every stratum keeps its share of the samples.
 
-    Strata are ``n_strata`` quantile bins of ``strata_by`` (e.g. each patch's nucleus-pixel fraction). The
-    density ratio p_real(x) / p_synth(x) factors into the ratio of the strata's frequencies and the ratio
-    within a stratum; this keeps the second only. Where the discriminator's preference between strata is
-    not a real difference of the two distributions (it finds crowded synthetic patches easier to spot
-    because they show more synthetic nuclei), that preference would otherwise shift the label
-    distribution the network learns.
+    Strata are ``n_strata`` quantile bins of ``strata_by`` (e.g. each patch's nucleus-pixel fraction) and,
+    with ``then_by``, each of these split again into ``n_then`` quantile bins of ``then_by`` (e.g. nucleus
+    contrast) within it. The density ratio p_real(x) / p_synth(x) factors into the ratio of the strata's
+    frequencies and the ratio within a stratum; this keeps the second only. Where the discriminator's
+    preference between strata is not a real difference of the two distributions (it finds crowded
+    synthetic patches easier to spot because they show more synthetic nuclei), that preference would
+    otherwise shift the label distribution the network learns.
 
     Parameters
     ----------
     weights : (N,) array of importance weights.
     strata_by : (N,) array, the quantity to stratify by.
     n_strata : number of quantile bins; ≤ 1 leaves the weights as they are.
+    then_by : (N,) array, optional, the quantity to split each stratum by.
+    n_then : number of quantile bins of ``then_by`` within each stratum; ≤ 1 splits none.
 
     Returns
     -------
@@ -55,11 +65,15 @@ def stratified_weights(weights: np.ndarray, strata_by: np.ndarray, n_strata: int
     weights = np.asarray(weights, dtype=np.float64)
     if n_strata <= 1:
         return weights.astype(np.float32)
-    edges = np.quantile(strata_by, np.linspace(0, 1, n_strata + 1)[1:-1])
-    stratum = np.searchsorted(edges, strata_by, side="right")
-    sums = np.bincount(stratum, weights, minlength=n_strata)
-    counts = np.bincount(stratum, minlength=n_strata)
-    means = sums / np.maximum(counts, 1)
+    stratum = quantile_strata(strata_by, n_strata)
+    if then_by is not None and n_then > 1:
+        split = np.zeros_like(stratum)
+        for s in np.unique(stratum):
+            inside = stratum == s
+            split[inside] = quantile_strata(np.asarray(then_by)[inside], n_then)
+        stratum = stratum * n_then + split
+    _, stratum = np.unique(stratum, return_inverse=True)
+    means = np.bincount(stratum, weights) / np.bincount(stratum)
     return (weights / means[stratum]).astype(np.float32)
 
 

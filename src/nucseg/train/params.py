@@ -19,6 +19,10 @@ class TrainParams:
     # quantile bins), so the weights reorder patches of like crowding but no longer favour sparse patches as
     # a whole (the discriminator's P(real) falls with crowding: docs/experiments.md). 0 = off.
     weight_strata: int = 0
+    # > 1: split each stratum of crowding again into this many quantile bins of nucleus contrast (background
+    # minus nucleus grey level): within strata of crowding the discriminator finds faint nuclei the least real,
+    # and faint nuclei are those the network misses on real tissue (docs/experiments.md). 0 = off.
+    contrast_strata: int = 0
     disc_steps: int = 300
     disc_lr: float = 1e-3
     disc_crop: int = 128
