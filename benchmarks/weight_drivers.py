@@ -24,6 +24,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from nucseg.train.data import list_shards, nucleus_contrast  # noqa: E402
+from nucseg.train.modules import quantile_strata  # noqa: E402
 
 
 def patch_properties(images: np.ndarray, instances: np.ndarray, mpp: float) -> dict[str, np.ndarray]:
@@ -49,12 +50,12 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def drivers(p_real: np.ndarray, weight: np.ndarray, props: dict[str, np.ndarray], n_strata: int) -> dict:
-    edges = np.quantile(props["nucleus_fraction"], np.linspace(0, 1, n_strata + 1)[1:-1])
-    strata = np.digitize(props["nucleus_fraction"], edges)
+    strata = quantile_strata(props["nucleus_fraction"], n_strata)   # the strata of model.train.weight_strata
     out = {}
     for name, values in props.items():
         within = [_spearman(p_real[strata == s], values[strata == s]) for s in range(n_strata)]
-        fifths = np.digitize(values, np.nanquantile(values, [0.2, 0.4, 0.6, 0.8]))
+        fifth_edges = np.nanquantile(values, [0.2, 0.4, 0.6, 0.8])
+        fifths = np.digitize(values, fifth_edges)
         out[name] = {
             "spearman_p_real": _spearman(p_real, values),
             "spearman_weight": _spearman(weight, values),
@@ -63,7 +64,7 @@ def drivers(p_real: np.ndarray, weight: np.ndarray, props: dict[str, np.ndarray]
             if any(r is not None for r in within) else None,
             "mean_weight_by_fifth": [round(float(weight[(fifths == q) & np.isfinite(values)].mean()), 3)
                                      for q in range(5)],
-            "fifth_edges": np.round(np.nanquantile(values, [0.2, 0.4, 0.6, 0.8]), 3).tolist(),
+            "fifth_edges": np.round(fifth_edges, 3).tolist(),
         }
     return out
 

@@ -54,7 +54,6 @@ def test_stratified_weights_split_each_stratum_again():
     np.testing.assert_allclose(stratified_weights(weights, fraction, 2, contrast, 1), stratified_weights(weights, fraction, 2))
 
 
-
 def test_nucleus_contrast_is_background_minus_nucleus_grey():
     from nucseg.train.data import nucleus_contrast
 
@@ -64,6 +63,7 @@ def test_nucleus_contrast_is_background_minus_nucleus_grey():
     labels[0, 2:4, 2:4] = 1
     labels[1, 5:7, 5:7] = 1                 # a nucleus as pale as its surroundings
     np.testing.assert_allclose(nucleus_contrast(images, labels), [120.0, 0.0, 0.0])  # the third has no nucleus
+
 
 def test_per_sample_loss_is_per_sample():
     targets = torch.zeros(2, 3, 16, 16)

@@ -32,15 +32,6 @@ def read_shard_images(path: Path) -> np.ndarray:
         return data["image"]
 
 
-def nucleus_fractions(shards) -> np.ndarray:
-    """Share of nucleus pixels of every sample of the given shards, in their order."""
-    fractions = []
-    for path, _, _ in shards:
-        with np.load(path) as data:
-            fractions.append((data["instances"] > 0).mean(axis=(1, 2)))
-    return np.concatenate(fractions)
-
-
 def nucleus_contrast(images: np.ndarray, instances: np.ndarray) -> np.ndarray:
     """Mean grey level around the nuclei minus that of the nuclei, per NHWC uint8 image (0 without nuclei)."""
     grey = images.astype(np.float32).mean(axis=-1)
@@ -51,13 +42,16 @@ def nucleus_contrast(images: np.ndarray, instances: np.ndarray) -> np.ndarray:
     return np.where((n_fg > 0) & (n_bg > 0), background - nucleus, 0.0)
 
 
-def nucleus_contrasts(shards) -> np.ndarray:
-    """:func:`nucleus_contrast` of every sample of the given shards, in their order."""
-    out = []
+def crowding_and_contrast(shards) -> tuple[np.ndarray, np.ndarray]:
+    """Share of nucleus pixels and :func:`nucleus_contrast` of every sample of the given shards, in their order
+    (one read of each shard)."""
+    fractions, contrasts = [], []
     for path, _, _ in shards:
         with np.load(path) as data:
-            out.append(nucleus_contrast(data["image"], data["instances"]))
-    return np.concatenate(out)
+            instances = data["instances"]
+            fractions.append((instances > 0).mean(axis=(1, 2)))
+            contrasts.append(nucleus_contrast(data["image"], instances))
+    return np.concatenate(fractions), np.concatenate(contrasts)
 
 
 def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator,

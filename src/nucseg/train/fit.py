@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from .. import __version__, io
 from ..model import OUTPUTS, save_weights
-from .data import SynthDataModule, list_shards, nucleus_contrasts, nucleus_fractions, read_shard_images
+from .data import SynthDataModule, crowding_and_contrast, list_shards, read_shard_images
 from .modules import (DiscriminatorModule, SegmentationModule, WeightAverage, effective_sample_size,
                       importance_weights, stratified_weights)
 from .params import TrainParams
@@ -206,7 +206,7 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
         p_real = cross_fitted_p_real(real, shards, out_dir, params, progress)
     # Recomputed from the scores every time, so a changed clip or power takes effect on resume.
     clipped = importance_weights(torch.from_numpy(p_real), params.weight_clip, params.weight_power).numpy()
-    crowding, contrast = nucleus_fractions(shards), nucleus_contrasts(shards)
+    crowding, contrast = crowding_and_contrast(shards)
     weights = stratified_weights(clipped, crowding, params.weight_strata, contrast, params.contrast_strata)
     if stored is None or not np.array_equal(stored, weights):
         io.write_npz(weights_file, p_real=p_real, weight=weights, key=np.str_(disc_key))
