@@ -47,7 +47,7 @@ def tile_metrics(weights: str, samples: list) -> list[dict]:
     """Per tile: its slide type and the metrics of each unit, the network run once per tile."""
     import torch
 
-    from nucseg.evaluate import instance_metrics, labels_to_shape, resample_to
+    from nucseg.evaluate import instance_metrics, instances_on_image, resample_to
     from nucseg.instances import InstanceParams, extract_instances, hematoxylin_gate
     from nucseg.model import load_weights, predict
     from nucseg.synth import hematoxylin_od
@@ -63,7 +63,8 @@ def tile_metrics(weights: str, samples: list) -> list[dict]:
         row = {"id": s.id, "slide_type": s.slide_type}
         for unit in UNITS:
             params = InstanceParams(hematoxylin_gate=unit != "off", gate_unit="pixel" if unit == "off" else unit)
-            labels = labels_to_shape(extract_instances(prob, mpp, params, gate=gate), s.labels.shape)
+            labels = instances_on_image(extract_instances(prob, mpp, params, gate=gate), prob[0],
+                                        params.foreground_threshold, s.labels.shape)
             row[unit] = {k: v for k, v in instance_metrics(s.labels, labels).items() if k in METRICS}
         rows.append(row)
     return rows

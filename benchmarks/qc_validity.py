@@ -115,9 +115,10 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
     level = hematoxylin_level([hema], mpp_work)
     gate = None if level is None else hematoxylin_gate(hema, mpp_work, level)
     unit = gate_unit_for(sample.slide_type)
-    labels = extract_instances(predict(model, work[None], device)[0], mpp_work, InstanceParams(gate_unit=unit),
-                               gate=gate)
-    _, feats = describe_instances(labels)
+    prob = predict(model, work[None], device)[0]
+    inst_params = InstanceParams(gate_unit=unit)
+    labels = extract_instances(prob, mpp_work, inst_params, gate=gate)
+    _, feats = describe_instances(labels, score=prob[0], level=inst_params.foreground_threshold)
     areas = feats.area_px.to_numpy() * mpp_work**2
     size = max(8, round(params.patch_um / mpp_work))
     margin = round(params.context_um / mpp_work)

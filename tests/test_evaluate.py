@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nucseg.evaluate import (instance_metrics, load_dataset, predict_classical, rasterize,
+from nucseg.evaluate import (instance_metrics, instances_on_image, load_dataset, predict_classical, rasterize,
                              read_aperio_xml)
 
 from .conftest import MONUSEG, need
@@ -47,6 +47,21 @@ def test_rasterisation_uses_pixel_centres():
     labels = rasterize([poly, poly + 10], (20, 20))
     assert (labels == 1).sum() == 9 and labels[1:4, 1:4].all() and not labels[0].any()
     assert (labels == 2).sum() == 9
+
+
+def test_instances_found_at_half_resolution_keep_their_size_on_the_image():
+    """Instances found at the working resolution are drawn on a grid twice as fine as their outlines:
+    a 5 x 5 nucleus becomes 10 x 10 (cut at the corners), and moves out by one fine pixel on a side
+    where the foreground probability outside it is close to the threshold."""
+    labels = np.zeros((20, 20), np.int32)
+    labels[5:10, 5:10] = 1
+    fg = np.where(labels > 0, 0.9, 0.1).astype(np.float32)
+    out = instances_on_image(labels, fg, 0.5, (40, 40))
+    assert out.max() == 1 and 96 <= (out == 1).sum() <= 100
+    assert not out[:10].any() and not out[20:].any() and not out[:, :10].any() and not out[:, 20:].any()
+    fg[5:10, 10] = 0.45  # almost foreground right of it: the outline crosses 8/9 of the way to that column
+    grown = instances_on_image(labels, fg, 0.5, (40, 40))
+    assert grown[11:19, 20].all() and not grown[:, 21:].any() and (grown[:, :19] == out[:, :19]).all()
 
 
 def test_classical_baseline_finds_dark_discs(rng):

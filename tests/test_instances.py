@@ -2,8 +2,10 @@ import cv2
 import numpy as np
 import pytest
 
+from skimage.draw import polygon as draw_polygon
+
 from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, gate_unit_for,
-                              hematoxylin_gate, label_peaks, relabel)
+                              hematoxylin_gate, label_peaks, outline, relabel)
 from nucseg.synth import hematoxylin_od
 
 
@@ -146,6 +148,36 @@ def test_features_of_a_disc_and_an_ellipse():
     assert e.eccentricity == pytest.approx(np.sqrt(1 - (8 / 20) ** 2), abs=0.05)
     assert d.mean_hematoxylin_od == pytest.approx(0.3) and e.mean_hematoxylin_od == pytest.approx(0.1)
     assert d.perimeter_px == pytest.approx(2 * np.pi * 10, rel=0.15)
+
+
+def test_outline_covers_the_mask_it_was_traced_from():
+    """Outlines run along the pixels' outer edges: drawn again (pixel centres inside), they give back
+    the mask, and their area is the pixel count, not half a pixel short on every side."""
+    mask = disc((40, 40), 19, 21, 9)
+    points = outline(mask)
+    rr, cc = draw_polygon(points[:, 1] - 0.5, points[:, 0] - 0.5, mask.shape)  # (j + 0.5, i + 0.5) centres
+    redrawn = np.zeros_like(mask)
+    redrawn[rr, cc] = True
+    assert (redrawn == mask).all()
+    x, y = points.T
+    area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    assert area == pytest.approx(mask.sum(), rel=0.03)
+    assert (points[:, 0].min(), points[:, 0].max()) == pytest.approx((12.0, 31.0), abs=0.01)  # columns 12..30
+
+
+def test_outline_crosses_where_the_interpolated_probability_does():
+    prob = np.full((25, 25), 0.1, np.float32)
+    prob[5:15, 5:15] = 0.9
+    prob[5:15, 15] = 0.3       # right of the square: 0.9 -> 0.3 crosses 0.5 two thirds of the way
+    prob[5:15, 4] = 0.45       # left: 0.9 -> 0.45 crosses 0.5 eight ninths of the way out
+    points = outline(prob > 0.5, prob, 0.5)
+    x, y = points.T
+    # Pixel centres: the square's right column 14.5, the next 15.5; its left column 5.5, the one before 4.5.
+    assert x.max() == pytest.approx(14.5 + 2 / 3, abs=1e-4)
+    assert x.min() == pytest.approx(5.5 - 8 / 9, abs=1e-4)
+    assert (y.min(), y.max()) == pytest.approx((5.0, 15.0), abs=1e-4)  # 0.9 -> 0.1: half-way, the pixel edge
+    # Without the probability, the pixel edges.
+    assert (outline(prob > 0.5)[:, 0].min(), outline(prob > 0.5)[:, 0].max()) == pytest.approx((5.0, 15.0))
 
 
 def test_relabel_is_consecutive():

@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 import shapely
 
+from shapely.geometry import Polygon
+
 from nucseg import io
 from nucseg.tissue import TissueParams, detect_tissue, mask_to_polygons, tile_grid, tissue_mask
 
@@ -27,9 +29,16 @@ def test_polygons_scale_to_level0():
     mask[5:15, 10:20] = True
     polys = mask_to_polygons(mask, scale=0.25)      # 1 mask px = 4 level-0 px
     assert len(polys) == 1
-    x0, y0, x1, y1 = polys[0].bounds
-    assert (x0, y0) == pytest.approx((42, 22), abs=1) and (x1, y1) == pytest.approx((78, 58), abs=1)
+    # Along the mask pixels' outer edges: columns 10..19 are level-0 40..80, rows 5..14 are 20..60.
+    assert polys[0].bounds == pytest.approx((40, 20, 80, 60))
+    assert polys[0].area == pytest.approx(mask.sum() * 16)
     assert polys[0].is_valid
+    # A hole shrinks to its pixels' edges too (OpenCV cuts its corners diagonally: within a mask pixel).
+    mask[8:11, 13:17] = False
+    ring = mask_to_polygons(mask, scale=0.25)[0]
+    assert len(ring.interiors) == 1
+    assert Polygon(ring.interiors[0]).bounds == pytest.approx((52, 32, 68, 44))
+    assert abs(ring.area - mask.sum() * 16) <= 16
 
 
 def test_tile_grid_keeps_tissue_tiles():
@@ -46,7 +55,9 @@ def test_detect_tissue_on_demo_slide(demo_tissue):
     gdf = gpd.read_parquet(demo_tissue / "tissue.parquet")
     area_mm2 = gdf.area.sum() * 0.25**2 / 1e6
     assert area_mm2 == pytest.approx(facts["tissue_area_mm2"], rel=0.1)
-    assert 0.02 < area_mm2 < 1536 * 1280 * 0.25**2 / 1e6
+    assert 0.02 < area_mm2 <= 1536 * 1280 * 0.25**2 / 1e6 + 1e-9
+    x0, y0, x1, y1 = gdf.total_bounds
+    assert x0 >= 0 and y0 >= 0 and x1 <= 1536 and y1 <= 1280  # tissue ends at the slide's edge
     meta = io.read_provenance(demo_tissue / "tissue.parquet")
     assert meta["mpp"] == "0.25" and meta["status"] == "ok"
     tiles = pd.read_parquet(demo_tissue / "tiles.parquet")

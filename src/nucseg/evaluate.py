@@ -12,6 +12,10 @@ TCGA barcode in the id (``TCGA-50-5931-01Z-00-DX1`` → DX), else unknown.
 ``poly2mask`` used by the MoNuSeg organisers): a pixel belongs to a nucleus when its centre lies inside the
 polygon. Polygons are drawn in file order, so where two overlap by a pixel the later one wins.
 
+Predictions are scored as the pipeline writes them: the outlines of the instances found at the model's
+working resolution (:func:`nucseg.instances.describe_instances`), drawn on the image's grid with the same
+rasterisation (:func:`instances_on_image`).
+
 Metrics per image: AJI (Kumar et al. 2017), pixel Dice of the foreground, PQ (one-to-one matching at
 IoU > 0.5; Kirillov et al. 2019), detection F1 at the same matching, and object counts.
 """
@@ -145,16 +149,25 @@ def resample_to(image: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray
     return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR if f > 1 else cv2.INTER_AREA)
 
 
-def labels_to_shape(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Map an instance map back to an image grid (nearest neighbour)."""
-    if labels.shape == tuple(shape):
-        return labels
-    return cv2.resize(labels.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+def instances_on_image(labels: np.ndarray, foreground: np.ndarray, level: float,
+                       shape: tuple[int, int]) -> np.ndarray:
+    """Instance map on an image's grid of the instances found at the working resolution.
+
+    Their outlines, as ``nucseg segment`` writes them (:func:`nucseg.instances.describe_instances`:
+    sub-pixel where the ``foreground`` probability crosses ``level``), drawn with the ground truth's
+    rasterisation, so evaluation scores the polygons the pipeline writes.
+    """
+    from .instances import describe_instances
+
+    polygons, _ = describe_instances(labels, score=foreground, level=level)
+    scale = np.array([shape[1] / labels.shape[1], shape[0] / labels.shape[0]])
+    return rasterize([p * scale - 0.5 for p in polygons], shape)
 
 
 def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float, params=None,
                   tta: int = 1) -> np.ndarray:
-    """Instance map of an image with the network, at the model's working resolution, mapped back.
+    """Instance map of an image with the network, at the model's working resolution: the nuclei's
+    outlines, as whole-slide inference writes them, drawn on the image's grid.
 
     ``tta``: test-time augmentations averaged (:func:`nucseg.model.predict`).
     """
@@ -167,7 +180,7 @@ def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float,
     prob = predict(model, work[None], device, tta)[0]
     gate = hematoxylin_gate(hematoxylin_od(work), mpp_work) if params.hematoxylin_gate else None
     labels = extract_instances(prob, mpp_work, params, gate=gate)
-    return labels_to_shape(labels, image.shape[:2])
+    return instances_on_image(labels, prob[0], params.foreground_threshold, image.shape[:2])
 
 
 def predict_classical(image: np.ndarray, mpp: float, min_area_um2: float = 6.0, min_distance_um: float = 2.5) -> np.ndarray:

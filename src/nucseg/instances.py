@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+from skimage.measure import find_contours
 from skimage.segmentation import find_boundaries, watershed
 
 
@@ -236,12 +237,54 @@ FEATURE_COLUMNS = ["centroid_x", "centroid_y", "area_px", "perimeter_px", "eccen
                    "mean_hematoxylin_od", "score"]
 
 
+def outline(inside: np.ndarray, probability: np.ndarray | None = None, level: float = 0.5,
+            min_margin: float = 0.05) -> np.ndarray | None:
+    """Outline of a mask along its pixels' outer edges, sub-pixel where a probability map says where.
+
+    Marching squares on a field that is above ``level`` on the mask's pixels and below it elsewhere, so
+    the outline runs between every inside and outside pixel centre and the polygon covers the mask's
+    area (an outline through the boundary pixels' centres would cut half a pixel off every side). With
+    ``probability`` (the foreground probability the mask was thresholded from) the field is ``level ±
+    |probability − level|`` (at least ``min_margin`` from it), so the outline crosses where the
+    interpolated probability does; without it, at the pixel edges' midpoints.
+
+    Parameters
+    ----------
+    inside : ndarray (H, W) bool
+    probability : ndarray (H, W) float, optional
+    level, min_margin : float
+
+    Returns
+    -------
+    ndarray (k, 2) float (x, y), pixel ``(i, j)`` covering ``[j, j+1) × [i, i+1)``; the outline of the
+    largest part (holes ignored), or None for an empty mask.
+    """
+    margin = 0.5 if probability is None else np.maximum(np.abs(probability - level), min_margin)
+    field = np.full((inside.shape[0] + 2, inside.shape[1] + 2), level - 1.0)
+    field[1:-1, 1:-1] = np.where(inside, level + margin, level - margin)
+    contours = find_contours(field, level)
+    if not contours:
+        return None
+    # The largest ring by area is the outer outline (the others are holes or smaller parts).
+    contour = contours[0] if len(contours) == 1 else max(contours, key=lambda c: abs(_closed_ring_area(c)))
+    return contour[:-1, ::-1] - 0.5  # closed ring without its repeated vertex; padded (row, col) -> (x, y)
+
+
+def _closed_ring_area(ring: np.ndarray) -> float:
+    """Signed shoelace area of a ring whose last vertex repeats its first."""
+    return 0.5 * float(ring[:-1, 0] @ ring[1:, 1] - ring[:-1, 1] @ ring[1:, 0])
+
+
 def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None,
-                       score: np.ndarray | None = None) -> tuple[list[np.ndarray], pd.DataFrame]:
+                       score: np.ndarray | None = None, level: float = 0.5
+                       ) -> tuple[list[np.ndarray], pd.DataFrame]:
     """Outline polygon and shape/intensity features of each instance, in the map's pixel units.
 
-    Polygons follow the pixel-centre convention: pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``, its
-    centre is ``(j + 0.5, i + 0.5)``; outlines run through boundary-pixel centres.
+    Pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``; its centre is ``(j + 0.5, i + 0.5)``. Outlines follow
+    :func:`outline`: along each instance's outer pixel edges, sub-pixel where ``score`` (the foreground
+    probability) crosses ``level`` (the foreground threshold). Area, perimeter and solidity are the
+    polygon's; centroid and eccentricity come from the instance's pixels; ``mean_hematoxylin_od`` and
+    ``score`` are means over them.
 
     Returns
     -------
@@ -252,30 +295,32 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
     for label, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
-        crop = (labels[sl] == label).astype(np.uint8)
-        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        if not contours:
+        # One pixel of context on each side, so the outline can sit between the edge pixels and the next.
+        y0, x0 = max(sl[0].start - 1, 0), max(sl[1].start - 1, 0)
+        window = (slice(y0, sl[0].stop + 1), slice(x0, sl[1].stop + 1))
+        inside = labels[window] == label
+        points = outline(inside, None if score is None else score[window], level)
+        if points is None or len(points) < 3:
             continue
-        contour = max(contours, key=cv2.contourArea)
-        if len(contour) < 3:
+        points = points + (x0, y0)
+        ring = np.vstack([points, points[:1]])
+        area = abs(_closed_ring_area(ring))
+        if area <= 0:
             continue  # a line of pixels has no polygon
-        offset = np.array([sl[1].start + 0.5, sl[0].start + 0.5])
-        points = contour[:, 0, :].astype(np.float64) + offset
-        area = float(crop.sum())
+        crop = inside.astype(np.uint8)
         m = cv2.moments(crop, binaryImage=True)
-        cx, cy = m["m10"] / m["m00"] + offset[0], m["m01"] / m["m00"] + offset[1]
+        cx, cy = m["m10"] / m["m00"] + x0 + 0.5, m["m01"] / m["m00"] + y0 + 0.5
         mu20, mu02, mu11 = m["mu20"] / m["m00"], m["mu02"] / m["m00"], m["mu11"] / m["m00"]
         common = np.sqrt(4 * mu11**2 + (mu20 - mu02) ** 2)
         l1, l2 = (mu20 + mu02 + common) / 2, (mu20 + mu02 - common) / 2
         ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
-        hull = cv2.contourArea(cv2.convexHull(contour))
-        inside = crop.astype(bool)
+        hull = cv2.contourArea(cv2.convexHull(points.astype(np.float32)))
         rows.append({
             "label": label, "centroid_x": cx, "centroid_y": cy, "area_px": area,
-            "perimeter_px": float(cv2.arcLength(contour, True)), "eccentricity": ecc,
-            "solidity": float(min(1.0, cv2.contourArea(contour) / hull)) if hull > 0 else 1.0,
-            "mean_hematoxylin_od": float(hematoxylin[sl][inside].mean()) if hematoxylin is not None else np.nan,
-            "score": float(score[sl][inside].mean()) if score is not None else np.nan,
+            "perimeter_px": float(np.hypot(*np.diff(ring, axis=0).T).sum()),
+            "eccentricity": ecc, "solidity": float(min(1.0, area / hull)) if hull > 0 else 1.0,
+            "mean_hematoxylin_od": float(hematoxylin[window][inside].mean()) if hematoxylin is not None else np.nan,
+            "score": float(score[window][inside].mean()) if score is not None else np.nan,
         })
         polygons.append(points)
     return polygons, pd.DataFrame(rows, columns=["label"] + FEATURE_COLUMNS)

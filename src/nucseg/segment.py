@@ -362,7 +362,7 @@ def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissu
         hema = hematoxylin_od(image)
         gate = None if level is None else hematoxylin_gate(hema, mpp_work, level)
         labels = extract_instances(prob, mpp_work, inst_params, gate=gate)
-        polys, feats = describe_instances(labels, hema, prob[0])
+        polys, feats = describe_instances(labels, hema, prob[0], inst_params.foreground_threshold)
         if feats.empty:
             continue
         rx, ry = block.read_origin
