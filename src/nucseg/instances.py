@@ -275,6 +275,18 @@ def _closed_ring_area(ring: np.ndarray) -> float:
     return 0.5 * float(ring[:-1, 0] @ ring[1:, 1] - ring[:-1, 1] @ ring[1:, 0])
 
 
+def _pixel_solidity(mask: np.ndarray) -> float:
+    """Area over convex-hull area of the outline through a mask's edge pixels' centres (OpenCV).
+
+    Kept on the pixels rather than the smoother written outline: QC's shape check (``min_solidity``) was
+    set on it, and ragged masks score lower on it (docs/experiments.md, "Outlines along the pixel edges").
+    """
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contour = max(contours, key=cv2.contourArea)
+    hull = cv2.contourArea(cv2.convexHull(contour))
+    return float(min(1.0, cv2.contourArea(contour) / hull)) if hull > 0 else 1.0
+
+
 def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None,
                        score: np.ndarray | None = None, level: float = 0.5
                        ) -> tuple[list[np.ndarray], pd.DataFrame]:
@@ -282,8 +294,8 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
 
     Pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``; its centre is ``(j + 0.5, i + 0.5)``. Outlines follow
     :func:`outline`: along each instance's outer pixel edges, sub-pixel where ``score`` (the foreground
-    probability) crosses ``level`` (the foreground threshold). Area, perimeter and solidity are the
-    polygon's; centroid and eccentricity come from the instance's pixels; ``mean_hematoxylin_od`` and
+    probability) crosses ``level`` (the foreground threshold). Area and perimeter are the polygon's;
+    centroid, eccentricity and solidity (:func:`_pixel_solidity`) come from the instance's pixels; ``mean_hematoxylin_od`` and
     ``score`` are means over them.
 
     Returns
@@ -314,11 +326,10 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
         common = np.sqrt(4 * mu11**2 + (mu20 - mu02) ** 2)
         l1, l2 = (mu20 + mu02 + common) / 2, (mu20 + mu02 - common) / 2
         ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
-        hull = cv2.contourArea(cv2.convexHull(points.astype(np.float32)))
         rows.append({
             "label": label, "centroid_x": cx, "centroid_y": cy, "area_px": area,
             "perimeter_px": float(np.hypot(*np.diff(ring, axis=0).T).sum()),
-            "eccentricity": ecc, "solidity": float(min(1.0, area / hull)) if hull > 0 else 1.0,
+            "eccentricity": ecc, "solidity": _pixel_solidity(crop),
             "mean_hematoxylin_od": float(hematoxylin[window][inside].mean()) if hematoxylin is not None else np.nan,
             "score": float(score[window][inside].mean()) if score is not None else np.nan,
         })
