@@ -295,8 +295,8 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
     Pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``; its centre is ``(j + 0.5, i + 0.5)``. Outlines follow
     :func:`outline`: along each instance's outer pixel edges, sub-pixel where ``score`` (the foreground
     probability) crosses ``level`` (the foreground threshold). Area and perimeter are the polygon's;
-    centroid, eccentricity and solidity (:func:`_pixel_solidity`) come from the instance's pixels; ``mean_hematoxylin_od`` and
-    ``score`` are means over them.
+    centroid, eccentricity and solidity (:func:`_pixel_solidity`) come from the instance's pixels, and
+    ``mean_hematoxylin_od`` and ``score`` are means over them.
 
     Returns
     -------
