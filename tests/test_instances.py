@@ -1,7 +1,6 @@
 import cv2
 import numpy as np
 import pytest
-
 from skimage.draw import polygon as draw_polygon
 
 from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, gate_unit_for,
@@ -177,7 +176,8 @@ def test_outline_crosses_where_the_interpolated_probability_does():
     assert x.min() == pytest.approx(5.5 - 8 / 9, abs=1e-4)
     assert (y.min(), y.max()) == pytest.approx((5.0, 15.0), abs=1e-4)  # 0.9 -> 0.1: half-way, the pixel edge
     # Without the probability, the pixel edges.
-    assert (outline(prob > 0.5)[:, 0].min(), outline(prob > 0.5)[:, 0].max()) == pytest.approx((5.0, 15.0))
+    x = outline(prob > 0.5)[:, 0]
+    assert (x.min(), x.max()) == pytest.approx((5.0, 15.0))
 
 
 def test_relabel_is_consecutive():

@@ -85,7 +85,7 @@ def test_output_is_geoparquet_with_provenance(segmented, small_model):
                 "mean_hematoxylin_od", "tile_x", "tile_y", "score"):
         assert col in gdf.columns and gdf[col].notna().all()
     assert gdf.geometry.is_valid.all()
-    # Area and perimeter are the written polygon's (the rare outline made valid by dropping a part aside).
+    # Area and perimeter are the written polygon's (but for the rare outline cut down to its largest part).
     ratio = gdf.geometry.area * 0.25**2 / gdf.area_um2
     assert (np.abs(ratio - 1) < 1e-6).mean() > 0.99
     assert (np.abs(gdf.geometry.length * 0.25 / gdf.perimeter_um - 1) < 1e-6).mean() > 0.99

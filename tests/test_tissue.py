@@ -5,7 +5,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
-
 from shapely.geometry import Polygon
 
 from nucseg import io
