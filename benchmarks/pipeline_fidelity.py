@@ -49,6 +49,13 @@ def pipeline_labels(nuclei_path: Path, shape: tuple[int, int]) -> np.ndarray:
     return rasterize([np.asarray(g.exterior.coords)[:-1] - 0.5 for g in gdf.geometry], shape)
 
 
+def scores(truth: np.ndarray, pred: np.ndarray) -> dict:
+    """The reported metrics and the number of predicted nuclei."""
+    from nucseg.evaluate import instance_metrics
+
+    return {k: v for k, v in instance_metrics(truth, pred).items() if k in METRICS + ("n_pred",)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None, help="model weights (default: the shipped model)")
@@ -63,7 +70,7 @@ def main(argv=None) -> dict:
     import torch
 
     from nucseg.cli import default_weights
-    from nucseg.evaluate import instance_metrics, load_dataset, predict_model
+    from nucseg.evaluate import load_dataset, predict_model
     from nucseg.instances import InstanceParams, gate_unit_for
     from nucseg.model import load_weights
     from nucseg.segment import SegmentParams, segment_slide
@@ -84,10 +91,8 @@ def main(argv=None) -> dict:
             params = replace(InstanceParams(), gate_unit=gate_unit_for(s.slide_type, "auto"))
             evaluated = predict_model(s.image, s.mpp, model, device, float(meta["mpp"]), params)
             rows.append({"id": s.id, "slide_type": s.slide_type,
-                         "segment": {k: v for k, v in instance_metrics(s.labels, pipeline_labels(
-                             out, s.labels.shape)).items() if k in METRICS + ("n_pred",)},
-                         "evaluate": {k: v for k, v in instance_metrics(s.labels, evaluated).items()
-                                      if k in METRICS + ("n_pred",)}})
+                         "segment": scores(s.labels, pipeline_labels(out, s.labels.shape)),
+                         "evaluate": scores(s.labels, evaluated)})
     mean = {way: {k: round(float(np.mean([r[way][k] for r in rows])), 4) for k in METRICS}
             for way in ("segment", "evaluate")}
     diff = np.array([r["segment"]["aji"] - r["evaluate"]["aji"] for r in rows])
