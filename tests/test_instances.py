@@ -4,7 +4,7 @@ import pytest
 from skimage.draw import polygon as draw_polygon
 
 from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, gate_unit_for,
-                              hematoxylin_gate, label_peaks, outline, relabel)
+                              hematoxylin_gate, instance_outlines, label_peaks, outline, relabel)
 from nucseg.synth import hematoxylin_od
 
 
@@ -178,6 +178,24 @@ def test_outline_crosses_where_the_interpolated_probability_does():
     # Without the probability, the pixel edges.
     x = outline(prob > 0.5)[:, 0]
     assert (x.min(), x.max()) == pytest.approx((5.0, 15.0))
+
+
+def test_instance_outlines_name_each_instance_and_cover_its_pixels():
+    labels = np.zeros((30, 40), np.int32)
+    labels[disc(labels.shape, 12, 10, 6)] = 1
+    labels[20, 25:35] = 3  # a line of pixels one wide; label 2 is absent
+    outlines = dict(instance_outlines(labels))
+    assert sorted(outlines) == [1, 3]
+
+    def area(points):
+        x, y = points.T
+        return 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+    assert area(outlines[1]) == pytest.approx((labels == 1).sum(), rel=0.03)
+    # Marching squares cuts each of the line's four corners by an eighth of a pixel.
+    assert area(outlines[3]) == pytest.approx(10 - 4 / 8)
+    x, y = outlines[3].T
+    assert (x.min(), x.max(), y.min(), y.max()) == pytest.approx((25.0, 35.0, 20.0, 21.0))
 
 
 def test_relabel_is_consecutive():

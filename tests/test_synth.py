@@ -510,3 +510,25 @@ def test_match_texture_colour_moves_the_colour_not_the_nuclei(rng):
         matched_gap.append(np.abs(_lab_stats(matched["image"])[0] - t_mean).sum())
     # Washed patches are bluer than their texture; matched, their mean colour is the texture's again.
     assert labelled >= 2 and np.mean(matched_gap) < 0.5 * np.mean(plain_gap)
+
+
+def test_cluster_fraction_makes_nuclei_touch():
+    """Clustered placement sets most nuclei against another one; scattered placement few."""
+    def touching_share(cluster_fraction):
+        touching, total = 0, 0
+        for seed in range(6):
+            bg, tissue = _blank_tissue(192)
+            params = SynthParams(**{**_NUCLEI_ONLY, "max_overlap": 0.15}, cluster_fraction=cluster_fraction)
+            _, inst = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.15, np.random.default_rng(seed), params)
+            # A nucleus touches another when a pixel of it has a 4-neighbour of another label.
+            touching_labels = set()
+            for a, b in ((inst[:, :-1], inst[:, 1:]), (inst[:-1], inst[1:])):
+                contact = (a != b) & (a > 0) & (b > 0)
+                touching_labels |= set(a[contact].tolist()) | set(b[contact].tolist())
+            touching += len(touching_labels)
+            total += int(inst.max())
+        return touching / total
+
+    scattered, clustered = touching_share(0.0), touching_share(0.8)
+    assert clustered > scattered + 0.25
+    assert clustered > 0.5

@@ -13,7 +13,7 @@ TCGA barcode in the id (``TCGA-50-5931-01Z-00-DX1`` → DX), else unknown.
 polygon. Polygons are drawn in file order, so where two overlap by a pixel the later one wins.
 
 Predictions are scored as the pipeline writes them: the outlines of the instances found at the model's
-working resolution (:func:`nucseg.instances.describe_instances`), drawn on the image's grid with the same
+working resolution (:func:`nucseg.instances.instance_outlines`), drawn on the image's grid with the same
 rasterisation (:func:`instances_on_image`).
 
 Metrics per image: AJI (Kumar et al. 2017), pixel Dice of the foreground, PQ (one-to-one matching at
@@ -153,13 +153,13 @@ def instances_on_image(labels: np.ndarray, foreground: np.ndarray, level: float,
                        shape: tuple[int, int]) -> np.ndarray:
     """Instance map on an image's grid of the instances found at the working resolution.
 
-    Their outlines, as ``nucseg segment`` writes them (:func:`nucseg.instances.describe_instances`:
+    Their outlines, as ``nucseg segment`` writes them (:func:`nucseg.instances.instance_outlines`:
     sub-pixel where the ``foreground`` probability crosses ``level``), drawn with the ground truth's
     rasterisation, so evaluation scores the polygons the pipeline writes.
     """
-    from .instances import describe_instances
+    from .instances import instance_outlines
 
-    polygons, _ = describe_instances(labels, score=foreground, level=level)
+    polygons = [points for _, points in instance_outlines(labels, foreground, level)]
     scale = np.array([shape[1] / labels.shape[1], shape[0] / labels.shape[0]])
     return rasterize([p * scale - 0.5 for p in polygons], shape)
 

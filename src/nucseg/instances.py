@@ -287,38 +287,54 @@ def _pixel_solidity(mask: np.ndarray) -> float:
     return float(min(1.0, cv2.contourArea(contour) / hull)) if hull > 0 else 1.0
 
 
+def _window(sl: tuple[slice, slice]) -> tuple[tuple[slice, slice], int, int]:
+    """An instance's bounding box with one pixel of context on each side (so its outline can sit between
+    the edge pixels and the next), and the box's origin ``(x0, y0)``."""
+    y0, x0 = max(sl[0].start - 1, 0), max(sl[1].start - 1, 0)
+    return (slice(y0, sl[0].stop + 1), slice(x0, sl[1].stop + 1)), x0, y0
+
+
+def instance_outlines(labels: np.ndarray, score: np.ndarray | None = None, level: float = 0.5
+                      ) -> list[tuple[int, np.ndarray]]:
+    """``(label, polygon)`` of each instance with an area: its :func:`outline`, sub-pixel where ``score``
+    (the foreground probability) crosses ``level`` (the foreground threshold), in the map's pixel units
+    (pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``). Labels absent from the map are skipped.
+    """
+    out = []
+    for label, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        window, x0, y0 = _window(sl)
+        points = outline(labels[window] == label, None if score is None else score[window], level)
+        if points is None or len(points) < 3:
+            continue
+        points = points + (x0, y0)
+        if _closed_ring_area(np.vstack([points, points[:1]])) != 0:
+            out.append((label, points))
+    return out
+
+
 def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None,
                        score: np.ndarray | None = None, level: float = 0.5
                        ) -> tuple[list[np.ndarray], pd.DataFrame]:
-    """Outline polygon and shape/intensity features of each instance, in the map's pixel units.
+    """Outline polygon (:func:`instance_outlines`) and shape/intensity features of each instance, in the
+    map's pixel units.
 
-    Pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``; its centre is ``(j + 0.5, i + 0.5)``. Outlines follow
-    :func:`outline`: along each instance's outer pixel edges, sub-pixel where ``score`` (the foreground
-    probability) crosses ``level`` (the foreground threshold). Area and perimeter are the polygon's;
-    centroid, eccentricity and solidity (:func:`_pixel_solidity`) come from the instance's pixels, and
-    ``mean_hematoxylin_od`` and ``score`` are means over them.
+    Pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``; its centre is ``(j + 0.5, i + 0.5)``. Area and
+    perimeter are the polygon's; centroid, eccentricity and solidity (:func:`_pixel_solidity`) come from
+    the instance's pixels, and ``mean_hematoxylin_od`` and ``score`` are means over them.
 
     Returns
     -------
     polygons : list of ndarray (k, 2) float (x, y)
     features : DataFrame with :data:`FEATURE_COLUMNS` plus ``label``
     """
+    slices = ndi.find_objects(labels)
     polygons, rows = [], []
-    for label, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        # One pixel of context on each side, so the outline can sit between the edge pixels and the next.
-        y0, x0 = max(sl[0].start - 1, 0), max(sl[1].start - 1, 0)
-        window = (slice(y0, sl[0].stop + 1), slice(x0, sl[1].stop + 1))
+    for label, points in instance_outlines(labels, score, level):
+        window, x0, y0 = _window(slices[label - 1])
         inside = labels[window] == label
-        points = outline(inside, None if score is None else score[window], level)
-        if points is None or len(points) < 3:
-            continue
-        points = points + (x0, y0)
         ring = np.vstack([points, points[:1]])
-        area = abs(_closed_ring_area(ring))
-        if area <= 0:
-            continue  # a line of pixels has no polygon
         crop = inside.astype(np.uint8)
         m = cv2.moments(crop, binaryImage=True)
         cx, cy = m["m10"] / m["m00"] + x0 + 0.5, m["m01"] / m["m00"] + y0 + 0.5
@@ -327,7 +343,7 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
         l1, l2 = (mu20 + mu02 + common) / 2, (mu20 + mu02 - common) / 2
         ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
         rows.append({
-            "label": label, "centroid_x": cx, "centroid_y": cy, "area_px": area,
+            "label": label, "centroid_x": cx, "centroid_y": cy, "area_px": abs(_closed_ring_area(ring)),
             "perimeter_px": float(np.hypot(*np.diff(ring, axis=0).T).sum()),
             "eccentricity": ecc, "solidity": _pixel_solidity(crop),
             "mean_hematoxylin_od": float(hematoxylin[window][inside].mean()) if hematoxylin is not None else np.nan,
