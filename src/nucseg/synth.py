@@ -55,8 +55,8 @@ class SynthParams:
     coverage: tuple[float, float] = (0.04, 0.40)   # nuclear area fraction: the texture's own, within these bounds
     max_overlap: float = 0.15
     # Share of the nuclei placed against one already drawn (centres (r1 + r2) × 0.75-0.95 apart) instead of
-    # anywhere: real nuclei crowd in nests and lymphocyte clusters, touching with no visible seam, and the
-    # network's commonest error on real tiles is merging such neighbours.
+    # anywhere: real nuclei crowd in nests and lymphocyte clusters, touching with no visible seam. Off by
+    # default: measured, it did not teach the network to split such pairs (docs/experiments.md).
     cluster_fraction: float = 0.0
     distractors_per_patch: tuple[int, int] = (0, 3)
     cytoplasm_per_patch: tuple[int, int] = (0, 4)  # dark basophilic cytoplasm: nucleus-coloured, unlabelled
