@@ -36,14 +36,17 @@ def _smoothed(hematoxylin: np.ndarray, mpp: float) -> np.ndarray:
     return cv2.GaussianBlur(hematoxylin.astype(np.float32), (0, 0), max(0.5, 0.5 / mpp))
 
 
-def hematoxylin_level(hematoxylin: list[np.ndarray], mpp: float) -> float | None:
-    """Otsu level of the smoothed hematoxylin density pooled over images (e.g. windows of one slide).
+def hematoxylin_level(hematoxylin: list[np.ndarray], mpp: float,
+                      masks: list[np.ndarray] | None = None) -> float | None:
+    """Otsu level of the smoothed hematoxylin density pooled over images (e.g. windows of one slide),
+    over the pixels of ``masks`` (bool, one per image; e.g. the stained tissue) when given.
 
     None when there is no contrast to split (then :func:`hematoxylin_gate` gates nothing).
     """
     from skimage.filters import threshold_otsu
 
-    values = np.concatenate([_smoothed(h, mpp).ravel() for h in hematoxylin])
+    smoothed = [_smoothed(h, mpp) for h in hematoxylin]
+    values = np.concatenate([s.ravel() if masks is None else s[m] for s, m in zip(smoothed, masks or smoothed)])
     if not values.size or values.max() <= values.min():
         return None
     return float(threshold_otsu(values))
