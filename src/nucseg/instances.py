@@ -46,7 +46,9 @@ def hematoxylin_level(hematoxylin: list[np.ndarray], mpp: float,
     from skimage.filters import threshold_otsu
 
     smoothed = [_smoothed(h, mpp) for h in hematoxylin]
-    values = np.concatenate([s.ravel() if masks is None else s[m] for s, m in zip(smoothed, masks or smoothed)])
+    if masks is not None:
+        smoothed = [s[m] for s, m in zip(smoothed, masks)]
+    values = np.concatenate([s.ravel() for s in smoothed])
     if not values.size or values.max() <= values.min():
         return None
     return float(threshold_otsu(values))

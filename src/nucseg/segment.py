@@ -253,7 +253,8 @@ def slide_hematoxylin_level(slide, tissue, scale: float, mpp_work: float, seed: 
                for x, y in centres]
     if not windows:
         return None
-    return hematoxylin_level([hematoxylin_od(win) for win in windows], mpp_work, [tissue_pixels(win) for win in windows])
+    return hematoxylin_level([hematoxylin_od(win) for win in windows], mpp_work,
+                             [tissue_pixels(win) for win in windows])
 
 
 def _detect_tissue(slide, mpp: float):
