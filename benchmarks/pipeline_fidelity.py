@@ -8,9 +8,10 @@ with the ground truth's rasterisation and scored against the annotation, next to
 prediction of the same tile (:func:`nucseg.evaluate.predict_model`). Both use the tile's slide type from its
 TCGA barcode.
 
-The two differ where the whole-slide stage differs from evaluation by design: its gate level comes from
-16 windows of the slide (their stained pixels) rather than the whole image, nuclei outside the detected tissue are dropped, and
-blocks are stitched. A large gap would mean the pipeline's output is not what the quality figures describe.
+The two differ where the whole-slide stage differs from evaluation by design: its gate level comes from 16
+windows of the slide (their stained pixels) rather than the whole image, nuclei outside the detected tissue
+are dropped, and blocks are stitched. A large gap would mean the pipeline's output is not what the quality
+figures describe.
 
     python benchmarks/pipeline_fidelity.py [--checkpoint model.pt] [--max-tiles N] [--out fidelity.json]
 """
