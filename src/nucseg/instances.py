@@ -292,11 +292,30 @@ def _pixel_solidity(mask: np.ndarray) -> float:
     return float(min(1.0, cv2.contourArea(contour) / hull)) if hull > 0 else 1.0
 
 
-def _window(sl: tuple[slice, slice]) -> tuple[tuple[slice, slice], int, int]:
-    """An instance's bounding box with one pixel of context on each side (so its outline can sit between
-    the edge pixels and the next), and the box's origin ``(x0, y0)``."""
-    y0, x0 = max(sl[0].start - 1, 0), max(sl[1].start - 1, 0)
-    return (slice(y0, sl[0].stop + 1), slice(x0, sl[1].stop + 1)), x0, y0
+def _outlined(labels: np.ndarray, score: np.ndarray | None, level: float) -> list[tuple]:
+    """Each instance with an area: ``(label, window, inside, (x0, y0), polygon, area)``. The window is its
+    bounding box with one pixel of context on each side (so its outline can sit between the edge pixels and
+    the next), ``inside`` the instance's pixels in it and ``(x0, y0)`` its origin; the polygon is
+    :func:`outline`'s, in the map's pixel units.
+
+    A list, not a generator: tracing every outline first and then measuring every instance is about a tenth
+    faster than alternating the two.
+    """
+    out = []
+    for label, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        y0, x0 = max(sl[0].start - 1, 0), max(sl[1].start - 1, 0)
+        window = (slice(y0, sl[0].stop + 1), slice(x0, sl[1].stop + 1))
+        inside = labels[window] == label
+        points = outline(inside, None if score is None else score[window], level)
+        if points is None or len(points) < 3:
+            continue
+        points = points + (x0, y0)
+        area = abs(_closed_ring_area(np.vstack([points, points[:1]])))
+        if area > 0:
+            out.append((label, window, inside, (x0, y0), points, area))
+    return out
 
 
 def instance_outlines(labels: np.ndarray, score: np.ndarray | None = None, level: float = 0.5
@@ -305,18 +324,7 @@ def instance_outlines(labels: np.ndarray, score: np.ndarray | None = None, level
     (the foreground probability) crosses ``level`` (the foreground threshold), in the map's pixel units
     (pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``). Labels absent from the map are skipped.
     """
-    out = []
-    for label, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        window, x0, y0 = _window(sl)
-        points = outline(labels[window] == label, None if score is None else score[window], level)
-        if points is None or len(points) < 3:
-            continue
-        points = points + (x0, y0)
-        if _closed_ring_area(np.vstack([points, points[:1]])) != 0:
-            out.append((label, points))
-    return out
+    return [(label, points) for label, _, _, _, points, _ in _outlined(labels, score, level)]
 
 
 def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None,
@@ -334,11 +342,8 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
     polygons : list of ndarray (k, 2) float (x, y)
     features : DataFrame with :data:`FEATURE_COLUMNS` plus ``label``
     """
-    slices = ndi.find_objects(labels)
     polygons, rows = [], []
-    for label, points in instance_outlines(labels, score, level):
-        window, x0, y0 = _window(slices[label - 1])
-        inside = labels[window] == label
+    for label, window, inside, (x0, y0), points, area in _outlined(labels, score, level):
         ring = np.vstack([points, points[:1]])
         crop = inside.astype(np.uint8)
         m = cv2.moments(crop, binaryImage=True)
@@ -348,7 +353,7 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
         l1, l2 = (mu20 + mu02 + common) / 2, (mu20 + mu02 - common) / 2
         ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
         rows.append({
-            "label": label, "centroid_x": cx, "centroid_y": cy, "area_px": abs(_closed_ring_area(ring)),
+            "label": label, "centroid_x": cx, "centroid_y": cy, "area_px": area,
             "perimeter_px": float(np.hypot(*np.diff(ring, axis=0).T).sum()),
             "eccentricity": ecc, "solidity": _pixel_solidity(crop),
             "mean_hematoxylin_od": float(hematoxylin[window][inside].mean()) if hematoxylin is not None else np.nan,
