@@ -4,7 +4,8 @@ import pytest
 from skimage.draw import polygon as draw_polygon
 
 from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, gate_unit_for,
-                              hematoxylin_gate, instance_outlines, label_peaks, outline, relabel)
+                              hematoxylin_gate, hematoxylin_level, instance_outlines, label_peaks, outline,
+                              relabel)
 from nucseg.synth import hematoxylin_od
 
 
@@ -196,6 +197,19 @@ def test_instance_outlines_name_each_instance_and_cover_its_pixels():
     assert area(outlines[3]) == pytest.approx(10 - 4 / 8)
     x, y = outlines[3].T
     assert (x.min(), x.max(), y.min(), y.max()) == pytest.approx((25.0, 35.0, 20.0, 21.0))
+
+
+def test_hematoxylin_level_over_a_mask():
+    hema = np.full((200, 200), 0.1, np.float32)     # cytoplasm
+    hema[40:80, 40:80] = hema[120:160, 100:140] = 0.4  # nuclei
+    glass = np.zeros((200, 400), np.float32)
+    with_glass = np.hstack([hema, glass])
+    tissue = np.hstack([np.ones_like(hema, bool), np.zeros_like(glass, bool)])
+    alone = hematoxylin_level([hema], 0.25)
+    assert 0.1 < alone < 0.4
+    # The same up to the smoothing's reach into the glass along the tissue's edge.
+    assert hematoxylin_level([with_glass], 0.25, [tissue]) == pytest.approx(alone, rel=0.1)
+    assert hematoxylin_level([with_glass], 0.25) < 0.1  # unmasked, Otsu splits the glass from the tissue
 
 
 def test_relabel_is_consecutive():

@@ -162,21 +162,6 @@ def test_slide_hematoxylin_level_ignores_the_glass_in_its_windows(tmp_path, tile
     assert levels[1] == pytest.approx(levels[0], rel=0.03)
 
 
-def test_hematoxylin_level_over_a_mask():
-    from nucseg.instances import hematoxylin_level
-
-    hema = np.full((200, 200), 0.1, np.float32)     # cytoplasm
-    hema[40:80, 40:80] = hema[120:160, 100:140] = 0.4  # nuclei
-    glass = np.zeros((200, 400), np.float32)
-    with_glass = np.hstack([hema, glass])
-    tissue = np.hstack([np.ones_like(hema, bool), np.zeros_like(glass, bool)])
-    alone = hematoxylin_level([hema], 0.25)
-    assert 0.1 < alone < 0.4
-    # The same up to the smoothing's reach into the glass along the tissue's edge.
-    assert hematoxylin_level([with_glass], 0.25, [tissue]) == pytest.approx(alone, rel=0.1)
-    assert hematoxylin_level([with_glass], 0.25) < 0.1  # unmasked, Otsu splits the glass from the tissue
-
-
 def test_nuclei_inside_tissue_and_tile_independent(segmented, demo_tissue):
     a, b = gpd.read_parquet(segmented[256]), gpd.read_parquet(segmented[512])
     tissue = shapely.union_all(gpd.read_parquet(demo_tissue / "tissue.parquet").geometry.values)
