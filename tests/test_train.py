@@ -214,6 +214,24 @@ def test_each_synthetic_patch_is_scored_by_a_discriminator_that_never_saw_it(sma
     assert len(seen) == 1
 
 
+def test_discriminator_crops_both_classes_to_the_smaller_patches(small_model, tmp_path, monkeypatch):
+    """Synthetic patches smaller than ``disc_crop`` (coarse working resolutions) train, cropped like the
+    real ones; this used to fail inside numpy with "high <= 0"."""
+    import nucseg.train.fit as fit
+    from nucseg.train import TrainParams
+    from nucseg.train.data import list_shards
+
+    synth = small_model.parent.parent / "synth"
+    real = np.load(synth / "real.npz")["patches"]
+    real = np.concatenate([real, real[:, ::-1]], axis=1)        # taller than the synthetic patches
+    crops, crop = [], fit.random_crops
+    monkeypatch.setattr(fit, "random_crops", lambda images, size, rng: crops.append(crop(images, size, rng)) or crops[-1])
+    fit.train_discriminator(real, list_shards([synth]), tmp_path, TrainParams(disc_steps=2, disc_crop=1000), False)
+    synth_size = fit.read_shard_images(list_shards([synth])[0][0]).shape[1]
+    assert {c.shape[1:3] for c in crops} == {(synth_size, synth_size)}
+    assert sum(len(c) for c in crops) == len(real) + 96
+
+
 def test_augmentation_keeps_targets_aligned(rng):
     from skimage.segmentation import find_boundaries
 

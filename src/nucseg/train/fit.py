@@ -53,13 +53,12 @@ def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainPa
     for path, _, _ in shards:
         if budget <= 0:
             break
-        images = read_shard_images(path)[:budget]
-        synth.append(random_crops(images, params.disc_crop, rng))
-        budget -= len(images)
-    synth = np.concatenate(synth)
-    real = random_crops(real, min(params.disc_crop, real.shape[1], real.shape[2]), rng)
-    if real.shape[1] != synth.shape[1]:
-        synth = synth[:, :real.shape[1], :real.shape[2]]
+        synth.append(read_shard_images(path)[:budget])
+        budget -= len(synth[-1])
+    # Both classes cropped alike, never beyond the smaller of them (patches may be smaller than disc_crop).
+    crop = min(params.disc_crop, *real.shape[1:3], *synth[0].shape[1:3])
+    synth = np.concatenate([random_crops(images, crop, rng) for images in synth])
+    real = random_crops(real, crop, rng)
     images = torch.from_numpy(np.concatenate([real, synth]))
     labels = torch.cat([torch.ones(len(real)), torch.zeros(len(synth))])
     # Balance the classes: real patches are usually far fewer than synthetic ones.
