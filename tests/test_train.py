@@ -226,10 +226,11 @@ def test_discriminator_crops_both_classes_to_the_smaller_patches(small_model, tm
     real = np.concatenate([real, real[:, ::-1]], axis=1)        # taller than the synthetic patches
     crops, crop = [], fit.random_crops
     monkeypatch.setattr(fit, "random_crops", lambda images, size, rng: crops.append(crop(images, size, rng)) or crops[-1])
-    fit.train_discriminator(real, list_shards([synth]), tmp_path, TrainParams(disc_steps=2, disc_crop=1000), False)
-    synth_size = fit.read_shard_images(list_shards([synth])[0][0]).shape[1]
+    shards = list_shards([synth])
+    fit.train_discriminator(real, shards, tmp_path, TrainParams(disc_steps=2, disc_crop=1000), False)
+    synth_size = fit.read_shard_images(shards[0][0]).shape[1]
     assert {c.shape[1:3] for c in crops} == {(synth_size, synth_size)}
-    assert sum(len(c) for c in crops) == len(real) + 96
+    assert sum(len(c) for c in crops) == len(real) + sum(count for *_, count in shards)
 
 
 def test_augmentation_keeps_targets_aligned(rng):

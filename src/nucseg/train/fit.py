@@ -48,16 +48,18 @@ def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainPa
                         progress: bool, name: str = "discriminator") -> DiscriminatorModule:
     """Fit P(real | patch) on real tissue patches vs a sample of synthetic patches."""
     rng = np.random.default_rng(params.seed)
+    # Both classes cropped alike, never beyond the smaller of them (patches may be smaller than disc_crop).
+    crop = min(params.disc_crop, *real.shape[1:3])
     synth = []
     budget = params.disc_max_synthetic
     for path, _, _ in shards:
         if budget <= 0:
             break
-        synth.append(read_shard_images(path)[:budget])
-        budget -= len(synth[-1])
-    # Both classes cropped alike, never beyond the smaller of them (patches may be smaller than disc_crop).
-    crop = min(params.disc_crop, *real.shape[1:3], *synth[0].shape[1:3])
-    synth = np.concatenate([random_crops(images, crop, rng) for images in synth])
+        images = read_shard_images(path)[:budget]
+        crop = min(crop, *images.shape[1:3])
+        synth.append(random_crops(images, crop, rng))   # cropped shard by shard: only the crops are kept
+        budget -= len(images)
+    synth = np.concatenate(synth)
     real = random_crops(real, crop, rng)
     images = torch.from_numpy(np.concatenate([real, synth]))
     labels = torch.cat([torch.ones(len(real)), torch.zeros(len(synth))])
