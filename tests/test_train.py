@@ -22,6 +22,33 @@ def test_importance_weight_formula_and_clip():
     assert flat.max() / flat.min() == pytest.approx(10 ** 0.5)
 
 
+@pytest.mark.parametrize("setting, field", [
+    ({"weight_clip": (2.0, 0.2)}, "weight_clip"), ({"weight_clip": (0.0, 2.0)}, "weight_clip"),
+    ({"mpp": 0}, "mpp"), ({"depth": 0}, "depth"), ({"max_steps": 0}, "max_steps"),
+    ({"weight_strata": -1}, "weight_strata"), ({"contrast_strata": 5}, "contrast_strata"),
+    ({"average_last": 1.0}, "average_last"), ({"hard_examples": 1.5}, "hard_examples"),
+    ({"disc_folds": 0}, "disc_folds"), ({"stain_jitter": 1.0}, "stain_jitter")])
+def test_nonsensical_training_settings_are_refused_by_name(setting, field):
+    from nucseg.train import TrainParams
+
+    TrainParams()   # the defaults pass
+    with pytest.raises(ValueError, match=rf"\b{field} = "):
+        TrainParams(**setting)
+    # Contrast strata are fine once there are strata of crowding to split.
+    TrainParams(weight_strata=10, contrast_strata=5)
+
+
+def test_train_cli_refuses_a_bad_setting_before_reading_any_data(tmp_path, caplog):
+    from nucseg.cli import main
+
+    # No shards exist: the refusal must come from the settings, not from missing data.
+    with caplog.at_level("ERROR"):
+        assert main(["train", "--synth", str(tmp_path / "absent"), "--out-dir", str(tmp_path / "m"),
+                     "--weight-clip", "2", "0.2"]) == 1
+    assert "weight_clip = (2.0, 0.2)" in caplog.text
+    assert not (tmp_path / "m").exists()
+
+
 def test_stratified_weights_keep_each_stratum_s_share():
     # Crowded patches (high fraction) get low weights, sparse ones high: the preference between strata goes,
     # the order within a stratum stays.

@@ -56,3 +56,40 @@ class TrainParams:
     seed: int = 0
     num_workers: int = 0
     accelerator: str = "auto"
+
+    def __post_init__(self):
+        problems = [f"{name} = {getattr(self, name)!r}: {why}" for name, ok, why in self._rules()
+                    if not ok]
+        if problems:
+            raise ValueError("invalid training parameters: " + "; ".join(problems))
+
+    def _rules(self):
+        """(field, holds, what it must be) for every setting with a limit; checked on construction so that
+        nonsense fails at once with its name instead of training an empty or unweighted model."""
+        low, high = self.weight_clip
+        return [
+            ("max_steps", self.max_steps >= 1, "at least 1 step (0 would write an untrained model)"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("lr", self.lr > 0, "positive"),
+            ("base", self.base >= 1, "at least 1 channel"),
+            ("depth", self.depth >= 1, "at least 1 downsampling (0 has no network to train)"),
+            ("weight_clip", 0 < low <= high, "(low, high) with 0 < low <= high"),
+            ("weight_power", self.weight_power >= 0, "0 or more"),
+            ("weight_strata", self.weight_strata >= 0, "0 (off) or a number of strata"),
+            ("contrast_strata", self.contrast_strata >= 0 and (self.contrast_strata <= 1 or self.weight_strata > 1),
+             "0 (off), or a number of bins within the strata of weight_strata, which must then be > 1"),
+            ("disc_steps", self.disc_steps >= 1, "at least 1"),
+            ("disc_lr", self.disc_lr > 0, "positive"),
+            ("disc_crop", self.disc_crop >= 16, "at least 16 pixels"),
+            ("disc_max_synthetic", self.disc_max_synthetic >= 1, "at least 1 patch"),
+            ("disc_folds", self.disc_folds >= 1, "at least 1"),
+            ("disc_downsample", self.disc_downsample >= 1, "at least 1 (1 = full resolution)"),
+            ("boundary_weight", self.boundary_weight >= 0, "0 or more"),
+            ("average_last", 0 <= self.average_last < 1, "a share of the steps in [0, 1)"),
+            ("adapt_weight", self.adapt_weight >= 0, "0 (off) or more"),
+            ("adapt_real_batch", self.adapt_real_batch >= 1, "at least 1"),
+            ("hard_examples", 0 <= self.hard_examples <= 1, "a share of the batch in [0, 1]"),
+            ("stain_jitter", 0 <= self.stain_jitter < 1, "in [0, 1): optical density is scaled by U(1 ± s)"),
+            ("mpp", self.mpp > 0, "a positive pixel size in µm"),
+            ("num_workers", self.num_workers >= 0, "0 or more"),
+        ]
