@@ -486,3 +486,65 @@ def test_hard_examples_raise_the_loss(small_model, tmp_path):
     card = train_model([root / "synth"], tmp_path / "model", TrainParams(max_steps=10, batch_size=8, disc_steps=10,
                                                                           base=8, hard_examples=0.5), progress=False)
     assert "hard_gain" in card["metrics"] and card["params"]["hard_examples"] == 0.5
+
+
+def test_pseudo_targets_keep_only_confident_pixels_that_agree_with_the_instances():
+    from nucseg.train.pseudo import pseudo_targets
+
+    labels = np.zeros((32, 32), np.int32)
+    labels[4:12, 4:10], labels[4:12, 10:16] = 1, 2          # two touching nuclei
+    prob = np.full((2, 32, 32), 0.05, np.float32)
+    prob[0][labels > 0] = 0.95
+    prob[0, 20:26, 20:26] = 0.9      # foreground the instance extraction dropped (e.g. outside the gate)
+    prob[0, 28:30, 2:6] = 0.5        # uncertain
+    t = pseudo_targets(prob, labels, (0.3, 0.7))
+    fg, boundary, valid = t
+    assert t.shape == (3, 32, 32) and t.dtype == np.float32
+    np.testing.assert_array_equal(fg, labels > 0)
+    assert boundary[4:12, 9].all() and boundary[4:12, 10].all()   # the seam between the two is taught
+    assert not valid[20:26, 20:26].any() and not valid[28:30, 2:6].any()
+    assert valid[labels > 0].all() and valid[0, :].all()
+    # A narrower band keeps more; the centre map comes before the mask.
+    assert pseudo_targets(prob, labels, (0.5, 0.5))[2][28:30, 2:6].all()
+    assert pseudo_targets(prob, labels, center=True).shape == (4, 32, 32)
+
+
+def test_masked_loss_ignores_invalid_pixels():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 2, 16, 16), (torch.rand(3, 2, 16, 16) > 0.5).float()
+    valid = torch.ones(3, 16, 16)
+    torch.testing.assert_close(per_sample_loss(logits, targets, valid=valid), per_sample_loss(logits, targets))
+    valid[:, :, :8] = 0
+    changed = logits.clone()
+    changed[:, :, :, :8] = 10.0
+    torch.testing.assert_close(per_sample_loss(changed, targets, valid=valid),
+                               per_sample_loss(logits, targets, valid=valid))
+    assert not torch.allclose(per_sample_loss(changed, targets), per_sample_loss(logits, targets))
+
+
+def test_self_training_fine_tunes_the_trained_network_and_resumes(small_model, tmp_path):
+    import shutil
+
+    from nucseg.train import TrainParams, train_model
+
+    root = small_model.parent.parent
+    out = tmp_path / "model"
+    shutil.copytree(small_model.parent, out)
+    params = TrainParams(max_steps=150, batch_size=8, disc_steps=20, base=8, lr=5e-3, self_training_steps=12)
+    card = train_model([root / "synth"], out, params, progress=False)
+    # The synthetic training is reused (the self-training settings are not part of its key), then fine-tuned.
+    assert card["global_step"] == 150
+    st = card["self_training"]
+    assert st["steps"] == 12 and st["real_per_batch"] == 4
+    assert st["n_real_patches"] == len(np.load(root / "synth" / "real.npz")["patches"])
+    assert 0 < st["valid_fraction"] <= 1 and 0 <= st["foreground_fraction"] < 1
+    assert (out / "checkpoints" / "self_training" / "last.ckpt").exists()
+    before, _ = load_weights(small_model)
+    after, _ = load_weights(out / "model.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    # Run again: both phases are complete, nothing is retrained and the same weights come out.
+    card = train_model([root / "synth"], out, params, progress=False)
+    again, _ = load_weights(out / "model.pt")
+    for a, b in zip(after.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert card["self_training"]["steps"] == 12

@@ -154,6 +154,48 @@ def calibrate_center_head(net, shards, mpp: float, n: int = 64,
 DISCRIMINATOR_FIELDS = ("disc_steps", "disc_lr", "disc_crop", "disc_max_synthetic", "disc_folds", "disc_augment",
                         "disc_downsample", "seed")
 RESUMABLE_CHANGES = ("max_steps", "num_workers", "accelerator")
+# Added after the synthetic training: changing them keeps its checkpoint and redoes the self-training only.
+SELF_TRAINING_FIELDS = ("self_training_steps", "self_training_lr", "self_training_share", "pseudo_label_band")
+
+
+def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, params: TrainParams, out_dir: Path,
+               key: str, progress: bool) -> dict:
+    """Fine-tune ``net`` in place on synthetic batches mixed with real patches pseudo-labelled by ``net``
+    itself (:func:`nucseg.train.pseudo.pseudo_label`), for ``params.self_training_steps`` steps.
+
+    Resumable like the synthetic training (``checkpoints/self_training/last.ckpt``, kept only under the same
+    ``key``). Returns the card's summary: pseudo-label statistics, steps, final metrics.
+    """
+    from .pseudo import pseudo_label
+
+    targets = pseudo_label(net, real, params.mpp, params.pseudo_label_band, device=next(net.parameters()).device)
+    n_real = max(1, round(params.batch_size * params.self_training_share))
+    summary = {"n_real_patches": int(len(real)), "real_per_batch": n_real,
+               "foreground_fraction": float(targets[:, 0].mean()), "valid_fraction": float(targets[:, -1].mean())}
+    log.info("self-training on %d pseudo-labelled real patches: %s", len(real), summary)
+    dm = SynthDataModule(synth_dirs, weights, max(1, params.batch_size - n_real), params.num_workers, params.seed,
+                         params.stain_jitter, params.center_head)
+    module = SegmentationModule(base=params.base, depth=params.depth, lr=params.self_training_lr,
+                                weighted=params.weighted, boundary_weight=params.boundary_weight,
+                                max_steps=params.self_training_steps, center_head=params.center_head,
+                                pseudo_batch=n_real, stain_jitter=params.stain_jitter, seed=params.seed)
+    module.net.load_state_dict(net.state_dict())
+    module.pseudo_labelled = (real, targets)
+    ckpt_dir = out_dir / "checkpoints" / "self_training"
+    resume, key_file = ckpt_dir / "last.ckpt", ckpt_dir / "key.txt"
+    if resume.exists() and not (key_file.exists() and key_file.read_text() == key):
+        log.warning("%s: made from another model or parameters; self-training from the start", resume)
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, enable_version_counter=False,
+                                           every_n_train_steps=max(1, min(200, params.self_training_steps // 5)))
+    trainer = _trainer(out_dir, params.self_training_steps, params, progress, "self_training", callbacks=[ckpt_cb],
+                       limit_val_batches=4, check_val_every_n_epoch=1)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
+    net.load_state_dict(module.net.state_dict())
+    return {**summary, "steps": int(trainer.global_step),
+            "metrics": {f"self_training_{k}": float(v) for k, v in trainer.callback_metrics.items()}}
 
 
 def data_fingerprint(synth_dirs: list[str | Path]) -> str:
@@ -192,7 +234,7 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     # parameters: when snakemake reruns training because its inputs changed, nothing stale may carry over.
     data_key = data_fingerprint(synth_dirs)
     disc_key = _key(data_key, params, DISCRIMINATOR_FIELDS)
-    net_key = _key(data_key, params, [f for f in asdict(params) if f not in RESUMABLE_CHANGES])
+    net_key = _key(data_key, params, [f for f in asdict(params) if f not in RESUMABLE_CHANGES + SELF_TRAINING_FIELDS])
     weights_file = out_dir / "importance_weights.npz"
     p_real = stored = None
     if weights_file.exists():  # the discriminator's scores from an earlier (interrupted) run
@@ -253,6 +295,12 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
         averaging = {"from_step": averager.start_step, "n_averaged": averager.n_averaged,
                      "last_iterate_metrics": metrics}
         metrics = {**metrics, **trainer.validate(module, datamodule=dm, verbose=False)[0]}
+    self_training = None
+    if params.self_training_steps > 0:
+        self_key = _key(data_key, params, [f for f in asdict(params) if f not in ("num_workers", "accelerator")])
+        self_training = self_train(module.net, real, synth_dirs, weights if params.weighted else None, params,
+                                   out_dir, self_key, progress)
+        metrics = {**metrics, **self_training["metrics"]}
     calibration = calibrate_center_head(module.net, dm.val_shards, params.mpp) if params.center_head else None
 
     wall = time.monotonic() - started
@@ -265,7 +313,7 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
                           "synth_params": [json.loads((Path(d) / "params.json").read_text())["params"]
                                            for d in synth_dirs]},
         "importance_weights": w_stats, "metrics": metrics, "weight_averaging": averaging,
-        "center_calibration": calibration,
+        "center_calibration": calibration, "self_training": self_training,
         "global_step": int(trainer.global_step),
         "wall_time_s": round(wall, 1),
         "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model import OUTPUTS, UNet, normalize
+from .data import augment
 
 
 def importance_weights(p_real: torch.Tensor, clip: tuple[float, float] = (0.2, 2.0),
@@ -77,12 +78,19 @@ def stratified_weights(weights: np.ndarray, strata_by: np.ndarray, n_strata: int
     return (weights / means[stratum]).astype(np.float32)
 
 
-def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_weight: float = 1.0) -> torch.Tensor:
+def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, boundary_weight: float = 1.0,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
     """BCE + soft Dice on foreground, BCE on boundary and, for a third output, on the centre map (soft
-    targets in [0, 1]); one value per sample ``(N,)``."""
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(2, 3))
+    targets in [0, 1]); one value per sample ``(N,)``. ``valid`` ``(N, H, W)``: only these pixels count
+    (pseudo-labels, :func:`nucseg.train.pseudo.pseudo_targets`)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     prob = torch.sigmoid(logits[:, 0])
     fg = targets[:, 0]
+    if valid is None:
+        bce = bce.mean(dim=(2, 3))
+    else:
+        bce = (bce * valid[:, None]).sum(dim=(2, 3)) / valid.sum(dim=(1, 2)).clamp_min(1)[:, None]
+        prob, fg = prob * valid, fg * valid
     inter = (prob * fg).sum(dim=(1, 2))
     dice = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2)) + fg.sum(dim=(1, 2)) + 1)
     return bce[:, 0] + boundary_weight * bce[:, 1] + bce[:, 2:].sum(dim=1) + dice
@@ -269,17 +277,23 @@ class SegmentationModule(pl.LightningModule):
     patches from those on synthetic ones; its gradient reaches the network reversed and scaled by
     ``adapt_weight`` × :func:`adaptation_ramp`, so the network learns to give real tissue outputs shaped like
     those of synthetic tissue (output-space adaptation, label-free).
+
+    Self-training: with ``pseudo_batch`` > 0 and ``pseudo_labelled`` set by the caller (real uint8 NHWC
+    patches and their :func:`nucseg.train.pseudo.pseudo_label` targets; not part of the state), each step
+    adds ``pseudo_batch`` augmented real patches whose loss counts only their valid pixels; the batch's
+    loss is the mean over synthetic and real samples together.
     """
 
     def __init__(self, base: int = 16, depth: int = 3, lr: float = 2e-3, weighted: bool = True,
                  boundary_weight: float = 1.0, max_steps: int = 1000, center_head: bool = False,
                  adapt_weight: float = 0.0, adapt_real_batch: int = 16, hard_examples: float = 0.0,
-                 seed: int = 0):
+                 pseudo_batch: int = 0, stain_jitter: float = 0.15, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.net = UNet(base=base, depth=depth, out_channels=len(OUTPUTS) if center_head else 2)
         self.output_disc = OutputDiscriminator(self.net.head.out_channels) if adapt_weight > 0 else None
         self.real_patches: torch.Tensor | None = None
+        self.pseudo_labelled: tuple[np.ndarray, np.ndarray] | None = None
 
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.net(normalize(images_uint8))
@@ -306,6 +320,12 @@ class SegmentationModule(pl.LightningModule):
         else:
             w = torch.ones_like(weights)
         loss = (losses * w).mean()
+        if self.pseudo_labelled is not None and self.hparams.pseudo_batch > 0:
+            real, real_targets = self._pseudo_batch(targets.shape[2:])
+            real_losses = per_sample_loss(self(real), real_targets[:, :-1], self.hparams.boundary_weight,
+                                          valid=real_targets[:, -1])
+            self.log("pseudo_loss", real_losses.mean())
+            loss = (loss * len(losses) + real_losses.sum()) / (len(losses) + len(real_losses))
         self.log("train_loss", loss, prog_bar=True)
         self.log_dict({"w_mean": weights.mean(), "w_min": weights.min(), "w_max": weights.max()})
         if adapting:
@@ -347,6 +367,24 @@ class SegmentationModule(pl.LightningModule):
         if torch.rand(1, generator=g).item() < 0.5:
             batch = batch.flip(2)
         return batch.to(self.device)
+
+    def _pseudo_batch(self, size) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pseudo_batch`` pseudo-labelled real patches, cropped to ``size`` and augmented as the synthetic
+        ones (:func:`nucseg.train.data.augment`), drawn from a generator seeded by the step (resumable)."""
+        patches, targets = self.pseudo_labelled
+        h, w = size
+        if patches.shape[1] < h or patches.shape[2] < w:
+            raise ValueError(f"real patches {patches.shape[1:3]} are smaller than the synthetic ones {(h, w)}")
+        rng = np.random.default_rng([self.hparams.seed, self.global_step])
+        images, maps = [], []
+        for i in rng.integers(len(patches), size=self.hparams.pseudo_batch):
+            y, x = rng.integers(patches.shape[1] - h + 1), rng.integers(patches.shape[2] - w + 1)
+            image, target = augment(patches[i, y:y + h, x:x + w], targets[i, :, y:y + h, x:x + w], rng,
+                                    self.hparams.stain_jitter)
+            images.append(image)
+            maps.append(target)
+        return (torch.from_numpy(np.stack(images)).to(self.device),
+                torch.from_numpy(np.stack(maps)).to(self.device))
 
     def validation_step(self, batch, batch_idx):
         images, targets, _, _ = batch

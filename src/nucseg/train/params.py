@@ -51,6 +51,15 @@ class TrainParams:
     # ~1.4x the time per step at 0.5). 0 = off: measured, a tie with the gate and worse without it
     # (docs/experiments.md).
     hard_examples: float = 0.0
+    # Self-training, label-free: after the synthetic training, this many steps more in which
+    # ``self_training_share`` of each batch are the real tissue patches (real.npz, the discriminator's real class)
+    # with the network's own instances as targets (8-view test-time augmentation, the shared instance
+    # extraction); pixels whose foreground probability lies inside ``pseudo_label_band`` are left out.
+    # 0 = off (docs/experiments.md).
+    self_training_steps: int = 0
+    self_training_lr: float = 5e-4
+    self_training_share: float = 0.5
+    pseudo_label_band: tuple[float, float] = (0.3, 0.7)
     stain_jitter: float = 0.15   # training augmentation: per-channel optical-density scale U(1 ± s)
     mpp: float = 0.25
     seed: int = 0
@@ -89,6 +98,11 @@ class TrainParams:
             ("adapt_weight", self.adapt_weight >= 0, "0 (off) or more"),
             ("adapt_real_batch", self.adapt_real_batch >= 1, "at least 1"),
             ("hard_examples", 0 <= self.hard_examples <= 1, "a share of the batch in [0, 1]"),
+            ("self_training_steps", self.self_training_steps >= 0, "0 (off) or more"),
+            ("self_training_lr", self.self_training_lr > 0, "positive"),
+            ("self_training_share", 0 < self.self_training_share < 1, "a share of the batch in (0, 1)"),
+            ("pseudo_label_band", 0 <= self.pseudo_label_band[0] <= 0.5 <= self.pseudo_label_band[1] <= 1,
+             "(low, high) with 0 <= low <= 0.5 <= high <= 1"),
             ("stain_jitter", 0 <= self.stain_jitter < 1, "in [0, 1): optical density is scaled by U(1 ± s)"),
             ("mpp", self.mpp > 0, "a positive pixel size in µm"),
             ("num_workers", self.num_workers >= 0, "0 or more"),
