@@ -131,3 +131,82 @@ def test_label_map_layout_through_the_cli(tmp_path, rng, caplog):
     assert result["mean"]["f1"] == 1.0 and result["mean"]["aji"] > 0.8
     pred = cv2.imread(str(tmp_path / "pred" / "a.png"), cv2.IMREAD_UNCHANGED)
     assert pred.dtype == np.uint16 and pred.shape == (96, 96) and pred.max() == 3
+
+
+def _discs(rng, size=96):
+    """An RGB tile with three dark discs on pink and its instance map."""
+    img = np.full((size, size, 3), (230, 170, 210), np.float32) + rng.normal(0, 3, (size, size, 3))
+    labels = np.zeros((size, size), np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    for i, (cy, cx) in enumerate([(25, 25), (25, 70), (70, 45)], start=1):
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= 64
+        img[m] = (90, 50, 140)
+        labels[m] = i
+    return np.clip(img, 0, 255).astype(np.uint8), labels
+
+
+def test_label_map_layout_reads_the_formats_other_tools_write(tmp_path, rng):
+    import cv2
+    import tifffile
+    from scipy.io import savemat
+
+    img, labels = _discs(rng)
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    # 16-bit planar (channel-first) TIFF image, HoVer-Net .mat labels.
+    tifffile.imwrite(root / "images" / "a.tif", np.moveaxis(img.astype(np.uint16) * 256, -1, 0),
+                     photometric="rgb", planarconfig="separate")
+    savemat(root / "labels" / "a.mat", {"inst_map": labels.astype(np.float64), "type_map": labels > 0})
+    # RGBA PNG image, colour-coded labels (one colour per nucleus, black background).
+    cv2.imwrite(str(root / "images" / "b.png"), np.dstack([img[..., ::-1], np.full(img.shape[:2], 255, np.uint8)]))
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 30], [40, 40, 250]], np.uint8)
+    cv2.imwrite(str(root / "labels" / "b.png"), palette[labels][..., ::-1])
+    # Float image in [0, 1], grey label image saved as RGB.
+    tifffile.imwrite(root / "images" / "c.tif", img.astype(np.float32) / 255)
+    tifffile.imwrite(root / "labels" / "c.tif", np.repeat(labels[..., None].astype(np.uint8), 3, axis=-1))
+    samples = load_dataset(root, default_mpp=0.25)
+    assert [s.id for s in samples] == ["a", "b", "c"]
+    for s in samples:
+        assert s.image.dtype == np.uint8 and s.image.shape == img.shape
+        assert np.abs(s.image.astype(int) - img).max() <= 1, s.id
+        assert s.labels.dtype == np.int32 and s.labels.shape == labels.shape
+        # The same nuclei, whatever ids the format gave them.
+        assert instance_metrics(labels, s.labels)["aji"] == 1.0 and s.labels.max() == 3 and (s.labels[labels == 0] == 0).all()
+
+
+def test_bad_files_are_named_and_skipped_without_stopping_the_others(tmp_path, rng):
+    import json
+
+    import cv2
+
+    from nucseg.cli import main
+
+    img, labels = _discs(rng)
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for sid in ("good", "short", "broken", "nolabel", "probability"):
+        cv2.imwrite(str(root / "images" / f"{sid}.png"), img[..., ::-1])
+    np.save(root / "labels" / "good.npy", labels)
+    np.save(root / "labels" / "short.npy", labels[:-8])
+    np.save(root / "labels" / "broken.npy", labels)
+    (root / "images" / "broken.png").write_bytes(b"not a png")
+    np.save(root / "labels" / "probability.npy", labels / 3.0)
+    with pytest.raises(ValueError, match=r"images/broken\.png: not a readable image"):
+        load_dataset(root, default_mpp=0.25)  # without a list to record them in, the first bad file raises
+    out = tmp_path / "m.json"
+    assert main(["-q", "evaluate", "--dataset", str(root), "--method", "classical", "--mpp", "0.25",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["id"] for r in result["images"]] == ["good"] and result["mean"]["f1"] == 1.0
+    reasons = {s["id"]: s["reason"] for s in result["skipped"]}
+    assert set(reasons) == {"short", "broken", "nolabel", "probability"}
+    assert reasons["short"].endswith("labels/short.npy: label map is 96x88 px, its image 96x96")
+    assert "no annotations/nolabel.xml or labels/nolabel." in reasons["nolabel"]
+    assert "not whole numbers" in reasons["probability"]
+    # Nothing readable at all: an error, not an empty result.
+    np.save(root / "labels" / "good.npy", labels[:, :-1])
+    assert main(["-q", "evaluate", "--dataset", str(root), "--method", "classical", "--mpp", "0.25",
+                 "--out", str(tmp_path / "none.json")]) != 0
+    assert not (tmp_path / "none.json").exists()

@@ -420,9 +420,14 @@ def _cmd_evaluate(args, progress):
     from .instances import InstanceParams
 
     weights = None if args.method == "classical" else (args.checkpoint or default_weights())
-    result = evaluate(load_dataset(args.dataset, args.mpp), args.method, weights, args.device,
+    skipped = []  # unreadable images or annotations: named in the log and the JSON, the rest still scored
+    samples = load_dataset(args.dataset, args.mpp, skipped)
+    if not samples:
+        raise ValueError(f"{args.dataset}: none of its {len(skipped)} images could be evaluated (see above)")
+    result = evaluate(samples, args.method, weights, args.device,
                       args.save_predictions, progress, InstanceParams(hematoxylin_gate=args.hematoxylin_gate),
                       args.tta, args.gate_unit)
+    result["skipped"] = skipped
     if args.out:
         io.write_json(args.out, result)
     print(json.dumps(result["mean"] if args.out else result, indent=None if args.out else 2))

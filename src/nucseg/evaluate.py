@@ -1,8 +1,8 @@
 """Evaluation on annotated tiles: datasets, a classical baseline, and instance-segmentation metrics.
 
 Datasets (DESIGN.md): MoNuSeg layout (``images/<id>.tif`` + ``annotations/<id>.xml``, Aperio XML
-polygons) or label-map layout (``images/<id>.{png,tif}`` + ``labels/<id>.{png,tif,npy}``, instance ids,
-0 = background). Pixel size per image: ``manifest.csv`` (``id,mpp``), else the XML's
+polygons) or label-map layout (``images/<id>.{png,tif,jpg,bmp}`` + ``labels/<id>.{png,tif,npy,mat}``,
+instance ids, 0 = background; colour-coded label images and HoVer-Net ``inst_map`` files are read too). Pixel size per image: ``manifest.csv`` (``id,mpp``), else the XML's
 ``MicronsPerPixel``, else the caller's default. Slide type (DX, TS, BS, MS; it sets the hematoxylin
 gate's unit, :func:`nucseg.instances.gate_unit_for`): the manifest's ``slide_type`` column, else the
 TCGA barcode in the id (``TCGA-50-5931-01Z-00-DX1`` → DX), else unknown.
@@ -35,8 +35,8 @@ from skimage.draw import polygon as draw_polygon
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".mat")
 
 
 @dataclass
@@ -71,66 +71,163 @@ def rasterize(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     return labels
 
 
+def as_rgb8(image: np.ndarray) -> np.ndarray:
+    """An image as RGB uint8 ``(H, W, 3)``: grey repeated, alpha dropped, channel-first planes moved last,
+    16-bit scaled by 1/257 and floats in [0, 1] by 255."""
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
+        img = np.moveaxis(img, 0, -1)  # planar TIFF
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] < 3:
+        raise ValueError(f"not an RGB or grey image (shape {img.shape})")
+    img = img[..., :3]
+    if img.dtype == np.uint16:
+        img = img / 257.0
+    elif img.dtype.kind == "f" and np.nanmax(img) <= 1.0:
+        img = img * 255.0
+    if img.dtype != np.uint8:
+        img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def as_instance_ids(labels: np.ndarray) -> np.ndarray:
+    """A label image as an int32 instance map: grey as is; colour-coded (one colour per nucleus, black =
+    background, as many tools save them) turned into ids by colour."""
+    lab = np.asarray(labels)
+    if lab.ndim == 3 and lab.shape[-1] in (3, 4):
+        rgb = lab[..., :3]
+        if (rgb == rgb[..., :1]).all():
+            lab = rgb[..., 0]
+        else:
+            colours, ids = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+            has_black = not colours[0].any()  # sorted: black comes first
+            lab = ids.reshape(rgb.shape[:2]) + (0 if has_black else 1)
+    if lab.ndim != 2:
+        raise ValueError(f"not a 2-D instance map (shape {lab.shape})")
+    if lab.dtype.kind == "f" and not np.array_equal(lab, np.round(lab)):
+        raise ValueError("instance ids are not whole numbers (a probability or semantic map?)")
+    return lab.astype(np.int32)
+
+
 def _read_image(path: Path) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
         img = tifffile.imread(path)
     else:
-        img = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError("not a readable image")
+        if img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[-1] == 4 else cv2.COLOR_BGR2RGB)
+    return as_rgb8(img)
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path).astype(np.int32)
-    if path.suffix.lower() in (".tif", ".tiff"):
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        lab = np.load(path)
+    elif suffix == ".mat":  # HoVer-Net's CoNSeP / Lizard layout
+        from scipy.io import loadmat
+
+        mat = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+        maps = [v for v in mat.values() if isinstance(v, np.ndarray) and v.ndim == 2 and v.dtype.kind in "uif"]
+        if "inst_map" not in mat and len(maps) != 1:
+            raise ValueError(f"no inst_map and {len(maps)} 2-D arrays ({', '.join(mat)})")
+        lab = mat.get("inst_map", maps[0] if maps else None)
+    elif suffix in (".tif", ".tiff"):
         import tifffile
 
-        return tifffile.imread(path).astype(np.int32)
-    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.int32)
+        lab = tifffile.imread(path)
+    else:
+        lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if lab is None:
+            raise ValueError("not a readable image")
+        if lab.ndim == 3:
+            lab = lab[..., 2::-1]  # BGR to RGB, so colours match other tools' ids
+    return as_instance_ids(lab)
 
 
-def load_dataset(root, default_mpp: float | None = None) -> list[Sample]:
-    """All annotated images of a dataset folder (MoNuSeg or label-map layout)."""
-    root = Path(root)
-    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError(f"{root}/images holds no images")
-    from .download import parse_barcode
+def _read_manifest(root: Path) -> tuple[dict, dict]:
+    """Pixel sizes and slide types by id from ``manifest.csv`` (both empty without one)."""
     from .instances import SLIDE_TYPES
 
     manifest, slide_types = {}, {}
-    if (root / "manifest.csv").is_file():
-        with open(root / "manifest.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row.get("slide_type"):
-                    slide_types[row["id"]] = row["slide_type"].strip().upper()
-                    if slide_types[row["id"]] not in SLIDE_TYPES:
-                        log.warning("%s: slide_type %r of %s is not one of %s; treated as unknown",
-                                    root / "manifest.csv", row["slide_type"], row["id"], ", ".join(SLIDE_TYPES))
-                if row.get("mpp") or row.get("um_per_px"):
-                    try:
-                        manifest[row["id"]] = float(row.get("mpp") or row.get("um_per_px"))
-                    except ValueError:
-                        pass
+    if not (root / "manifest.csv").is_file():
+        return manifest, slide_types
+    with open(root / "manifest.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("slide_type"):
+                slide_types[row["id"]] = row["slide_type"].strip().upper()
+                if slide_types[row["id"]] not in SLIDE_TYPES:
+                    log.warning("%s: slide_type %r of %s is not one of %s; treated as unknown",
+                                root / "manifest.csv", row["slide_type"], row["id"], ", ".join(SLIDE_TYPES))
+            if row.get("mpp") or row.get("um_per_px"):
+                try:
+                    manifest[row["id"]] = float(row.get("mpp") or row.get("um_per_px"))
+                except ValueError:
+                    log.warning("%s: mpp %r of %s is not a number; ignored", root / "manifest.csv",
+                                row.get("mpp") or row.get("um_per_px"), row["id"])
+    return manifest, slide_types
+
+
+def _annotations(root: Path, img_path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, float | None]:
+    """Instance map of the image at ``img_path`` (``shape``) and the XML's µm/px if any."""
+    sid = img_path.stem
+    xml = root / "annotations" / f"{sid}.xml"
+    if xml.is_file():
+        try:
+            polygons, xml_mpp = read_aperio_xml(xml)
+        except ET.ParseError as e:
+            raise ValueError(f"{xml}: not a readable Aperio XML ({e})") from None
+        return rasterize(polygons, shape), xml_mpp
+    label_path = next((root / "labels" / f"{sid}{s}" for s in LABEL_SUFFIXES
+                       if (root / "labels" / f"{sid}{s}").is_file()), None)
+    if label_path is None:
+        raise FileNotFoundError(f"{img_path}: no annotations/{sid}.xml or labels/{sid}.{{{','.join(s[1:] for s in LABEL_SUFFIXES)}}}")
+    try:
+        labels = _read_labels(label_path)
+    except Exception as e:
+        raise ValueError(f"{label_path}: {e}") from None
+    if labels.shape != shape:
+        raise ValueError(f"{label_path}: label map is {labels.shape[1]}x{labels.shape[0]} px, "
+                         f"its image {shape[1]}x{shape[0]}")
+    return labels, None
+
+
+def load_dataset(root, default_mpp: float | None = None, skipped: list | None = None) -> list[Sample]:
+    """All annotated images of a dataset folder (MoNuSeg or label-map layout).
+
+    An image that cannot be read or whose annotation is missing, unreadable or of another size raises
+    ``ValueError`` naming the file and the reason; with a ``skipped`` list it is left out and recorded
+    there instead (``{"id", "path", "reason"}``), so one bad file does not stop the others. An unknown pixel
+    size always raises: it is a setting (``--mpp``), not a bad file.
+    """
+    from .download import parse_barcode
+
+    root = Path(root)
+    if not (root / "images").is_dir():
+        raise FileNotFoundError(f"{root}: no images/ folder (expected images/ + annotations/ or labels/)")
+    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"{root}/images holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    manifest, slide_types = _read_manifest(root)
     samples = []
     for img_path in images:
         sid = img_path.stem
-        image = _read_image(img_path)
-        xml = root / "annotations" / f"{sid}.xml"
-        xml_mpp = None
-        if xml.is_file():
-            polygons, xml_mpp = read_aperio_xml(xml)
-            labels = rasterize(polygons, image.shape[:2])
-        else:
-            label_path = next((root / "labels" / f"{sid}{s}" for s in LABEL_SUFFIXES
-                               if (root / "labels" / f"{sid}{s}").is_file()), None)
-            if label_path is None:
-                raise FileNotFoundError(f"{img_path}: no annotations/{sid}.xml or labels/{sid}.*")
-            labels = _read_labels(label_path)
+        try:
+            try:
+                image = _read_image(img_path)
+            except Exception as e:
+                raise ValueError(f"{img_path}: {e}") from None
+            labels, xml_mpp = _annotations(root, img_path, image.shape[:2])
+        except (ValueError, FileNotFoundError) as e:
+            if skipped is None:
+                raise
+            log.error("skipped %s", e)
+            skipped.append({"id": sid, "path": str(img_path), "reason": str(e)})
+            continue
         mpp = manifest.get(sid) or xml_mpp or default_mpp
         if mpp is None:
             raise ValueError(f"{img_path}: pixel size unknown (no manifest.csv entry, no XML MicronsPerPixel); pass --mpp")
