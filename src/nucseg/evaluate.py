@@ -110,43 +110,30 @@ def as_instance_ids(labels: np.ndarray) -> np.ndarray:
     return lab.astype(np.int32)
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _imread(path: Path) -> np.ndarray:
+    """The pixels of an image file as stored (TIFF by tifffile, else OpenCV), colour channels as RGB."""
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
-        img = tifffile.imread(path)
-    else:
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise ValueError("not a readable image")
-        if img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[-1] == 4 else cv2.COLOR_BGR2RGB)
-    return as_rgb8(img)
+        return tifffile.imread(path)
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError("not a readable image")
+    return img[..., 2::-1] if img.ndim == 3 else img  # BGR(A) to RGB
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        lab = np.load(path)
-    elif suffix == ".mat":  # HoVer-Net's CoNSeP / Lizard layout
+    if path.suffix.lower() == ".npy":
+        return as_instance_ids(np.load(path))
+    if path.suffix.lower() == ".mat":  # HoVer-Net's CoNSeP / Lizard layout
         from scipy.io import loadmat
 
         mat = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
         maps = [v for v in mat.values() if isinstance(v, np.ndarray) and v.ndim == 2 and v.dtype.kind in "uif"]
         if "inst_map" not in mat and len(maps) != 1:
             raise ValueError(f"no inst_map and {len(maps)} 2-D arrays ({', '.join(mat)})")
-        lab = mat.get("inst_map", maps[0] if maps else None)
-    elif suffix in (".tif", ".tiff"):
-        import tifffile
-
-        lab = tifffile.imread(path)
-    else:
-        lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if lab is None:
-            raise ValueError("not a readable image")
-        if lab.ndim == 3:
-            lab = lab[..., 2::-1]  # BGR to RGB, so colours match other tools' ids
-    return as_instance_ids(lab)
+        return as_instance_ids(mat.get("inst_map", maps[0] if maps else None))
+    return as_instance_ids(_imread(path))
 
 
 def _read_manifest(root: Path) -> tuple[dict, dict]:
@@ -218,7 +205,7 @@ def load_dataset(root, default_mpp: float | None = None, skipped: list | None = 
         sid = img_path.stem
         try:
             try:
-                image = _read_image(img_path)
+                image = as_rgb8(_imread(img_path))
             except Exception as e:
                 raise ValueError(f"{img_path}: {e}") from None
             labels, xml_mpp = _annotations(root, img_path, image.shape[:2])
