@@ -2,8 +2,9 @@
 
 Datasets (DESIGN.md): MoNuSeg layout (``images/<id>.tif`` + ``annotations/<id>.xml``, Aperio XML
 polygons) or label-map layout (``images/<id>.{png,tif,jpg,bmp}`` + ``labels/<id>.{png,tif,npy,mat}``,
-instance ids, 0 = background; colour-coded label images and HoVer-Net ``inst_map`` files are read too). Pixel size per image: ``manifest.csv`` (``id,mpp``), else the XML's
-``MicronsPerPixel``, else the caller's default. Slide type (DX, TS, BS, MS; it sets the hematoxylin
+instance ids, 0 = background; colour-coded label images and HoVer-Net ``inst_map`` files are read too).
+Pixel size per image: ``manifest.csv`` (``id,mpp``), else the XML's ``MicronsPerPixel``, else the
+caller's default. Slide type (DX, TS, BS, MS; it sets the hematoxylin
 gate's unit, :func:`nucseg.instances.gate_unit_for`): the manifest's ``slide_type`` column, else the
 TCGA barcode in the id (``TCGA-50-5931-01Z-00-DX1`` → DX), else unknown.
 
@@ -95,6 +96,8 @@ def as_instance_ids(labels: np.ndarray) -> np.ndarray:
     """A label image as an int32 instance map: grey as is; colour-coded (one colour per nucleus, black =
     background, as many tools save them) turned into ids by colour."""
     lab = np.asarray(labels)
+    if lab.ndim == 3 and lab.shape[-1] == 1:
+        lab = lab[..., 0]
     if lab.ndim == 3 and lab.shape[-1] in (3, 4):
         rgb = lab[..., :3]
         if (rgb == rgb[..., :1]).all():
