@@ -481,7 +481,12 @@ def test_hard_examples_raise_the_loss(small_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(clean, loss_of(images), atol=1e-4, rtol=1e-4)   # the identity, up to rounding
         hard = loss_of(photometric_transform(images, theta))
-    assert (hard > clean).float().mean() >= 0.75
+        opposite = loss_of(photometric_transform(images, -theta))
+    # To first order the step raises the loss as much as the opposite step lowers it; the comparison with the
+    # opposite step cancels the second-order terms that make "hard > clean" a coin toss on a few patches of a
+    # barely trained network.
+    assert hard.mean() > clean.mean()
+    assert (hard > opposite).float().mean() >= 0.75
 
     card = train_model([root / "synth"], tmp_path / "model", TrainParams(max_steps=10, batch_size=8, disc_steps=10,
                                                                           base=8, hard_examples=0.5), progress=False)
