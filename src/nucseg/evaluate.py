@@ -125,6 +125,14 @@ def _imread(path: Path) -> np.ndarray:
     return img[..., 2::-1] if img.ndim == 3 else img  # BGR(A) to RGB
 
 
+def _read_image(path: Path) -> np.ndarray:
+    """RGB uint8 pixels of an image file; any failure as ``ValueError`` naming the file."""
+    try:
+        return as_rgb8(_imread(path))
+    except Exception as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def _read_labels(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         return as_instance_ids(np.load(path))
@@ -153,12 +161,12 @@ def _read_manifest(root: Path) -> tuple[dict, dict]:
                 if slide_types[row["id"]] not in SLIDE_TYPES:
                     log.warning("%s: slide_type %r of %s is not one of %s; treated as unknown",
                                 root / "manifest.csv", row["slide_type"], row["id"], ", ".join(SLIDE_TYPES))
-            if row.get("mpp") or row.get("um_per_px"):
+            mpp = row.get("mpp") or row.get("um_per_px")
+            if mpp:
                 try:
-                    manifest[row["id"]] = float(row.get("mpp") or row.get("um_per_px"))
+                    manifest[row["id"]] = float(mpp)
                 except ValueError:
-                    log.warning("%s: mpp %r of %s is not a number; ignored", root / "manifest.csv",
-                                row.get("mpp") or row.get("um_per_px"), row["id"])
+                    log.warning("%s: mpp %r of %s is not a number; ignored", root / "manifest.csv", mpp, row["id"])
     return manifest, slide_types
 
 
@@ -207,10 +215,7 @@ def load_dataset(root, default_mpp: float | None = None, skipped: list | None = 
     for img_path in images:
         sid = img_path.stem
         try:
-            try:
-                image = as_rgb8(_imread(img_path))
-            except Exception as e:
-                raise ValueError(f"{img_path}: {e}") from None
+            image = _read_image(img_path)
             labels, xml_mpp = _annotations(root, img_path, image.shape[:2])
         except (ValueError, FileNotFoundError) as e:
             if skipped is None:
