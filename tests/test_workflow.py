@@ -91,6 +91,31 @@ def test_dry_run_plans_every_stage(tmp_path):
         assert rule in out
 
 
+TRAIN_OVERLAYS = sorted(p.name for p in (REPO / "config").glob("train_*.yaml") if p.name != "train_default.yaml")
+
+
+@pytest.mark.parametrize("overlay", TRAIN_OVERLAYS)
+def test_training_overlays_plan_their_model_with_their_settings(tmp_path, overlay):
+    """Each config/train_*.yaml (their commands are in the README and docs/experiments.md) plans a train job
+    into its own model folder whose command carries every setting the overlay names."""
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    settings = yaml.safe_load((REPO / "config" / overlay).read_text())
+    name = settings["model"]["name"]
+    test_config = {**TEST_CONFIG, **settings, "model": {**TEST_CONFIG["model"], **settings["model"],
+                                                        "train": {**TEST_CONFIG["model"]["train"],
+                                                                  **settings["model"].get("train", {})}}}
+    (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(test_config))
+    out = snakemake(tmp_path, "-n", "-p", f"results/models/{name}/model.pt").stdout
+    command = next(line for line in out.splitlines() if " train --synth " in line)
+    assert f"--out-dir $(dirname results/models/{name}/model.pt)" in command
+    for key, value in settings["model"].get("train", {}).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            assert re.search(rf"(^| ){flag if value else '--no-' + key.replace('_', '-')}( |$)", command), key
+        else:
+            assert f"{flag} {value}" in command, key
+
+
 def test_every_output_exists_and_is_consistent(run):
     work, _ = run
     slides = pd.read_parquet(work / "results/qc/slides.parquet")
