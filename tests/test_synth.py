@@ -150,6 +150,26 @@ def test_no_textures_is_an_error(tmp_path):
         generate_dataset([], tmp_path, SynthParams(n_patches=2), progress=False)
 
 
+def test_texture_folders_take_8_bit_images_in_any_layout_and_skip_the_rest(tmp_path, rng):
+    import tifffile
+
+    rgb = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), rgb[..., ::-1])
+    cv2.imwrite(str(tmp_path / "b.png"), np.dstack([rgb[..., ::-1], np.full((40, 48), 255, np.uint8)]))  # RGBA
+    tifffile.imwrite(tmp_path / "c.tif", rgb)
+    tifffile.imwrite(tmp_path / "d.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "e.tif", grey)
+    tifffile.imwrite(tmp_path / "f.tif", rgb.astype(np.uint16) * 257)  # 16-bit: not a brightfield scan as stored
+    tifffile.imwrite(tmp_path / "g.tif", rgb / 255.0)  # float
+    (tmp_path / "h.png").write_bytes(b"not a png")
+    textures = load_textures([], [{"path": str(tmp_path), "mpp": 0.5}], mpp=0.5)
+    assert len(textures) == 5  # a-e read, f-h skipped (logged), none stops the others
+    for texture in textures[:4]:
+        assert texture.dtype == np.uint8 and np.array_equal(texture, rgb)
+    assert np.array_equal(textures[4], np.dstack([grey] * 3))
+
+
 def _blank_tissue(size):
     return np.full((size, size, 3), (225, 150, 190), np.uint8), np.ones((size, size), bool)
 

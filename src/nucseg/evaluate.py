@@ -34,6 +34,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 
+from .io import as_rgb8, read_pixels
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -72,26 +74,6 @@ def rasterize(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     return labels
 
 
-def as_rgb8(image: np.ndarray) -> np.ndarray:
-    """An image as RGB uint8 ``(H, W, 3)``: grey repeated, alpha dropped, channel-first planes moved last,
-    16-bit scaled by 1/257 and floats in [0, 1] by 255."""
-    img = np.asarray(image)
-    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
-        img = np.moveaxis(img, 0, -1)  # planar TIFF
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    if img.ndim != 3 or img.shape[-1] < 3:
-        raise ValueError(f"not an RGB or grey image (shape {img.shape})")
-    img = img[..., :3]
-    if img.dtype == np.uint16:
-        img = img / 257.0
-    elif img.dtype.kind == "f" and np.nanmax(img) <= 1.0:
-        img = img * 255.0
-    if img.dtype != np.uint8:
-        img = np.clip(np.round(img), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(img)
-
-
 def as_instance_ids(labels: np.ndarray) -> np.ndarray:
     """A label image as an int32 instance map: grey as is; colour-coded (one colour per nucleus, black =
     background, as many tools save them) turned into ids by colour."""
@@ -113,22 +95,10 @@ def as_instance_ids(labels: np.ndarray) -> np.ndarray:
     return lab.astype(np.int32)
 
 
-def _imread(path: Path) -> np.ndarray:
-    """The pixels of an image file as stored (TIFF by tifffile, else OpenCV), colour channels as RGB."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        return tifffile.imread(path)
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError("not a readable image")
-    return img[..., 2::-1] if img.ndim == 3 else img  # BGR(A) to RGB
-
-
 def _read_image(path: Path) -> np.ndarray:
     """RGB uint8 pixels of an image file; any failure as ``ValueError`` naming the file."""
     try:
-        return as_rgb8(_imread(path))
+        return as_rgb8(read_pixels(path))
     except Exception as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -144,7 +114,7 @@ def _read_labels(path: Path) -> np.ndarray:
         if "inst_map" not in mat and len(maps) != 1:
             raise ValueError(f"no inst_map and {len(maps)} 2-D arrays ({', '.join(mat)})")
         return as_instance_ids(mat.get("inst_map", maps[0] if maps else None))
-    return as_instance_ids(_imread(path))
+    return as_instance_ids(read_pixels(path))
 
 
 def _read_manifest(root: Path) -> tuple[dict, dict]:

@@ -262,3 +262,43 @@ class GeoParquetWriter:
         else:
             self.abort()
         return False
+
+
+def read_pixels(path: str | os.PathLike) -> np.ndarray:
+    """The pixels of an image file as stored (TIFF by tifffile, else OpenCV), colour channels as RGB.
+
+    TIFFs go through tifffile (series 0, full resolution): OpenCV cannot decode some, e.g. OME-TIFF with
+    2x2 JPEG subsampling. Bit depth and layout are kept (16-bit, grey, channel-first planes); OpenCV's
+    BGR(A) becomes RGB.
+    """
+    import cv2
+
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(path)
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError("not a readable image")
+    return img[..., 2::-1] if img.ndim == 3 else img  # BGR(A) to RGB
+
+
+def as_rgb8(image: np.ndarray) -> np.ndarray:
+    """An image as RGB uint8 ``(H, W, 3)``: grey repeated, alpha dropped, channel-first planes moved last,
+    16-bit scaled by 1/257 and floats in [0, 1] by 255."""
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
+        img = np.moveaxis(img, 0, -1)  # planar TIFF
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] < 3:
+        raise ValueError(f"not an RGB or grey image (shape {img.shape})")
+    img = img[..., :3]
+    if img.dtype == np.uint16:
+        img = img / 257.0
+    elif img.dtype.kind == "f" and np.nanmax(img) <= 1.0:
+        img = img * 255.0
+    if img.dtype != np.uint8:
+        img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img)

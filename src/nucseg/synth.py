@@ -643,22 +643,13 @@ def load_textures(patch_files: list[str | os.PathLike], texture_dirs: list[dict]
 
 
 def _read_rgb(path: Path) -> np.ndarray | None:
-    """RGB uint8 image, or None. TIFFs go through tifffile (OpenCV cannot decode some, e.g. OME-TIFF
-    with 2x2 JPEG subsampling), other formats through OpenCV."""
-    if path.suffix.lower() in {".tif", ".tiff"}:
-        import tifffile
-
-        try:
-            arr = np.asarray(tifffile.imread(path))  # series 0, full resolution
-        except Exception:  # noqa: BLE001 - any decoding failure means: not a usable texture
-            return None
-        if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
-            arr = np.moveaxis(arr, 0, -1)
-        if arr.ndim != 3 or arr.shape[-1] < 3 or arr.dtype != np.uint8:
-            return None
-        return np.ascontiguousarray(arr[..., :3])
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    """RGB uint8 texture, or None where the file cannot be read or is not an 8-bit colour or grey image
+    (16-bit or float files are not brightfield scans as stored)."""
+    try:
+        pixels = io.read_pixels(path)
+        return io.as_rgb8(pixels) if pixels.dtype == np.uint8 else None
+    except Exception:  # noqa: BLE001 - any decoding failure means: not a usable texture
+        return None
 
 
 def _resample(image: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:
