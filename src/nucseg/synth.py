@@ -635,7 +635,7 @@ def load_textures(patch_files: list[str | os.PathLike], texture_dirs: list[dict]
         for p in files:
             img = _read_rgb(p)
             if img is None:
-                log.warning("texture %s: unreadable, skipped", p)
+                log.warning("texture %s: unreadable or not an 8-bit colour or grey image, skipped", p)
                 continue
             textures.append(_resample(img, float(entry["mpp"]), mpp))
             source_mpps.append(float(entry["mpp"]))
