@@ -111,9 +111,12 @@ def test_training_overlays_plan_their_model_with_their_settings(tmp_path, overla
     for key, value in settings["model"].get("train", {}).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            assert re.search(rf"(^| ){flag if value else '--no-' + key.replace('_', '-')}( |$)", command), key
+            expected = flag if value else "--no-" + flag[2:]
+        elif isinstance(value, list):
+            expected = f"{flag} {' '.join(map(str, value))}"
         else:
-            assert f"{flag} {value}" in command, key
+            expected = f"{flag} {value}"
+        assert re.search(rf"(^| ){re.escape(expected)}( |$)", command), key
 
 
 def test_every_output_exists_and_is_consistent(run):
