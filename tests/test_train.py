@@ -49,6 +49,19 @@ def test_train_cli_refuses_a_bad_setting_before_reading_any_data(tmp_path, caplo
     assert not (tmp_path / "m").exists()
 
 
+def test_train_cli_checks_its_teachers_before_reading_any_data(tmp_path, caplog):
+    from nucseg.cli import main
+
+    args = ["train", "--synth", str(tmp_path / "absent"), "--out-dir", str(tmp_path / "m")]
+    with caplog.at_level("ERROR"):
+        assert main(args + ["--self-training-steps", "5", "--teachers", str(tmp_path / "large.pt")]) == 1
+        assert f"model weights {tmp_path / 'large.pt'} not found" in caplog.text
+        teacher = _constant_teacher(tmp_path / "large.pt", 0.0)
+        assert main(args + ["--teachers", str(teacher)]) == 1    # without self-training it would be unused
+        assert "set self_training_steps > 0" in caplog.text
+    assert not (tmp_path / "m").exists()
+
+
 def test_stratified_weights_keep_each_stratum_s_share():
     # Crowded patches (high fraction) get low weights, sparse ones high: the preference between strata goes,
     # the order within a stratum stays.
@@ -514,6 +527,32 @@ def test_pseudo_targets_keep_only_confident_pixels_that_agree_with_the_instances
     assert pseudo_targets(prob, labels, center=True).shape == (4, 32, 32)
 
 
+def _constant_teacher(path: Path, logit: float, mpp: float = 0.25) -> Path:
+    """A weights file whose network says ``sigmoid(logit)`` everywhere, for every output."""
+    from nucseg.model import save_weights
+
+    net = UNet(base=4, depth=1, out_channels=2)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.fill_(logit)
+    save_weights(net, path, {"mpp": mpp})
+    return path
+
+
+def test_pseudo_labels_are_the_mean_of_the_teachers(tmp_path):
+    from nucseg.train.pseudo import pseudo_label
+
+    sure, unsure = (load_weights(_constant_teacher(tmp_path / f"{n}.pt", logit))[0]
+                    for n, logit in (("sure", -8.0), ("unsure", 8.0)))
+    patches = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    alone = pseudo_label([sure], patches, 0.5, tta=2)
+    assert alone.shape == (2, 3, 32, 32)
+    assert not alone[:, 0].any() and alone[:, 2].all()      # nothing is nucleus, and every pixel is sure of it
+    # The two teachers' mean is 0.5 everywhere: inside the uncertainty band, so no pixel teaches.
+    assert not pseudo_label([sure, unsure], patches, 0.5, tta=2)[:, -1].any()
+    assert pseudo_label([sure], patches, 0.5, center=True, tta=1).shape == (2, 4, 32, 32)
+
+
 def test_masked_loss_ignores_invalid_pixels():
     torch.manual_seed(0)
     logits, targets = torch.randn(3, 2, 16, 16), (torch.rand(3, 2, 16, 16) > 0.5).float()
@@ -553,3 +592,23 @@ def test_self_training_fine_tunes_the_trained_network_and_resumes(small_model, t
     for a, b in zip(after.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert card["self_training"]["steps"] == 12
+    assert card["self_training"]["teachers"] == []
+
+    # A teacher's labels instead of its own: the self-training is redone (not resumed), and the card names it.
+    # This teacher calls every pixel background, so the student learns to find fewer nuclei on real tissue.
+    teacher = _constant_teacher(tmp_path / "teacher.pt", -8.0)
+    card = train_model([root / "synth"], out, params, progress=False, teachers=[teacher])
+    st = card["self_training"]
+    assert st["foreground_fraction"] == 0 and st["valid_fraction"] == 1
+    assert st["teachers"] == [{"path": str(teacher), "model_id": load_weights(teacher)[1]["model_id"]}]
+    taught, _ = load_weights(out / "model.pt")
+    real = np.load(root / "synth" / "real.npz")["patches"][:8]
+    fg_self, fg_taught = (predict(net, real, torch.device("cpu"))[:, 0].mean() for net in (after, taught))
+    assert fg_taught < fg_self
+
+    with pytest.raises(ValueError, match="self_training_steps"):
+        train_model([root / "synth"], tmp_path / "no_self_training", TrainParams(max_steps=1), progress=False,
+                    teachers=[teacher])
+    elsewhere = _constant_teacher(tmp_path / "at_20x.pt", 0.0, mpp=0.5)
+    with pytest.raises(ValueError, match=r"at_20x\.pt: works at 0\.5"):
+        train_model([root / "synth"], tmp_path / "wrong_scale", params, progress=False, teachers=[elsewhere])

@@ -105,7 +105,16 @@ def test_training_overlays_plan_their_model_with_their_settings(tmp_path, overla
                                                         "train": {**TEST_CONFIG["model"]["train"],
                                                                   **settings["model"].get("train", {})}}}
     (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(test_config))
+    teachers = settings["model"].get("train", {}).get("teachers", [])
+    if teachers:
+        # A teacher is trained by its own config: this one must not plan it, with its own settings, but stop.
+        failed = snakemake(tmp_path, "-n", f"results/models/{name}/model.pt", check=False)
+        assert failed.returncode != 0 and teachers[0] in failed.stdout + failed.stderr
+        for teacher in teachers:
+            (tmp_path / teacher).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / teacher).touch()
     out = snakemake(tmp_path, "-n", "-p", f"results/models/{name}/model.pt").stdout
+    assert sum(line.strip() == "rule train:" for line in out.splitlines()) == 1
     command = next(line for line in out.splitlines() if " train --synth " in line)
     assert f"--out-dir $(dirname results/models/{name}/model.pt)" in command
     for key, value in settings["model"].get("train", {}).items():

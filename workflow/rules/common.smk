@@ -3,6 +3,7 @@
 import gc
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pandas as pd

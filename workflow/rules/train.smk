@@ -1,6 +1,9 @@
 rule train:
     input:
         synth=lambda wc: [synth_shards(t) for t in train_types()],
+        # Distillation: the teachers' weights files, trained before (each by its own config, e.g.
+        # config/train_large.yaml): this config's train settings must not build them.
+        teachers=config["model"]["train"].get("teachers", []),
     output:
         weights="results/models/{model_name}/model.pt",
         card="results/models/{model_name}/model_card.json",
@@ -11,6 +14,10 @@ rule train:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         gpu=config["gpus_per_job"],
     retries: 1
+    wildcard_constraints:
+        # Only the configured model is trained here: a teacher under results/models/<other>/ is never
+        # rebuilt with this config's settings.
+        model_name=re.escape(config["model"]["name"]),
     log:
         "logs/train/{model_name}.log",
     conda:

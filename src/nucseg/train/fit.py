@@ -159,16 +159,19 @@ SELF_TRAINING_FIELDS = ("self_training_steps", "self_training_lr", "self_trainin
 
 
 def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, params: TrainParams, out_dir: Path,
-               key: str, progress: bool) -> dict:
-    """Fine-tune ``net`` in place on synthetic batches mixed with real patches pseudo-labelled by ``net``
-    itself (:func:`nucseg.train.pseudo.pseudo_label`), for ``params.self_training_steps`` steps.
+               key: str, progress: bool, teachers: list | None = None) -> dict:
+    """Fine-tune ``net`` in place on synthetic batches mixed with real patches pseudo-labelled
+    (:func:`nucseg.train.pseudo.pseudo_label`) by ``teachers`` (networks; default: ``net`` itself), for
+    ``params.self_training_steps`` steps.
 
     Resumable like the synthetic training (``checkpoints/self_training/last.ckpt``, kept only under the same
     ``key``). Returns the card's summary: pseudo-label statistics, steps, final metrics.
     """
     from .pseudo import pseudo_label
 
-    targets = pseudo_label(net, real, params.mpp, params.pseudo_label_band, device=next(net.parameters()).device)
+    device = next(net.parameters()).device
+    targets = pseudo_label(teachers or [net], real, params.mpp, params.center_head, params.pseudo_label_band,
+                           device=device)
     n_real = max(1, round(params.batch_size * params.self_training_share))
     summary = {"n_real_patches": int(len(real)), "real_per_batch": n_real,
                "foreground_fraction": float(targets[:, 0].mean()), "valid_fraction": float(targets[:, -1].mean())}
@@ -198,6 +201,24 @@ def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, pa
             "metrics": {f"self_training_{k}": float(v) for k, v in trainer.callback_metrics.items()}}
 
 
+def load_teachers(paths, mpp: float) -> tuple[list, list[str]]:
+    """The teacher networks of ``paths`` (on the CPU) and their model ids (sha256 of the weights files).
+
+    A teacher must work at the student's resolution ``mpp``: its nuclei would otherwise be labelled at the
+    wrong scale.
+    """
+    from ..model import load_weights
+
+    nets, ids = [], []
+    for path in paths:
+        net, meta = load_weights(path)
+        if abs(float(meta["mpp"]) - mpp) > 1e-6:
+            raise ValueError(f"teacher {path}: works at {meta.get('mpp')} µm/px, the student at {mpp}")
+        nets.append(net)
+        ids.append(meta["model_id"])
+    return nets, ids
+
+
 def data_fingerprint(synth_dirs: list[str | Path]) -> str:
     """sha256 over the contents of the synthetic data (parameters, shards, real patches) of ``synth_dirs``."""
     files = [Path(d) / name for d in synth_dirs for name in ("params.json", "real.npz")]
@@ -213,8 +234,12 @@ def _key(data: str, params: TrainParams, fields) -> str:
 
 
 def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: TrainParams = TrainParams(),
-                progress: bool = True, command: str | None = None) -> dict:
+                progress: bool = True, command: str | None = None, teachers: list[str | Path] = ()) -> dict:
     """Train the segmentation network from synthetic shards; write weights and a model card.
+
+    ``teachers``: weights files (``model.pt``) whose mean probabilities pseudo-label the real patches of
+    the self-training (``params.self_training_steps``), instead of the network itself: knowledge
+    distillation from larger networks trained by this pipeline, on real tissue (docs/experiments.md).
 
     Outputs in ``out_dir``: ``model.pt`` (weights only), ``model_card.json``, ``importance_weights.npz``,
     ``checkpoints/last.ckpt`` (resume point: rerunning continues from it), CSV logs under
@@ -222,6 +247,9 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     beside the generator parameters of each synth dir, so the card says how its data and weights were made.
     """
     started = time.monotonic()
+    if teachers and params.self_training_steps == 0:
+        raise ValueError("teachers label the self-training's real patches: set self_training_steps > 0")
+    teacher_nets, teacher_ids = load_teachers(teachers, params.mpp)  # before training: fail fast
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(params.seed, workers=True, verbose=False)
@@ -297,9 +325,13 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
         metrics = {**metrics, **trainer.validate(module, datamodule=dm, verbose=False)[0]}
     self_training = None
     if params.self_training_steps > 0:
+        device = next(module.net.parameters()).device
         self_key = _key(data_key, params, [f for f in asdict(params) if f not in ("num_workers", "accelerator")])
+        if teacher_ids:  # other teachers, other targets: self-train again
+            self_key = hashlib.sha256(json.dumps([self_key, teacher_ids]).encode()).hexdigest()
         self_training = self_train(module.net, real, synth_dirs, weights if params.weighted else None, params,
-                                   out_dir, self_key, progress)
+                                   out_dir, self_key, progress, [t.to(device) for t in teacher_nets])
+        self_training["teachers"] = [{"path": str(t), "model_id": i} for t, i in zip(teachers, teacher_ids)]
         metrics = {**metrics, **self_training["metrics"]}
     calibration = calibrate_center_head(module.net, dm.val_shards, params.mpp) if params.center_head else None
 

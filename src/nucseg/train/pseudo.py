@@ -1,7 +1,8 @@
-"""Pseudo-labels for self-training: the network's own instances on unlabelled real tissue as targets.
+"""Pseudo-labels for self-training: the instances a teacher finds on unlabelled real tissue, as targets.
 
 No manual label is involved: the real patches are the discriminator's unlabelled real class (``real.npz``)
-and the targets are what the network trained on synthetic data finds in them.
+and the targets are what networks trained on synthetic data find in them: the network itself, or teachers
+(larger networks, trained by the same pipeline) whose knowledge it is to learn.
 """
 
 from __future__ import annotations
@@ -38,25 +39,30 @@ def pseudo_targets(prob: np.ndarray, labels: np.ndarray, band: tuple[float, floa
     return np.stack(maps).astype(np.float32)
 
 
-def pseudo_label(net: UNet, patches: np.ndarray, mpp: float, band: tuple[float, float] = (0.3, 0.7),
-                 tta: int = 8, params: InstanceParams = InstanceParams(),
+def pseudo_label(teachers: list[UNet], patches: np.ndarray, mpp: float, center: bool = False,
+                 band: tuple[float, float] = (0.3, 0.7), tta: int = 8, params: InstanceParams = InstanceParams(),
                  device: torch.device | str = "cpu") -> np.ndarray:
-    """:func:`pseudo_targets` of every uint8 NHWC patch, from ``net``'s ``tta``-view average (the teacher
-    sees every symmetry of the patch, the student one augmented view) and the shared instance extraction
-    with its hematoxylin gate, as whole-slide inference runs it.
+    """:func:`pseudo_targets` of every uint8 NHWC patch, from the teachers' probabilities (each one's
+    ``tta``-view average, then their mean: the teacher sees every symmetry of the patch, the student one
+    augmented view) and the shared instance extraction with its hematoxylin gate, as whole-slide inference
+    runs it. ``center``: add the centre map (a student with the centre head).
 
     Returns
     -------
     (N, K + 1, H, W) float32.
     """
-    center = net.head.out_channels > 2
+    device = torch.device(device)
+    modes = [t.training for t in teachers]
+    for t in teachers:
+        t.eval()
     out = []
-    was_training = net.training
-    net.eval()
     for patch in patches:
-        prob = predict(net, patch[None], torch.device(device), tta)[0]
+        probs = [predict(t, patch[None], device, tta)[0] for t in teachers]
+        channels = min(len(q) for q in probs)  # teachers with and without the centre head share two outputs
+        prob = np.mean([q[:channels] for q in probs], axis=0)
         gate = hematoxylin_gate(hematoxylin_od(patch), mpp) if params.hematoxylin_gate else None
         labels = extract_instances(prob, mpp, params, gate=gate)
         out.append(pseudo_targets(prob, labels, band, center))
-    net.train(was_training)
+    for t, mode in zip(teachers, modes):
+        t.train(mode)
     return np.stack(out)
