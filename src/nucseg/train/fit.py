@@ -213,7 +213,7 @@ def load_teachers(paths, mpp: float) -> tuple[list, list[str]]:
     for path in paths:
         net, meta = load_weights(path)
         if abs(float(meta["mpp"]) - mpp) > 1e-6:
-            raise ValueError(f"teacher {path}: works at {meta.get('mpp')} µm/px, the student at {mpp}")
+            raise ValueError(f"teacher {path}: works at {meta['mpp']} µm/px, the student at {mpp}")
         nets.append(net)
         ids.append(meta["model_id"])
     return nets, ids
