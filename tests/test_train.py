@@ -542,15 +542,15 @@ def _constant_teacher(path: Path, logit: float, mpp: float = 0.25) -> Path:
 def test_pseudo_labels_are_the_mean_of_the_teachers(tmp_path):
     from nucseg.train.pseudo import pseudo_label
 
-    sure, unsure = (load_weights(_constant_teacher(tmp_path / f"{n}.pt", logit))[0]
-                    for n, logit in (("sure", -8.0), ("unsure", 8.0)))
+    background, nucleus = (load_weights(_constant_teacher(tmp_path / f"{n}.pt", logit))[0]
+                           for n, logit in (("background", -8.0), ("nucleus", 8.0)))
     patches = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
-    alone = pseudo_label([sure], patches, 0.5, tta=2)
+    alone = pseudo_label([background], patches, 0.5, tta=2)
     assert alone.shape == (2, 3, 32, 32)
     assert not alone[:, 0].any() and alone[:, 2].all()      # nothing is nucleus, and every pixel is sure of it
-    # The two teachers' mean is 0.5 everywhere: inside the uncertainty band, so no pixel teaches.
-    assert not pseudo_label([sure, unsure], patches, 0.5, tta=2)[:, -1].any()
-    assert pseudo_label([sure], patches, 0.5, center=True, tta=1).shape == (2, 4, 32, 32)
+    # Two teachers that disagree everywhere: their mean, 0.5, is inside the uncertainty band, so no pixel teaches.
+    assert not pseudo_label([background, nucleus], patches, 0.5, tta=2)[:, -1].any()
+    assert pseudo_label([background], patches, 0.5, center=True, tta=1).shape == (2, 4, 32, 32)
 
 
 def test_masked_loss_ignores_invalid_pixels():
