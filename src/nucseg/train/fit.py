@@ -170,8 +170,8 @@ def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, pa
     from .pseudo import pseudo_label
 
     device = next(net.parameters()).device
-    targets = pseudo_label(teachers or [net], real, params.mpp, params.center_head, params.pseudo_label_band,
-                           device=device)
+    teachers = [t.to(device) for t in teachers] if teachers else [net]
+    targets = pseudo_label(teachers, real, params.mpp, params.center_head, params.pseudo_label_band, device=device)
     n_real = max(1, round(params.batch_size * params.self_training_share))
     summary = {"n_real_patches": int(len(real)), "real_per_batch": n_real,
                "foreground_fraction": float(targets[:, 0].mean()), "valid_fraction": float(targets[:, -1].mean())}
@@ -325,12 +325,11 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
         metrics = {**metrics, **trainer.validate(module, datamodule=dm, verbose=False)[0]}
     self_training = None
     if params.self_training_steps > 0:
-        device = next(module.net.parameters()).device
         self_key = _key(data_key, params, [f for f in asdict(params) if f not in ("num_workers", "accelerator")])
         if teacher_ids:  # other teachers, other targets: self-train again
             self_key = hashlib.sha256(json.dumps([self_key, teacher_ids]).encode()).hexdigest()
         self_training = self_train(module.net, real, synth_dirs, weights if params.weighted else None, params,
-                                   out_dir, self_key, progress, [t.to(device) for t in teacher_nets])
+                                   out_dir, self_key, progress, teacher_nets)
         self_training["teachers"] = [{"path": str(t), "model_id": i} for t, i in zip(teachers, teacher_ids)]
         metrics = {**metrics, **self_training["metrics"]}
     calibration = calibrate_center_head(module.net, dm.val_shards, params.mpp) if params.center_head else None
