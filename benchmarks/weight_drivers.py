@@ -5,7 +5,8 @@ synthetic patch) and the synthetic shards it was trained on, the Spearman correl
 weight with properties of each patch, over all patches and within strata of crowding (the same quantile bins
 of nucleus-pixel fraction as ``model.train.weight_strata``), and the mean weight per fifth of the patches by
 each property. Label-side properties come from the instance maps (known by construction), image-side ones
-from the pixels under and around the nuclei. Label-free: no annotated tile is read.
+from the pixels under and around the nuclei; ``touching_fraction`` is the share of a patch's nuclei that
+share an edge with another one. Label-free: no annotated tile is read.
 
     python benchmarks/weight_drivers.py results/models/default/importance_weights.npz \
         --synth results/synth/HNSC/shards [--strata 10] [--out drivers.json]
@@ -23,6 +24,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from nucseg.instances import touching_labels  # noqa: E402
 from nucseg.train.data import list_shards, nucleus_contrast  # noqa: E402
 from nucseg.train.modules import quantile_strata  # noqa: E402
 
@@ -37,9 +39,12 @@ def patch_properties(images: np.ndarray, instances: np.ndarray, mpp: float) -> d
         nucleus_grey = np.where(n_fg > 0, (grey * fg).sum(axis=(1, 2)) / n_fg, np.nan)
         background_grey = (grey * ~fg).sum(axis=(1, 2)) / (~fg).sum(axis=(1, 2))
         mean_area = np.where(counts > 0, n_fg * mpp**2 / counts, np.nan)
+        touching = np.where(counts > 0, [len(touching_labels(lab)) for lab in instances] / np.maximum(counts, 1),
+                            np.nan)
     return {"nucleus_fraction": fg.mean(axis=(1, 2)), "nucleus_count": counts.astype(float),
             "mean_nucleus_area_um2": mean_area, "nucleus_grey": nucleus_grey, "background_grey": background_grey,
-            "nucleus_contrast": nucleus_contrast(images, instances)}   # as model.train.contrast_strata sees it
+            "nucleus_contrast": nucleus_contrast(images, instances),   # as model.train.contrast_strata sees it
+            "touching_fraction": touching}
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -5,7 +5,7 @@ from skimage.draw import polygon as draw_polygon
 
 from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, gate_unit_for,
                               hematoxylin_gate, hematoxylin_level, instance_outlines, label_peaks, outline,
-                              relabel)
+                              relabel, touching_labels)
 from nucseg.synth import hematoxylin_od
 
 
@@ -217,6 +217,17 @@ def test_relabel_is_consecutive():
     out = relabel(labels)
     assert sorted(np.unique(out)) == [0, 1, 2, 3]
     assert (out[labels == 0] == 0).all()
+
+
+def test_touching_labels_counts_shared_edges_only():
+    labels = np.zeros((8, 10), np.int32)
+    labels[1:4, 1:3], labels[1:4, 3:5] = 1, 2   # side by side
+    labels[4:6, 5:7] = 3                        # meets 2 only at a corner
+    labels[6:8, 8:10] = 4                       # alone
+    assert touching_labels(labels).tolist() == [1, 2]
+    labels[4, 4] = 3                            # now 3 shares an edge with 2 as well
+    assert touching_labels(labels).tolist() == [1, 2, 3]
+    assert touching_labels(np.zeros((4, 4), np.int32)).size == 0
 
 
 @pytest.mark.parametrize("min_distance", [1, 2, 4])

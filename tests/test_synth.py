@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from shapely.geometry import Point, Polygon
 
+from nucseg.instances import touching_labels
 from nucseg.synth import (SynthParams, at_resolution, boundary_map, draw_nuclei, generate_dataset, load_textures,
                           make_patch, match_colour, remove_nuclei, smooth_outline, star_polygon, texture_stats)
 
@@ -540,12 +541,7 @@ def test_cluster_fraction_makes_nuclei_touch():
             bg, tissue = _blank_tissue(192)
             params = SynthParams(**{**_NUCLEI_ONLY, "max_overlap": 0.15}, cluster_fraction=cluster_fraction)
             _, inst = draw_nuclei(bg, tissue, np.array([90.0, 50, 140]), 0.15, np.random.default_rng(seed), params)
-            # A nucleus touches another when a pixel of it has a 4-neighbour of another label.
-            touching_labels = set()
-            for a, b in ((inst[:, :-1], inst[:, 1:]), (inst[:-1], inst[1:])):
-                contact = (a != b) & (a > 0) & (b > 0)
-                touching_labels |= set(a[contact].tolist()) | set(b[contact].tolist())
-            touching += len(touching_labels)
+            touching += len(touching_labels(inst))
             total += int(inst.max())
         return touching / total
 

@@ -238,6 +238,18 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
+def touching_labels(labels: np.ndarray) -> np.ndarray:
+    """Sorted ids of the nuclei of instance map ``labels`` that share a pixel edge with another nucleus.
+
+    These are the pairs the network has to separate along a seam; nuclei that only meet at a corner do not count.
+    """
+    ids = []
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        contact = (a != b) & (a > 0) & (b > 0)
+        ids += [a[contact], b[contact]]
+    return np.unique(np.concatenate(ids))
+
+
 FEATURE_COLUMNS = ["centroid_x", "centroid_y", "area_px", "perimeter_px", "eccentricity", "solidity",
                    "mean_hematoxylin_od", "score"]
 
