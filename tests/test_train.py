@@ -136,6 +136,10 @@ def test_training_writes_weights_card_and_resumes(small_model):
     assert len(w) == card["training_data"]["n_synthetic"] and (w >= 0.2 - 1e-6).all() and (w <= 2 + 1e-6).all()
     assert (small_model.parent / "checkpoints" / "last.ckpt").exists()
     assert card["metrics"]["val_dice"] > 0.5   # it learned the synthetic task
+    phases = card["phase_time_s"]
+    assert phases["discriminator"] > 0 and phases["synthetic"] > 0 and phases["self_training"] == 0
+    assert card["wall_time_s"] == pytest.approx(sum(phases.values()), abs=0.2)
+    assert card["wall_time_s"] <= card["this_run_s"] + 0.2
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +194,14 @@ def test_resume_from_last_checkpoint(small_model, tmp_path):
     out = tmp_path / "model"
     shutil.copytree(small_model.parent, out)
     weights_mtime = (out / "importance_weights.npz").stat().st_mtime_ns
+    first = json.loads((out / "model_card.json").read_text())["phase_time_s"]
     params = TrainParams(max_steps=160, batch_size=8, disc_steps=20, base=8, lr=5e-3)
     card = train_model([root / "synth"], out, params, progress=False)
     # 150 steps were done: training continues to 160; the importance weights are reused, not recomputed.
     assert card["global_step"] == 160
+    # The card's times are the whole training's: the first run's discriminator and 150 steps, plus 10 steps.
+    assert card["phase_time_s"]["discriminator"] == first["discriminator"]
+    assert first["synthetic"] < card["phase_time_s"]["synthetic"] < first["synthetic"] + card["this_run_s"]
     assert (out / "importance_weights.npz").stat().st_mtime_ns == weights_mtime
     # The resumed run replaced last.ckpt (no last-v1.ckpt), so a second resume continues from step 160.
     assert not list((out / "checkpoints").glob("last-v*.ckpt"))
@@ -586,12 +594,18 @@ def test_self_training_fine_tunes_the_trained_network_and_resumes(small_model, t
     before, _ = load_weights(small_model)
     after, _ = load_weights(out / "model.pt")
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
-    # Run again: both phases are complete, nothing is retrained and the same weights come out.
+    # Run again: both phases are complete, nothing is retrained and the same weights come out. The card still
+    # has both phases' held-out metrics (measured again) and times (from the checkpoints).
+    first = card
     card = train_model([root / "synth"], out, params, progress=False)
     again, _ = load_weights(out / "model.pt")
     for a, b in zip(after.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert card["self_training"]["steps"] == 12
+    for name in ("val_loss", "val_dice", "self_training_val_loss", "self_training_val_dice"):
+        assert card["metrics"][name] == pytest.approx(first["metrics"][name], abs=0.02)
+    assert card["phase_time_s"] == first["phase_time_s"] and card["self_training"]["seconds"] > 0
+    assert card["wall_time_s"] == first["wall_time_s"] > card["this_run_s"]
     assert card["self_training"]["teachers"] == []
 
     # A teacher's labels instead of its own: the self-training is redone (not resumed), and the card names it.

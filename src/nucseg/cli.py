@@ -347,7 +347,7 @@ def _cmd_train(args, progress):
 
     card = train_model(args.synth, args.out_dir, _dataclass_from_args(TrainParams, args), progress=progress,
                        command=shlex.join(["nucseg", *sys.argv[1:]]), teachers=args.teachers)
-    print(json.dumps({k: card[k] for k in ("model_id", "global_step", "wall_time_s", "metrics")}))
+    print(json.dumps({k: card[k] for k in ("model_id", "global_step", "wall_time_s", "this_run_s", "metrics")}))
 
 
 def _cmd_segment(args, progress):

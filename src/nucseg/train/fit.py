@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from .. import __version__, io
 from ..model import OUTPUTS, save_weights
 from .data import SynthDataModule, crowding_and_contrast, list_shards, read_shard_images
-from .modules import (DiscriminatorModule, SegmentationModule, WeightAverage, effective_sample_size,
-                      importance_weights, stratified_weights)
+from .modules import (DiscriminatorModule, SegmentationModule, TrainingClock, WeightAverage,
+                      effective_sample_size, importance_weights, stratified_weights)
 from .params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,23 @@ def _trainer(out_dir: Path, max_steps: int, params: TrainParams, progress: bool,
         precision="16-mixed" if use_gpu else "32-true", default_root_dir=out_dir,
         logger=pl.loggers.CSVLogger(out_dir, name=name, version=0), enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=10, deterministic=False, **kw)
+
+
+def fit_phase(trainer: pl.Trainer, module: pl.LightningModule, dm, resume: Path) -> dict[str, float]:
+    """``trainer.fit`` from ``resume`` if it exists; the phase's final metrics.
+
+    A phase that an earlier run finished logs nothing when resumed, so its held-out metrics are then measured
+    again on the restored network, and the card of a rerun still has them.
+    """
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if "val_loss" not in metrics:
+        metrics.update(trainer.validate(module, datamodule=dm, verbose=False)[0])
+    return metrics
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def random_crops(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -193,12 +210,13 @@ def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, pa
     key_file.write_text(key)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, enable_version_counter=False,
                                            every_n_train_steps=max(1, min(200, params.self_training_steps // 5)))
-    trainer = _trainer(out_dir, params.self_training_steps, params, progress, "self_training", callbacks=[ckpt_cb],
-                       limit_val_batches=4, check_val_every_n_epoch=1)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
+    clock = TrainingClock(resuming=resume.exists())
+    trainer = _trainer(out_dir, params.self_training_steps, params, progress, "self_training",
+                       callbacks=[ckpt_cb, clock], limit_val_batches=4, check_val_every_n_epoch=1)
+    metrics = fit_phase(trainer, module, dm, resume)
     net.load_state_dict(module.net.state_dict())
-    return {**summary, "steps": int(trainer.global_step),
-            "metrics": {f"self_training_{k}": float(v) for k, v in trainer.callback_metrics.items()}}
+    return {**summary, "steps": int(trainer.global_step), "seconds": _rounded(clock.seconds()),
+            "metrics": {f"self_training_{k}": v for k, v in metrics.items()}}
 
 
 def load_teachers(paths, mpp: float) -> tuple[list, list[str]]:
@@ -265,22 +283,27 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     net_key = _key(data_key, params, [f for f in asdict(params) if f not in RESUMABLE_CHANGES + SELF_TRAINING_FIELDS])
     weights_file = out_dir / "importance_weights.npz"
     p_real = stored = None
+    disc_seconds = None
     if weights_file.exists():  # the discriminator's scores from an earlier (interrupted) run
         with np.load(weights_file) as data:
             if "key" in data and str(data["key"]) == disc_key:
                 p_real, stored = data["p_real"], data["weight"]
+                disc_seconds = float(data["seconds"]) if "seconds" in data else None  # older versions
             else:
                 log.warning("%s: made from other data or discriminator parameters; scoring again", weights_file)
     if p_real is None:
         if len(real) == 0:
             raise ValueError("no real patches for the discriminator")
+        disc_started = time.monotonic()
         p_real = cross_fitted_p_real(real, shards, out_dir, params, progress)
+        disc_seconds = time.monotonic() - disc_started
     # Recomputed from the scores every time, so a changed clip or power takes effect on resume.
     clipped = importance_weights(torch.from_numpy(p_real), params.weight_clip, params.weight_power).numpy()
     crowding, contrast = crowding_and_contrast(shards)
     weights = stratified_weights(clipped, crowding, params.weight_strata, contrast, params.contrast_strata)
     if stored is None or not np.array_equal(stored, weights):
-        io.write_npz(weights_file, p_real=p_real, weight=weights, key=np.str_(disc_key))
+        io.write_npz(weights_file, p_real=p_real, weight=weights, key=np.str_(disc_key),
+                     **({} if disc_seconds is None else {"seconds": disc_seconds}))
     w_stats = {"mean": float(weights.mean()), "std": float(weights.std()),
                "quantiles": dict(zip(["min", "q10", "q50", "q90", "max"],
                                      np.quantile(weights, [0, .1, .5, .9, 1]).round(4).tolist())),
@@ -305,17 +328,17 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, enable_version_counter=False,
                                            every_n_train_steps=max(1, min(200, params.max_steps // 5)))
     averager = WeightAverage(round(params.max_steps * (1 - params.average_last))) if params.average_last > 0 else None
-    callbacks = [ckpt_cb] if averager is None else [ckpt_cb, averager]
-    trainer = _trainer(out_dir, params.max_steps, params, progress, "segmentation", callbacks=callbacks,
-                       limit_val_batches=4, check_val_every_n_epoch=1)
     resume, key_file = out_dir / "checkpoints" / "last.ckpt", out_dir / "checkpoints" / "key.txt"
     if resume.exists() and not (key_file.exists() and key_file.read_text() == net_key):
         log.warning("%s: made from other data or training parameters; training from scratch", resume)
         shutil.rmtree(resume.parent)
+    clock = TrainingClock(resuming=resume.exists())
+    callbacks = [ckpt_cb, clock] if averager is None else [ckpt_cb, clock, averager]
+    trainer = _trainer(out_dir, params.max_steps, params, progress, "segmentation", callbacks=callbacks,
+                       limit_val_batches=4, check_val_every_n_epoch=1)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_text(net_key)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = fit_phase(trainer, module, dm, resume)
     averaging = None
     if averager is not None and averager.average is not None:
         # From here on the module holds the averaged weights (last.ckpt keeps the last iterate, to resume from).
@@ -335,6 +358,10 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     calibration = calibrate_center_head(module.net, dm.val_shards, params.mpp) if params.center_head else None
 
     wall = time.monotonic() - started
+    # Each phase's time summed over the runs that made it (an interrupted or resumed phase counts all of its
+    # runs; None where an older version did not record it); this run's own time beside them.
+    phases = {"discriminator": _rounded(disc_seconds), "synthetic": _rounded(clock.seconds()),
+              "self_training": self_training["seconds"] if self_training else 0.0}
     card = {
         "name": out_dir.name, "nucseg_version": __version__, "architecture": "UNet",
         "outputs": list(OUTPUTS[:module.net.head.out_channels]), "mpp": params.mpp, "params": asdict(params),
@@ -346,7 +373,7 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
         "importance_weights": w_stats, "metrics": metrics, "weight_averaging": averaging,
         "center_calibration": calibration, "self_training": self_training,
         "global_step": int(trainer.global_step),
-        "wall_time_s": round(wall, 1),
+        "wall_time_s": None if None in phases.values() else round(sum(phases.values()), 1), "phase_time_s": phases, "this_run_s": round(wall, 1),
         "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu",
                      "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytorch_lightning as pl
@@ -263,6 +264,33 @@ class WeightAverage(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.n_averaged, self.average = state_dict["n_averaged"], state_dict["average"]
+
+
+class TrainingClock(pl.Callback):
+    """Seconds spent in ``trainer.fit`` over every run that continued one checkpoint, kept in it, so that the
+    card of a resumed run reports the whole training time and not only its own.
+
+    ``resuming``: the run continues a checkpoint. If that checkpoint holds no clock (an older version wrote
+    it), the time before it is unknown and :meth:`seconds` says so with None.
+    """
+
+    def __init__(self, resuming: bool = False):
+        self.previous: float | None = None if resuming else 0.0
+        self._started: float | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._started = time.monotonic()
+
+    def seconds(self) -> float | None:
+        if self.previous is None:
+            return None
+        return self.previous + (time.monotonic() - self._started if self._started is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.previous = state_dict["seconds"]
 
 
 class SegmentationModule(pl.LightningModule):
