@@ -548,3 +548,32 @@ def test_cluster_fraction_makes_nuclei_touch():
     scattered, clustered = touching_share(0.0), touching_share(0.8)
     assert clustered > scattered + 0.25
     assert clustered > 0.5
+
+
+def test_absorbance_blend_adds_optical_density_as_stain_does():
+    from nucseg.synth import blend
+
+    stroma, stain = np.array([[230.0, 170.0, 200.0]]), np.array([[90.0, 60.0, 140.0]])
+    for absorbance in (False, True):
+        np.testing.assert_allclose(blend(stroma, stain, 0.0, absorbance), stroma)
+        np.testing.assert_allclose(blend(stroma, stain, 1.0, absorbance), stain)
+    # Half the stain's thickness: half its optical density (the geometric mean of the transmissions) ...
+    np.testing.assert_allclose(blend(stroma, stain, 0.5, True), np.sqrt(stroma * stain))
+    # ... darker and more saturated than the intensities' mean, which greys the mixture.
+    mixed, absorbed = blend(stroma, stain, 0.5), blend(stroma, stain, 0.5, True)
+    assert (absorbed < mixed).all()
+    assert absorbed.max() - absorbed.min() > mixed.max() - mixed.min()
+
+
+def test_absorbance_blend_changes_the_colours_not_the_nuclei(rng):
+    tex = texture(rng, 200)
+    labelled = 0
+    for seed in range(6):
+        plain = make_patch(tex, seed, SynthParams(patch_size=128, wash_probability=1.0))
+        absorbed = make_patch(tex, seed, SynthParams(patch_size=128, wash_probability=1.0, absorbance_blend=True))
+        assert (plain["instances"] == absorbed["instances"]).all()
+        nuclei = plain["instances"] > 0
+        if nuclei.any():
+            labelled += 1
+            assert absorbed["image"][nuclei].mean() < plain["image"][nuclei].mean()
+    assert labelled >= 2

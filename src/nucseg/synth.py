@@ -88,6 +88,11 @@ class SynthParams:
     # of each CIELAB channel over the tissue): washes and cytoplasm clutter make patches bluer and flatter
     # than real tissue. Off by default: measured, the model segmented real tiles worse (docs/experiments.md).
     match_texture_colour: bool = False
+    # Lay nuclei, washes and cytoplasm onto the background as stain does (Beer-Lambert): blend optical densities,
+    # so a partly opaque nucleus over pink stroma darkens it towards purple, instead of mixing the two
+    # colours' intensities (which gives paler, greyer mixtures than stained tissue has). Off by default:
+    # measured, the discriminator found the patches less real and the model tied (docs/experiments.md).
+    absorbance_blend: bool = False
     shard_size: int = 128
     real_per_texture: int = 1   # crops of each texture into real.npz, the discriminator's real class
     seed: int = 0
@@ -347,9 +352,9 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
     if len(tissue_yx) == 0:
         return background.copy(), instances
     if rng.random() < params.wash_probability:
-        _wash(image, tissue, colour, rng, px)
+        _wash(image, tissue, colour, rng, px, params.absorbance_blend)
     for _ in range(int(rng.integers(params.cytoplasm_per_patch[0], params.cytoplasm_per_patch[1] + 1))):
-        _draw_cytoplasm(image, tissue, colour, rng, px)
+        _draw_cytoplasm(image, tissue, colour, rng, px, params.absorbance_blend)
     while label < target and tries < target * 10 + 50:  # dense tiles need many placements to reach the target
         tries += 1
         # The draw for a real nucleus only happens when there are some: without them the random stream,
@@ -386,7 +391,8 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
             pale = not vesicular and params.pale_fraction > 0 and rng.random() < params.pale_fraction
             crisp = vesicular and params.crisp_vesicular > 0 and rng.random() < params.crisp_vesicular
             _composite(image, mask, region, colour, rng, px, alpha_range=(0.35, 0.6) if pale else (0.7, 0.95),
-                       vesicular="crisp" if crisp else vesicular, clearing=params.vesicular_clearing)
+                       vesicular="crisp" if crisp else vesicular, clearing=params.vesicular_clearing,
+                       absorbance=params.absorbance_blend)
         instances[region][mask] = label
         occupied[region] |= mask
         if real is None:
@@ -397,13 +403,15 @@ def draw_nuclei(background: np.ndarray, tissue: np.ndarray, colour: np.ndarray, 
         mask, (y0, x0) = _raster(poly + rng.uniform(0, (w, h)), h, w)
         if mask is not None:
             region = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
-            _composite(image, mask, region, colour, rng, px, alpha_range=(0.08, 0.18), rim=2.0)
+            _composite(image, mask, region, colour, rng, px, alpha_range=(0.08, 0.18), rim=2.0,
+                       absorbance=params.absorbance_blend)
     for _ in range(int(rng.integers(params.debris_per_patch[0], params.debris_per_patch[1] + 1))):
         r = rng.uniform(0.4, 1.0) * px
         mask, (y0, x0) = _raster(star_polygon(rng, r, 7, 0.5, 0.3) + rng.uniform(0, (w, h)), h, w)
         if mask is not None:
             region = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
-            _composite(image, mask, region, colour * rng.uniform(0.8, 1.1), rng, px, alpha_range=(0.25, 0.55))
+            _composite(image, mask, region, colour * rng.uniform(0.8, 1.1), rng, px, alpha_range=(0.25, 0.55),
+                       absorbance=params.absorbance_blend)
     # Optical blur and sensor noise, as in a scanned slide; a sharp 40x scan has next to no blur.
     sigma = rng.uniform(0.2, 0.9)
     if sigma > 0.3:
@@ -425,7 +433,7 @@ def _beside(nucleus: tuple[float, float, float], radius: float, elongation: floa
     return y + reach * np.sin(angle), x + reach * np.cos(angle)
 
 
-def _draw_cytoplasm(image, tissue, colour, rng, px) -> None:
+def _draw_cytoplasm(image, tissue, colour, rng, px, absorbance: bool = False) -> None:
     """One soft-edged region of basophilic cytoplasm (radius 5-15 µm), drawn in place, unlabelled.
 
     Inpainting removes everything hematoxylin-dark from the backgrounds, so without these the network
@@ -440,18 +448,16 @@ def _draw_cytoplasm(image, tissue, colour, rng, px) -> None:
     alpha *= rng.uniform(0.3, 0.65)
     granules = _smooth_noise(rng, (h, w), max(0.6, 0.4 * px))
     tone = np.minimum(colour * rng.uniform(1.0, 1.35) + rng.normal(0, 6, 3), 255)
-    a = alpha[..., None]
-    image[:] = image * (1 - a) + tone * (1 + 0.06 * granules[..., None]) * a
+    image[:] = blend(image, tone * (1 + 0.06 * granules[..., None]), alpha[..., None], absorbance)
 
 
-def _wash(image, tissue, colour, rng, px) -> None:
+def _wash(image, tissue, colour, rng, px, absorbance: bool = False) -> None:
     """A patchy hematoxylin cast over all the tissue, in place: strongly stained or basophilic sections
     where cytoplasm and stroma are purple too and nuclei stand out only by being darker still."""
     patchy = 0.65 + 0.35 * np.tanh(_smooth_noise(rng, tissue.shape, 8 * px))  # ~10 µm blotches
     alpha = cv2.GaussianBlur(tissue.astype(np.float32), (0, 0), px) * patchy * rng.uniform(0.25, 0.65)
     tone = np.minimum(colour * rng.uniform(1.05, 1.4), 255)
-    a = alpha[..., None]
-    image[:] = image * (1 - a) + tone * a
+    image[:] = blend(image, tone, alpha[..., None], absorbance)
 
 
 def _turned(mask: np.ndarray, pixels: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -490,8 +496,21 @@ def _raster(poly: np.ndarray, h: int, w: int):
     return canvas.astype(bool), (cy0, cx0)
 
 
+def blend(base: np.ndarray, tone: np.ndarray, alpha: np.ndarray, absorbance: bool = False) -> np.ndarray:
+    """``tone`` laid over ``base`` (float RGB, 0-255) with opacity ``alpha`` (broadcastable).
+
+    ``absorbance``: interpolate optical densities, −log(I / 255), instead of intensities: a stain layer of
+    fraction ``alpha`` of the full thickness absorbs that fraction of its optical density (Beer-Lambert).
+    """
+    if not absorbance:
+        return base * (1 - alpha) + tone * alpha
+    od = lambda rgb: -np.log(np.clip(rgb, 1.0, 255.0) / 255.0)  # noqa: E731
+    return 255.0 * np.exp(-(od(base) * (1 - alpha) + od(tone) * alpha))
+
+
 def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1.0,
-               vesicular: bool | str = False, clearing: tuple[float, float] = SynthParams.vesicular_clearing) -> None:
+               vesicular: bool | str = False, clearing: tuple[float, float] = SynthParams.vesicular_clearing,
+               absorbance: bool = False) -> None:
     """Alpha-blend one nucleus with a blurred rim and chromatin texture into ``image`` in place.
 
     ``vesicular``: False, True (centre fading towards the middle) or ``"crisp"`` (:func:`_crisp_vesicular`).
@@ -517,9 +536,7 @@ def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1
             cv2.circle(alpha, (int(xs[k]), int(ys[k])), max(1, round(rng.uniform(0.4, 0.8) * px)),
                        float(alpha_range[1]), -1)
     nucleus = tone[None, None, :] * (1 + strength * chroma[..., None])
-    patch = image[region]
-    a = alpha[..., None]
-    image[region] = patch * (1 - a) + nucleus * a
+    image[region] = blend(image[region], nucleus, alpha[..., None], absorbance)
 
 
 def _depth_inside(mask: np.ndarray) -> np.ndarray:
