@@ -339,6 +339,26 @@ def test_stain_jitter_widens_the_colour_spread(rng):
     assert hue_spread(0.0) < 0.5 * hue_spread(0.15) and hue_spread(0.35) > 1.8 * hue_spread(0.15)
 
 
+def test_training_clock_counts_fit_only_and_carries_over_a_resume():
+    import time
+
+    from nucseg.train.modules import TrainingClock
+
+    clock = TrainingClock()
+    clock.on_train_start(None, None)
+    time.sleep(0.05)
+    clock.on_train_end(None, None)
+    ran = clock.seconds()
+    time.sleep(0.05)
+    assert 0.05 <= ran == clock.seconds() < 0.09   # stopped at the end of fit
+    resumed = TrainingClock(resuming=True)
+    assert resumed.seconds() is None               # a checkpoint without a clock: unknown
+    resumed.load_state_dict(clock.state_dict())
+    resumed.on_train_start(None, None)
+    time.sleep(0.02)
+    assert ran + 0.02 <= resumed.seconds() < ran + 0.06
+
+
 def test_weight_average_is_the_mean_of_the_iterates_after_its_start():
     from types import SimpleNamespace
 

@@ -281,6 +281,10 @@ class TrainingClock(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         self._started = time.monotonic()
 
+    def on_train_end(self, trainer, pl_module):
+        # Stopped here: what runs after the phase (the next phase, the card) is not its time.
+        self.previous, self._started = self.seconds(), None
+
     def seconds(self) -> float | None:
         if self.previous is None:
             return None
