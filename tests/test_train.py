@@ -623,7 +623,7 @@ def test_self_training_fine_tunes_the_trained_network_and_resumes(small_model, t
         torch.testing.assert_close(a, b)
     assert card["self_training"]["steps"] == 12
     for name in ("val_loss", "val_dice", "self_training_val_loss", "self_training_val_dice"):
-        assert card["metrics"][name] == pytest.approx(first["metrics"][name], abs=0.02)
+        assert card["metrics"][name] == pytest.approx(first["metrics"][name], rel=1e-4)  # the same batches
     assert card["phase_time_s"] == first["phase_time_s"] and card["self_training"]["seconds"] > 0
     assert card["wall_time_s"] == first["wall_time_s"] > card["this_run_s"]
     assert card["self_training"]["teachers"] == []

@@ -112,8 +112,9 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, shards, weights: np.ndarray | None, augment: bool, seed: int = 0, stain_jitter: float = 0.15,
-                 center: bool = False):
+                 center: bool = False, same_order: bool = False):
         self.shards = shards
+        self.same_order = same_order  # every pass in the first pass's order (validation: comparable passes)
         self.center = center
         self.weights = weights
         self.augment = augment
@@ -129,7 +130,7 @@ class ShardStream(IterableDataset):
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([self.seed, self.epoch, wid])
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-        self.epoch += 1
+        self.epoch += 0 if self.same_order else 1
         for k in order[wid::nworkers]:
             path, start, count = self.shards[k]
             with np.load(path) as data:
@@ -171,8 +172,9 @@ class SynthDataModule(pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
-        return DataLoader(ShardStream(self.val_shards, None, augment=False, seed=self.seed, center=self.center),
-                          batch_size=self.batch_size, num_workers=0)
+        # The same held-out batches every time: validation passes (and a rerun's, fit_phase) are comparable.
+        return DataLoader(ShardStream(self.val_shards, None, augment=False, seed=self.seed, center=self.center,
+                                      same_order=True), batch_size=self.batch_size, num_workers=0)
 
     def steps_per_epoch(self) -> int:
         return math.ceil(sum(c for _, _, c in self.train_shards) / self.batch_size)
