@@ -373,7 +373,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
         "importance_weights": w_stats, "metrics": metrics, "weight_averaging": averaging,
         "center_calibration": calibration, "self_training": self_training,
         "global_step": int(trainer.global_step),
-        "wall_time_s": None if None in phases.values() else round(sum(phases.values()), 1), "phase_time_s": phases, "this_run_s": round(wall, 1),
+        "wall_time_s": None if None in phases.values() else round(sum(phases.values()), 1),
+        "phase_time_s": phases, "this_run_s": round(wall, 1),
         "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu",
                      "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
     }
