@@ -646,3 +646,27 @@ def test_self_training_fine_tunes_the_trained_network_and_resumes(small_model, t
     elsewhere = _constant_teacher(tmp_path / "at_20x.pt", 0.0, mpp=0.5)
     with pytest.raises(ValueError, match=r"at_20x\.pt: works at 0\.5"):
         train_model([root / "synth"], tmp_path / "wrong_scale", params, progress=False, teachers=[elsewhere])
+
+
+def test_local_realism_benchmark_runs_on_a_synth_output(small_model):
+    """benchmarks/local_realism.py (docs/experiments.md, "Where within a patch"): its AUC and a short run."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "local_realism.py"
+    spec = importlib.util.spec_from_file_location("local_realism", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert bench.auc(np.array([1.0, 4.0]), np.array([2.0, 3.0])) == 0.5
+
+    root = small_model.parent.parent
+    run = subprocess.run([sys.executable, str(path), "--synth", str(root / "synth"), "--steps", "3",
+                          "--held-out-real", "2", "--p-real", str(small_model.parent / "importance_weights.npz")],
+                         capture_output=True, text=True, check=True)
+    out = json.loads(run.stdout)
+    assert out["n_real_test"] == 2 and out["n_synthetic_test"] == 32   # the last shard is held out
+    for key in ("auc_per_location", "auc_per_patch", "floor_share", "floor_share_on_nuclei"):
+        assert 0 <= out[key] <= 1
+    assert -1 <= out["spearman_patch_mean_vs_p_real"] <= 1
