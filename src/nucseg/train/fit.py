@@ -359,7 +359,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
 
     wall = time.monotonic() - started
     # Each phase's time summed over the runs that made it (an interrupted or resumed phase counts all of its
-    # runs; None where an older version did not record it); this run's own time beside them.
+    # runs; None where an older version did not record it); this run's own time beside them. A phase finished
+    # by an earlier run reports its checkpoint's time, saved at its last step, before its final validation.
     phases = {"discriminator": _rounded(disc_seconds), "synthetic": _rounded(clock.seconds()),
               "self_training": self_training["seconds"] if self_training else 0.0}
     card = {
