@@ -37,17 +37,35 @@ def _trainer(out_dir: Path, max_steps: int, params: TrainParams, progress: bool,
         enable_model_summary=False, log_every_n_steps=10, deterministic=False, **kw)
 
 
-def fit_phase(trainer: pl.Trainer, module: pl.LightningModule, dm, resume: Path) -> dict[str, float]:
-    """``trainer.fit`` from ``resume`` if it exists; the phase's final metrics.
+def fit_phase(module: pl.LightningModule, dm, max_steps: int, ckpt_dir: Path, key: str, stale: str, out_dir: Path,
+              params: TrainParams, progress: bool, name: str,
+              callbacks=()) -> tuple[pl.Trainer, dict[str, float], float | None]:
+    """Train ``module`` on ``dm`` for ``max_steps``, resumably: the trainer, the final metrics and the phase's
+    seconds over all its runs (:class:`TrainingClock`; None where an older checkpoint did not record them).
 
-    A phase that an earlier run finished logs nothing when resumed, so its held-out metrics are then measured
-    again on the restored network, and the card of a rerun still has them.
+    ``ckpt_dir/last.ckpt`` is resumed only if ``ckpt_dir/key.txt`` holds ``key`` (the data and parameters it
+    was made from); otherwise the folder is removed and ``stale`` logged. A phase that an earlier run finished
+    logs nothing when resumed, so its held-out metrics are then measured again on the restored network, and the
+    card of a rerun still has them. ``name``: the CSV logger's folder under ``out_dir``.
     """
+    resume, key_file = ckpt_dir / "last.ckpt", ckpt_dir / "key.txt"
+    if resume.exists() and not (key_file.exists() and key_file.read_text() == key):
+        log.warning("%s: %s", resume, stale)
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key)
+    # No version counter: a resumed run must overwrite last.ckpt (not write last-v1.ckpt beside it), or
+    # the next resume would start again from the first interruption.
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, enable_version_counter=False,
+                                           every_n_train_steps=max(1, min(200, max_steps // 5)))
+    clock = TrainingClock(resuming=resume.exists())
+    trainer = _trainer(out_dir, max_steps, params, progress, name, callbacks=[ckpt_cb, clock, *callbacks],
+                       limit_val_batches=4, check_val_every_n_epoch=1)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume.exists() else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if "val_loss" not in metrics:
         metrics.update(trainer.validate(module, datamodule=dm, verbose=False)[0])
-    return metrics
+    return trainer, metrics, clock.seconds()
 
 
 def _rounded(seconds: float | None) -> float | None:
@@ -201,21 +219,12 @@ def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, pa
                                 pseudo_batch=n_real, stain_jitter=params.stain_jitter, seed=params.seed)
     module.net.load_state_dict(net.state_dict())
     module.pseudo_labelled = (real, targets)
-    ckpt_dir = out_dir / "checkpoints" / "self_training"
-    resume, key_file = ckpt_dir / "last.ckpt", ckpt_dir / "key.txt"
-    if resume.exists() and not (key_file.exists() and key_file.read_text() == key):
-        log.warning("%s: made from another model or parameters; self-training from the start", resume)
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(key)
-    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, enable_version_counter=False,
-                                           every_n_train_steps=max(1, min(200, params.self_training_steps // 5)))
-    clock = TrainingClock(resuming=resume.exists())
-    trainer = _trainer(out_dir, params.self_training_steps, params, progress, "self_training",
-                       callbacks=[ckpt_cb, clock], limit_val_batches=4, check_val_every_n_epoch=1)
-    metrics = fit_phase(trainer, module, dm, resume)
+    trainer, metrics, seconds = fit_phase(
+        module, dm, params.self_training_steps, out_dir / "checkpoints" / "self_training", key,
+        "made from another model or parameters; self-training from the start", out_dir, params, progress,
+        "self_training")
     net.load_state_dict(module.net.state_dict())
-    return {**summary, "steps": int(trainer.global_step), "seconds": _rounded(clock.seconds()),
+    return {**summary, "steps": int(trainer.global_step), "seconds": _rounded(seconds),
             "metrics": {f"self_training_{k}": v for k, v in metrics.items()}}
 
 
@@ -323,22 +332,12 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
                                 seed=params.seed)
     if params.adapt_weight > 0:
         module.real_patches = torch.from_numpy(real)
-    # No version counter: a resumed run must overwrite last.ckpt (not write last-v1.ckpt beside it), or
-    # the next resume would start again from the first interruption.
-    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, enable_version_counter=False,
-                                           every_n_train_steps=max(1, min(200, params.max_steps // 5)))
     averager = WeightAverage(round(params.max_steps * (1 - params.average_last))) if params.average_last > 0 else None
-    resume, key_file = out_dir / "checkpoints" / "last.ckpt", out_dir / "checkpoints" / "key.txt"
-    if resume.exists() and not (key_file.exists() and key_file.read_text() == net_key):
-        log.warning("%s: made from other data or training parameters; training from scratch", resume)
-        shutil.rmtree(resume.parent)
-    clock = TrainingClock(resuming=resume.exists())
-    callbacks = [ckpt_cb, clock] if averager is None else [ckpt_cb, clock, averager]
-    trainer = _trainer(out_dir, params.max_steps, params, progress, "segmentation", callbacks=callbacks,
-                       limit_val_batches=4, check_val_every_n_epoch=1)
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(net_key)
-    metrics = fit_phase(trainer, module, dm, resume)
+    # (The self-training's checkpoints lie inside this folder: a stale synthetic phase takes them with it.)
+    trainer, metrics, synthetic_seconds = fit_phase(
+        module, dm, params.max_steps, out_dir / "checkpoints", net_key,
+        "made from other data or training parameters; training from scratch", out_dir, params, progress,
+        "segmentation", [] if averager is None else [averager])
     averaging = None
     if averager is not None and averager.average is not None:
         # From here on the module holds the averaged weights (last.ckpt keeps the last iterate, to resume from).
@@ -361,7 +360,7 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     # Each phase's time summed over the runs that made it (an interrupted or resumed phase counts all of its
     # runs; None where an older version did not record it); this run's own time beside them. A phase finished
     # by an earlier run reports its checkpoint's time, saved at its last step, before its final validation.
-    phases = {"discriminator": _rounded(disc_seconds), "synthetic": _rounded(clock.seconds()),
+    phases = {"discriminator": _rounded(disc_seconds), "synthetic": _rounded(synthetic_seconds),
               "self_training": self_training["seconds"] if self_training else 0.0}
     card = {
         "name": out_dir.name, "nucseg_version": __version__, "architecture": "UNet",
