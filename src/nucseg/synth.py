@@ -504,8 +504,11 @@ def blend(base: np.ndarray, tone: np.ndarray, alpha: np.ndarray, absorbance: boo
     """
     if not absorbance:
         return base * (1 - alpha) + tone * alpha
-    od = lambda rgb: -np.log(np.clip(rgb, 1.0, 255.0) / 255.0)  # noqa: E731
-    return 255.0 * np.exp(-(od(base) * (1 - alpha) + od(tone) * alpha))
+    return 255.0 * np.exp(-(_optical_density(base) * (1 - alpha) + _optical_density(tone) * alpha))
+
+
+def _optical_density(rgb: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(rgb, 1.0, 255.0) / 255.0)
 
 
 def _composite(image, mask, region, colour, rng, px, alpha_range, rim: float = 1.0,
