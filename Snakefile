@@ -8,18 +8,16 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
 report: "workflow/report/workflow.rst"
 
 
-include: "workflow/rules/common.smk"
+include: "workflow/rules/common.smk"  # checks the config and the sample sheets first
 include: "workflow/rules/tissue.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/qc.smk"
+include: "workflow/rules/export.smk"
 
 
 if "demo" in config:

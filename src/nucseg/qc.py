@@ -376,11 +376,14 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
                mpp=facts.get("mpp"), mpp_source=facts.get("mpp_source"), width=facts.get("width"),
                height=facts.get("height"), tissue_area_mm2=facts.get("tissue_area_mm2", 0.0),
                model_id=nuc_meta.get("model_id"), nucseg_version=__version__, config_hash=config_hash)
+    if facts["status"] == "ok" and nuc_meta.get("status") == "failed":  # recorded by the segment stage
+        row.update(status="failed", failure_stage=nuc_meta.get("failure_stage", "segment"),
+                   failure_reason=nuc_meta.get("failure_reason"))
     seconds = {"tissue": facts.get("seconds"), "segment": _float(nuc_meta.get("seconds"))}
     patches = pd.DataFrame(columns=PATCH_COLUMNS)
     nuclei = None
     model_id = None
-    if facts["status"] == "ok":
+    if row["status"] == "ok":
         nuclei = gpd.read_parquet(nuclei_path)
         tiles = pd.read_parquet(tiles_path)
         row["n_nuclei"] = len(nuclei)
@@ -404,6 +407,9 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
                                     device, mpp_work, _float(nuc_meta.get("hematoxylin_level")), unit)
         except SlideError as exc:
             row.update(status="failed", failure_stage="qc", failure_reason=str(exc))
+        except Exception as exc:  # this slide's problem: recorded, so its cohort's tables are still built
+            log.error("slide %s: QC failed: %s: %s", slide_id, type(exc).__name__, exc)
+            row.update(status="failed", failure_stage="qc", failure_reason=f"{type(exc).__name__}: {exc}")
         row["n_patches_checked"] = len(patches)
         row["pct_bad_patches"] = float(100 * patches.bad.mean()) if len(patches) else None
     else:

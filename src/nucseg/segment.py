@@ -178,54 +178,67 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
     """
     started = time.monotonic()
     slide_id = slide_id or Path(slide_path).stem
+    # The model and the device are the run's, not the slide's: an error here fails the job.
     device = resolve_device(params.device)
     model, model_meta = load_weights(weights, device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU
     mpp_work = float(model_meta.get("mpp", 0.25))
     tissue, tissue_meta = (load_tissue(tissue_path) if tissue_path else (None, {}))
-    status = tissue_meta.get("status", "ok")
     inst_params = params.instance_params(slide_type)
-    meta = {"slide_id": slide_id, "model_id": model_meta["model_id"], "mpp_work": mpp_work, "status": status,
+    meta = {"slide_id": slide_id, "model_id": model_meta["model_id"], "mpp_work": mpp_work,
+            "status": tissue_meta.get("status", "ok"),
             "gate_unit": inst_params.gate_unit if params.hematoxylin_gate else "off", **(extra_metadata or {})}
-    n_blocks = n_seam_duplicates = 0
+    counts = {"n_blocks": 0, "n_seam_duplicates": 0}
     writer = io.GeoParquetWriter(out_path, NUCLEI_SCHEMA, row_group_size=params.row_group_size)
     try:
-        if status == "ok":
-            with open_slide(slide_path, backend) as slide:
-                if "mpp" in tissue_meta and mpp_override is None:
-                    mpp, mpp_source = float(tissue_meta["mpp"]), tissue_meta.get("mpp_source", "slide")
-                else:
-                    info = resolve_mpp(slide.mpp, mpp_override, mpp_fallback)
-                    mpp, mpp_source = info.mpp, info.source
-                if tissue is None:
-                    tissue = _detect_tissue(slide, mpp)
-                slide_size = slide.dimensions
-                scale = mpp / mpp_work
-                level = (slide_hematoxylin_level(slide, tissue, scale, mpp_work, seed_from(slide_id))
-                         if params.hematoxylin_gate else None)
-            meta.update(mpp=mpp, mpp_source=mpp_source, hematoxylin_level=level)
-            margin = math.ceil(params.margin_um / mpp_work / 8) * 8
-            core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
-            blocks = plan_blocks(slide_size, scale, core, margin, tissue)
-            n_blocks = len(blocks)
-            reader = BlockReader(slide_path, backend, blocks, scale)
-            seams = SeamFilter(scale, margin)
-            for frame, geoms, owners in _segment_blocks(reader, model, device, mpp_work, params, inst_params,
-                                                        tissue, level, progress):
-                keep = seams.filter(geoms, [blocks[i] for i in owners])
-                writer.write(frame.iloc[keep].reset_index(drop=True), [geoms[k] for k in keep])
-            n_seam_duplicates = seams.n_dropped
+        if meta["status"] == "ok":
+            counts = _segment_into(writer, meta, slide_path, model, device, tissue, tissue_meta, slide_id,
+                                   mpp_override, mpp_fallback, backend, params, inst_params, progress)
+    except Exception as exc:  # this slide's problem: recorded in an empty file's metadata, graded by QC
+        writer.abort()
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("slide %s: segmentation failed: %s", slide_id, reason)
+        meta.update(status="failed", failure_stage="segment", failure_reason=reason)
+        writer = io.GeoParquetWriter(out_path, NUCLEI_SCHEMA, row_group_size=params.row_group_size)
     except BaseException:
         writer.abort()
         raise
     meta["seconds"] = round(time.monotonic() - started, 2)
     writer.close(io.provenance(**meta))
-    summary = {"slide_id": slide_id, "status": status, "n_nuclei": writer.n_rows, "n_blocks": n_blocks,
-               "n_seam_duplicates": n_seam_duplicates, "device": device.type, **meta}
+    summary = {"n_nuclei": writer.n_rows, **counts, "device": device.type, **meta}
     log.info("slide %s: %d nuclei in %d blocks (%d seam duplicates dropped), %.1f s on %s", slide_id,
-             writer.n_rows, n_blocks, n_seam_duplicates, meta["seconds"], device.type)
+             writer.n_rows, counts["n_blocks"], counts["n_seam_duplicates"], meta["seconds"], device.type)
     return summary
+
+
+def _segment_into(writer, meta, slide_path, model, device, tissue, tissue_meta, slide_id, mpp_override,
+                  mpp_fallback, backend, params, inst_params, progress) -> dict:
+    """Segment the slide's tissue block by block into ``writer``; record mpp and gate level in ``meta``."""
+    mpp_work = meta["mpp_work"]
+    with open_slide(slide_path, backend) as slide:
+        if "mpp" in tissue_meta and mpp_override is None:
+            mpp, mpp_source = float(tissue_meta["mpp"]), tissue_meta.get("mpp_source", "slide")
+        else:
+            info = resolve_mpp(slide.mpp, mpp_override, mpp_fallback)
+            mpp, mpp_source = info.mpp, info.source
+        if tissue is None:
+            tissue = _detect_tissue(slide, mpp)
+        slide_size = slide.dimensions
+        scale = mpp / mpp_work
+        level = (slide_hematoxylin_level(slide, tissue, scale, mpp_work, seed_from(slide_id))
+                 if params.hematoxylin_gate else None)
+    meta.update(mpp=mpp, mpp_source=mpp_source, hematoxylin_level=level)
+    margin = math.ceil(params.margin_um / mpp_work / 8) * 8
+    core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
+    blocks = plan_blocks(slide_size, scale, core, margin, tissue)
+    reader = BlockReader(slide_path, backend, blocks, scale)
+    seams = SeamFilter(scale, margin)
+    for frame, geoms, owners in _segment_blocks(reader, model, device, mpp_work, params, inst_params,
+                                                tissue, level, progress):
+        keep = seams.filter(geoms, [blocks[i] for i in owners])
+        writer.write(frame.iloc[keep].reset_index(drop=True), [geoms[k] for k in keep])
+    return {"n_blocks": len(blocks), "n_seam_duplicates": seams.n_dropped}
 
 
 def slide_hematoxylin_level(slide, tissue, scale: float, mpp_work: float, seed: int, n: int = 16,

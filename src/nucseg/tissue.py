@@ -296,8 +296,9 @@ def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
                   backend: str = "tiffslide", params: TissueParams = TissueParams()) -> dict:
     """Run tissue detection and WSI QC for one slide and write its outputs to ``out_dir``.
 
-    Never raises for a bad slide: the failure is recorded in ``wsi.json`` (``status: failed`` with the
-    reason) and the other outputs are written empty, so downstream stages grade it "failed WSI QC".
+    Never raises for a bad slide: the failure is recorded in ``wsi.json`` (``status: failed``, the
+    ``failure_stage`` -- download, wsi_qc, or tissue for any other error -- and the reason) and the other
+    outputs are written empty, so downstream stages grade it Unacceptable.
 
     Returns
     -------
@@ -347,9 +348,12 @@ def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
                                      info.mpp / mpp_work, seed_from(slide_id))
             facts.update(blur_facts(patches, mpp_work, params))
             _check(facts, params)
-    except (SlideError, _DownloadFailed) as exc:
+    except Exception as exc:  # this slide's problem, whatever it is: recorded, never a failed job
         reason = str(exc).replace(str(slide_path) + ": ", "")
-        stage = "download" if isinstance(exc, _DownloadFailed) else "wsi_qc"
+        if isinstance(exc, (_DownloadFailed, SlideError)):
+            stage = "download" if isinstance(exc, _DownloadFailed) else "wsi_qc"
+        else:
+            stage, reason = "tissue", f"{type(exc).__name__}: {reason}"
         facts.update(status="failed", failure_stage=stage, failure_reason=reason)
         log.error("slide %s: failed %s: %s", slide_id, stage, reason)
         # A failed slide contributes nothing downstream (no tiles, no textures for the synth stage).

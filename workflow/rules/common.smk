@@ -1,12 +1,15 @@
-# Sample sheets, wildcard constraints and input functions shared by all rules.
+# Planning-time checks, sample sheets, wildcard constraints and input functions shared by all rules.
 # Everything here runs once at parse time or per job in O(1): no file system scans per job.
+# Sheet and config values reach commands only as quoted arguments ({params.x:q}): they are data, never shell text.
 import gc
 import hashlib
 import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pandas as pd
+import yaml
 
 # Planning 10,000 jobs creates millions of long-lived objects, and Python's cyclic GC would rescan them
 # over and over (a quarter of `snakemake -n` time on 5,060 slides). Off while the DAG is built, back on
@@ -20,32 +23,112 @@ onstart:
     gc.enable()
 
 
-SLIDE_ID_PATTERN = r"[A-Za-z0-9._-]+"
-CANCER_TYPE_PATTERN = r"[A-Za-z0-9_-]+"
+SLIDE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+CANCER_TYPE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+# Sheet mpp values are refused outside the configured WSI-QC range unless the row's mpp_force is true,
+# and outside these bounds always (a 1e-7 µm/px slide would ask for terabytes).
+MPP_BOUNDS = (0.01, 20.0)
 
 
 wildcard_constraints:
     slide_id=SLIDE_ID_PATTERN,
     cancer_type=CANCER_TYPE_PATTERN,
-    model_name=r"[A-Za-z0-9._-]+",
+    model_name=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
+class PlanningError(ValueError):
+    """Bad configuration or sample sheet, refused before any job runs."""
+
+
+def _schema_validator(name):
+    schema = yaml.safe_load((SCHEMAS / name).read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _has_key(mapping, path):
+    for key in path:
+        if not isinstance(mapping, dict) or key not in mapping:
+            return False
+        mapping = mapping[key]
+    return True
+
+
+def _config_origin(path):
+    """The config file that sets the key at ``path`` (the last one wins, as Snakemake merges them)."""
+    origin = "--config on the command line"
+    # Files given with --configfile override the Snakefile's own `configfile:` (loaded after them).
+    given = [str(f) for f in workflow.overwrite_configfiles or []]
+    for file in [f for f in map(str, workflow.configfiles) if f not in given] + given:
+        try:
+            if _has_key(yaml.safe_load(Path(file).read_text()) or {}, path):
+                origin = str(file)
+        except (OSError, yaml.YAMLError):
+            continue
+    return origin
+
+
+def _config_problem(error):
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        path = path + [extra[0]]
+        what = f"unknown key (allowed here: {allowed})"
+    else:
+        what = error.message
+    return f"{_config_origin(path)}: {'.'.join(path) or '(top level)'}: {what}"
+
+
+def check_config(config):
+    """Refuse a config whose keys, types or ranges the schema does not allow; every problem named."""
+    errors = sorted(_schema_validator("config.schema.yaml").iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise PlanningError("invalid configuration:\n  " + "\n  ".join(_config_problem(e) for e in errors))
+
+
+check_config(config)
+validate(config, "../schemas/config.schema.yaml")  # fills in the schema's defaults
+
+
+def _row_problems(row, validator, mpp_range):
+    problems = [f"{'.'.join(map(str, e.absolute_path)) or 'row'}: {e.message}" for e in validator.iter_errors(row)]
+    if row.get("mpp") and not problems:
+        mpp = float(row["mpp"])
+        force = row.get("mpp_force", "").lower() == "true"
+        lo, hi = MPP_BOUNDS if force else mpp_range
+        if not lo <= mpp <= hi:
+            hint = "" if force else " (set the row's mpp_force to true if the scan really is that)"
+            problems.append(f"mpp: {mpp} µm/px is outside [{lo}, {hi}]{hint}")
+    return problems
+
+
+def load_sheet(cancer_type, path, mpp_range):
+    """Read one sample sheet; refuse it with every bad row named (file, line, slide id, column)."""
+    if not Path(path).is_file():
+        raise PlanningError(f"cohort {cancer_type}: sample sheet {path} not found")
+    sheet = pd.read_csv(path, sep="\t", dtype=str, comment="#", keep_default_na=False)
+    validator = _schema_validator("samples.schema.yaml")
+    problems = []
+    for i, row in enumerate(sheet.to_dict("records")):
+        row = {k: v for k, v in row.items() if not (k in ("mpp", "mpp_force", "md5", "size") and v == "")}
+        found = _row_problems(row, validator, mpp_range)
+        if not found and row["cancer_type"] != cancer_type:
+            found = [f"cancer_type: {row['cancer_type']!r} in the sheet of cohort {cancer_type!r}"]
+        problems += [f"{path}: data row {i + 1} (slide_id {row.get('slide_id')!r}): {p}" for p in found]
+    if problems:
+        raise PlanningError("invalid sample sheet:\n  " + "\n  ".join(problems[:50]))
+    return sheet
 
 
 def load_sheets(cohorts):
-    """Read and validate every sample sheet; return one frame indexed by slide_id."""
-    frames = []
-    for cancer_type, path in cohorts.items():
-        if not Path(path).is_file():
-            raise ValueError(f"cohort {cancer_type}: sample sheet {path} not found")
-        sheet = pd.read_csv(path, sep="\t", dtype=str, comment="#").fillna("")
-        validate(sheet, "../schemas/samples.schema.yaml")
-        wrong = sheet.loc[sheet.cancer_type != cancer_type, "slide_id"].tolist()
-        if wrong:
-            raise ValueError(f"{path}: rows {wrong[:5]} have a cancer_type other than {cancer_type}")
-        frames.append(sheet)
+    """Read and check every sample sheet; return one frame indexed by slide_id."""
+    mpp_range = (config["tissue"].get("min_mpp", 0.1), config["tissue"].get("max_mpp", 2.0))
+    frames = [load_sheet(t, path, mpp_range) for t, path in cohorts.items()]
     sheets = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["slide_id"])
     dup = sheets.slide_id[sheets.slide_id.duplicated()].unique().tolist()
     if dup:
-        raise ValueError(f"slide ids appear more than once across the sample sheets: {dup[:10]}")
+        raise PlanningError(f"slide ids appear more than once across the sample sheets: {dup[:10]}")
     return sheets.set_index("slide_id", drop=False)
 
 
@@ -53,23 +136,26 @@ SHEETS = load_sheets(config["cohorts"])
 SELECTED = config.get("build") or list(config["cohorts"])
 for _t in SELECTED:
     if _t not in config["cohorts"]:
-        raise ValueError(f"build: cancer type {_t!r} has no sample sheet under cohorts")
+        raise PlanningError(f"build: cancer type {_t!r} has no sample sheet under cohorts")
 SLIDES_BY_TYPE = {t: SHEETS.index[SHEETS.cancer_type == t].tolist() for t in config["cohorts"]}
 SLIDE_ROWS = SHEETS.to_dict("index")
 
 
-def cfg_flags(params):
-    """CLI flags from a config mapping: {tile_size: 512, weighted: false} -> '--tile-size 512 --no-weighted'."""
+def cfg_args(params):
+    """CLI arguments from a config mapping: {tile_size: 512, weighted: false} -> ['--tile-size=512', '--no-weighted'].
+
+    A list, each value one argument; rules pass it as ``{params.x:q}`` so every value stays one shell word.
+    """
     out = []
     for key, value in (params or {}).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             out.append(flag if value else "--no-" + key.replace("_", "-"))
         elif isinstance(value, (list, tuple)):
-            out.append(flag + " " + " ".join(str(v) for v in value))
+            out += [flag, *map(str, value)]
         elif value is not None:
-            out.append(f"{flag} {value}")
-    return " ".join(out)
+            out.append(f"{flag}={value}")
+    return out
 
 
 # How a segment job runs, not what it computes. These travel to the job as resources, which are no rerun
@@ -93,31 +179,37 @@ def slide_path(cancer_type, slide_id):
 QC_LEVELS = ("max_disagreement", "max_entropy", "min_recall", "min_precision", "max_shape_outliers", "bad_score")
 
 
-def qc_flags(measure):
-    """QC flags: what the per-slide job measures (measure=True) or the grading levels applied at aggregation."""
-    return cfg_flags({k: v for k, v in config["qc"].items() if (k in QC_LEVELS) != measure})
+def qc_args(measure):
+    """QC arguments: what the per-slide job measures (measure=True) or the grading levels applied at aggregation."""
+    return cfg_args({k: v for k, v in config["qc"].items() if (k in QC_LEVELS) != measure})
 
 
-def mpp_flags(slide_id):
+def mpp_args(slide_id):
     """Per-slide mpp override from the sheet, else the configured fallback for slides without mpp."""
     override = SLIDE_ROWS[slide_id].get("mpp", "")
-    flags = [f"--backend {config['slide_backend']}"]
+    args = [f"--backend={config['slide_backend']}"]
     if override:
-        flags.append(f"--mpp {float(override)}")
+        args.append(f"--mpp={float(override)}")
     if config.get("mpp_fallback") is not None:
-        flags.append(f"--mpp-fallback {config['mpp_fallback']}")
-    return " ".join(flags)
+        args.append(f"--mpp-fallback={config['mpp_fallback']}")
+    return args
 
 
 def slide_dir(cancer_type, slide_id):
     return f"results/{cancer_type}/{slide_id}"
 
 
+SHIPPED_WEIGHTS = str(Path(workflow.basedir) / "src" / "nucseg" / "weights" / "default.pt")
+
+
 def model_weights():
-    """A configured checkpoint, or the model this workflow trains."""
-    if config["model"].get("checkpoint"):
-        return config["model"]["checkpoint"]
-    return f"results/models/{config['model']['name']}/model.pt"
+    """The shipped model, a configured checkpoint, or the model this workflow trains."""
+    choice = config["model"]["checkpoint"]
+    if choice == "shipped":
+        return SHIPPED_WEIGHTS
+    if choice == "train":
+        return f"results/models/{config['model']['name']}/model.pt"
+    return choice
 
 
 def train_types():
@@ -128,10 +220,17 @@ def per_slide(pattern, cancer_type):
     return [pattern.format(cancer_type=cancer_type, slide_id=s) for s in SLIDES_BY_TYPE[cancer_type]]
 
 
+def export_targets():
+    """Per-slide export files of the built cancer types, for each export switched on (or all, for one target)."""
+    return [f"results/export/qupath/{t}/{s}.geojson" for t in SELECTED for s in SLIDES_BY_TYPE[t]]
+
+
 def all_targets():
     targets = ["results/qc/slides.parquet", "results/qc/grades.tsv"]
     targets += [f"results/qc/{t}.parquet" for t in SELECTED]
     # The report's figures (qc.smk report_* rules).
     targets += ["results/report/grades.html", "results/report/pct_bad_patches.png",
                 "results/report/nuclei_density.png", "results/report/thumbnails"]
+    if config["export"].get("qupath"):
+        targets += export_targets()
     return targets

@@ -3,11 +3,10 @@ rule demo_slide:
     output:
         "resources/demo/{demo_slide}.tiff",
     params:
-        spec=lambda wc: config["demo"]["slides"][wc.demo_slide],
+        args=lambda wc: [f"--{k}={config['demo']['slides'][wc.demo_slide][k]}" for k in ("width", "height", "mpp", "seed")],
     log:
         "logs/demo/{demo_slide}.log",
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress demo-slide {output} --width {params.spec[width]} --height {params.spec[height]} "
-        "--mpp {params.spec[mpp]} --seed {params.spec[seed]} > {log} 2>&1"
+        "nucseg --no-progress demo-slide {output:q} {params.args:q} > {log:q} 2>&1"

@@ -13,17 +13,17 @@ rule qc_cohort:
     params:
         # The sheet names the inputs: a cohort's paths would overflow the command line.
         samples=lambda wc: config["cohorts"][wc.cancer_type],
-        levels=qc_flags(measure=False),
+        levels=qc_args(measure=False),
         config_hash=config_hash("mpp_work", "model", "qc", segment=SEGMENT_SETTINGS),
     log:
         "logs/qc/{cancer_type}.log",
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "(nucseg --no-progress aggregate --sheet {params.samples} --out {output.table} --regrade {params.levels} "
-        "--config-hash {params.config_hash} && "
-        "nucseg --no-progress publish --sheet {params.samples} --dataset results/nuclei "
-        "--cancer-type {wildcards.cancer_type}) > {log} 2>&1"
+        "(nucseg --no-progress aggregate --sheet {params.samples:q} --out {output.table:q} --regrade {params.levels:q} "
+        "--config-hash={params.config_hash} && "
+        "nucseg --no-progress publish --sheet {params.samples:q} --dataset results/nuclei "
+        "--cancer-type={wildcards.cancer_type:q}) > {log:q} 2>&1"
 
 
 rule qc_all:
@@ -39,8 +39,8 @@ rule qc_all:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress aggregate {input} --out {output.table} --summary {output.grades} "
-        "--config-hash {params.config_hash} > {log} 2>&1"
+        "nucseg --no-progress aggregate {input:q} --out {output.table:q} --summary {output.grades:q} "
+        "--config-hash={params.config_hash} > {log:q} 2>&1"
 
 
 # Figures for `snakemake --report`: one rule per figure set, all drawn from the QC tables.
@@ -59,7 +59,7 @@ rule report_grades:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress report-figures grades --slides {input} --out {output} > {log} 2>&1"
+        "nucseg --no-progress report-figures grades --slides {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule report_histograms:
@@ -78,13 +78,14 @@ rule report_histograms:
             subcategory="Distributions",
             labels={"figure": "nuclei per mm² of tissue"},
         ),
+    params:
+        out_dir="results/report",
     log:
         "logs/report/histograms.log",
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress report-figures histograms --slides {input} --out $(dirname {output.pct}) "
-        "> {log} 2>&1"
+        "nucseg --no-progress report-figures histograms --slides {input:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule report_thumbnails:
@@ -101,13 +102,13 @@ rule report_thumbnails:
             labels={"slide": "{slide_id}", "cancer type": "{cancer_type}", "grade": "{grade}"},
         ),
     params:
-        n=config.get("report", {}).get("n_thumbnails", 12),
-        levels=qc_flags(measure=False),
+        n=config["report"]["n_thumbnails"],
+        levels=qc_args(measure=False),
     log:
         "logs/report/thumbnails.log",
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress report-figures thumbnails --slides {input.slides} "
+        "nucseg --no-progress report-figures thumbnails --slides {input.slides:q} "
         "--overlay-pattern 'results/{{cancer_type}}/{{slide_id}}/qc_overlay.png' "
-        "--out {output} --n-thumbnails {params.n} {params.levels} > {log} 2>&1"
+        "--out {output:q} --n-thumbnails={params.n} {params.levels:q} > {log:q} 2>&1"

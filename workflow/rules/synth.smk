@@ -1,6 +1,6 @@
-def texture_dir_flags():
+def texture_dir_args():
     dirs = config["synth"].get("texture_dirs") or []
-    return " ".join(f"{d['path']}:{d['mpp']}" for d in dirs)
+    return ["--texture-dir", *(f"{d['path']}:{d['mpp']}" for d in dirs)] if dirs else []
 
 
 rule synth:
@@ -16,18 +16,17 @@ rule synth:
     params:
         # The sheet names the inputs: a cohort's paths would overflow the command line.
         samples=lambda wc: config["cohorts"][wc.cancer_type],
-        flags=cfg_flags({**config["synth"]["params"], "mpp": config["mpp_work"]}),
-        texture_dirs=texture_dir_flags(),
+        args=cfg_args({**config["synth"]["params"], "mpp": config["mpp_work"]}),
+        texture_dirs=texture_dir_args(),
     threads: config["synth"].get("threads", 2)
     log:
         "logs/synth/{cancer_type}.log",
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress synth --sheet {params.samples} "
-        "$([ -n '{params.texture_dirs}' ] && echo --texture-dir {params.texture_dirs}) "
-        "--out-dir {output.shards} --contact-sheet {output.sheet} --workers {threads} {params.flags} "
-        "> {log} 2>&1"
+        "nucseg --no-progress synth --sheet {params.samples:q} {params.texture_dirs:q} "
+        "--out-dir {output.shards:q} --contact-sheet {output.sheet:q} --workers={threads} {params.args:q} "
+        "> {log:q} 2>&1"
 
 
 def refiner_config():
@@ -55,8 +54,8 @@ rule refine:
         ),
     params:
         samples=lambda wc: config["cohorts"][wc.cancer_type],
-        flags=cfg_flags({**(refiner_config().get("params") or {}), "mpp": config["mpp_work"]}),
-        texture_dirs=texture_dir_flags(),
+        args=cfg_args({**(refiner_config().get("params") or {}), "mpp": config["mpp_work"]}),
+        texture_dirs=texture_dir_args(),
     threads: refiner_config().get("threads", 2)
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -66,7 +65,6 @@ rule refine:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress refine --synth {input.shards} --sheet {params.samples} "
-        "$([ -n '{params.texture_dirs}' ] && echo --texture-dir {params.texture_dirs}) "
-        "--out-dir {output.refined} --weights {output.weights} --contact-sheet {output.sheet} "
-        "--num-threads {threads} {params.flags} > {log} 2>&1"
+        "nucseg --no-progress refine --synth {input.shards:q} --sheet {params.samples:q} {params.texture_dirs:q} "
+        "--out-dir {output.refined:q} --weights {output.weights:q} --contact-sheet {output.sheet:q} "
+        "--num-threads={threads} {params.args:q} > {log:q} 2>&1"

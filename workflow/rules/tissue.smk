@@ -7,33 +7,32 @@ def download_input(wildcards):
 
 
 def _is_uuid(text):
-    import re
-
     return re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", text) is not None
 
 
-def download_flags(row):
-    flags = [f"--api-url {config['gdc']['api_url']}", f"--retries {config['download']['retries']}",
-             f"--on-failure {config['download']['on_failure']}"]
+def download_args(row):
+    args = [f"--api-url={config['gdc']['api_url']}", f"--retries={config['download']['retries']}",
+            f"--on-failure={config['download']['on_failure']}"]
     if row.get("md5"):
-        flags.append(f"--md5 {row['md5']}")
+        args.append(f"--md5={row['md5']}")
     if row.get("size"):
-        flags.append(f"--size {int(float(row['size']))}")
+        args.append(f"--size={int(float(row['size']))}")
     if not config["download"]["link_local"]:
-        flags.append("--copy")
-    return " ".join(flags)
+        args.append("--copy")
+    return args
 
 
 def tissue_params(wildcards):
-    """The slide's sheet-derived flags in one input function (each one costs planning time per job)."""
+    """The slide's sheet-derived arguments in one input function (each one costs planning time per job)."""
     row = SLIDE_ROWS[wildcards.slide_id]
-    return {"source": row["source"], "download": download_flags(row), "mpp": mpp_flags(wildcards.slide_id)}
+    return {"source": f"--source={row['source']}", "download": download_args(row), "mpp": mpp_args(wildcards.slide_id)}
 
 
 rule tissue:
     """Fetch the slide (GDC, URL or local path; verified), then detect tissue and run WSI QC.
 
-    One job per slide for both steps: planning time grows with jobs per slide (README "Planning at scale").
+    One job per slide for both steps: planning time grows with jobs per slide (docs/cluster.md).
+    A bad slide is recorded in wsi.json (status failed, failure_stage, failure_reason), not a failed job.
     """
     input:
         download_input,
@@ -46,7 +45,8 @@ rule tissue:
         facts="results/{cancer_type}/{slide_id}/wsi.json",
     params:
         slide=tissue_params,
-        flags=f"--mpp-work {config['mpp_work']} {cfg_flags(config['tissue'])}",
+        out_dir=lambda wc: slide_dir(wc.cancer_type, wc.slide_id),
+        args=[f"--mpp-work={config['mpp_work']}", *cfg_args(config["tissue"])],
     log:
         "logs/tissue/{cancer_type}/{slide_id}.log",
     resources:
@@ -55,8 +55,8 @@ rule tissue:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "(nucseg --no-progress download --source '{params.slide[source]}' --out {output.slide} "
-        "--slide-id {wildcards.slide_id} {params.slide[download]} && "
-        "nucseg --no-progress tissue {output.slide} --out-dir $(dirname {output.facts}) "
-        "--slide-id {wildcards.slide_id} {params.slide[mpp]} {params.flags}) "
-        "> {log} 2>&1"
+        "(nucseg --no-progress download {params.slide[source]:q} --out {output.slide:q} "
+        "--slide-id={wildcards.slide_id:q} {params.slide[download]:q} && "
+        "nucseg --no-progress tissue {output.slide:q} --out-dir {params.out_dir:q} "
+        "--slide-id={wildcards.slide_id:q} {params.slide[mpp]:q} {params.args:q}) "
+        "> {log:q} 2>&1"

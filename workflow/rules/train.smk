@@ -8,7 +8,8 @@ rule train:
         weights="results/models/{model_name}/model.pt",
         card="results/models/{model_name}/model_card.json",
     params:
-        flags=cfg_flags({**config["model"]["train"], "mpp": config["mpp_work"]}),
+        out_dir=lambda wc: f"results/models/{wc.model_name}",
+        args=cfg_args({**config["model"]["train"], "mpp": config["mpp_work"]}),
     threads: config["model"].get("threads", 2)
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -23,5 +24,5 @@ rule train:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "nucseg --no-progress train --synth {input.synth} --out-dir $(dirname {output.weights}) "
-        "{params.flags} > {log} 2>&1"
+        "nucseg --no-progress train --synth {input.synth:q} --out-dir {params.out_dir:q} "
+        "{params.args:q} > {log:q} 2>&1"
