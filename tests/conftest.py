@@ -49,9 +49,11 @@ def small_model(demo_tissue, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("model")
     textures = load_textures([demo_tissue / "patches.npz"], None, 0.25)
-    generate_dataset(textures, root / "synth", SynthParams(n_patches=96, patch_size=128, shard_size=32),
+    generate_dataset(textures, root / "synth", SynthParams(n_patches=96, patch_size=128, shard_size=32, mpp=0.25),
                      progress=False)
-    params = TrainParams(max_steps=150, batch_size=8, disc_steps=20, base=8, lr=5e-3)
+    # Small and quick, not the shipped recipe (the dataclass defaults): no self-training, 0.25 µm/px.
+    params = TrainParams(max_steps=150, batch_size=8, disc_steps=20, base=8, depth=3, lr=5e-3, weight_strata=0,
+                         self_training_steps=0, mpp=0.25)
     train_model([root / "synth"], root / "model", params, progress=False)
     return root / "model" / "model.pt"
 
@@ -62,11 +64,11 @@ def rng():
 
 
 @pytest.fixture(scope="session")
-def real_model(small_model) -> Path:
+def real_model(request) -> Path:
     """The model shipped in the package (trained on real tissue textures), else the small demo model."""
     from nucseg.cli import default_weights
 
     try:
         return default_weights()
     except FileNotFoundError:
-        return small_model
+        return request.getfixturevalue("small_model")  # trained only when needed

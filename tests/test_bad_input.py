@@ -122,7 +122,7 @@ def _sections():
     return [(("tissue",), TissueParams, set(), set()),
             (("synth", "params"), SynthParams, {"mpp", "workers"}, set()),
             (("synth", "refiner", "params"), RefinerParams, {"mpp", "num_threads"}, set()),
-            (("model", "train"), TrainParams, {"mpp"}, {"teachers"}),
+            (("model", "train"), TrainParams, {"mpp"}, set()),
             (("segment",), SegmentParams, set(), set()),
             (("qc",), QCParams, set(), set())]
 
@@ -208,3 +208,46 @@ def test_hostile_sheet_runs_no_command_and_every_slide_is_graded_or_recorded(tmp
         assert reason in row.failure_reason
     # The injection text is a source like any other: recorded as given.
     assert slides.loc["INJ", "source"] == f"{server.url}{INJECTION}"
+
+
+# ------------------------------------------------------------- errors inside a per-slide stage
+
+
+def test_any_tissue_error_is_recorded_for_the_slide(tmp_path, demo_slide):
+    from nucseg.tissue import detect_tissue
+
+    facts = detect_tissue(demo_slide, tmp_path, "zero", mpp_override=0.0)  # ZeroDivisionError inside
+    assert (facts["status"], facts["failure_stage"]) == ("failed", "tissue")
+    assert facts["failure_reason"].startswith("ZeroDivisionError")
+    assert yaml.safe_load((tmp_path / "wsi.json").read_text())["failure_stage"] == "tissue"
+    assert len(pd.read_parquet(tmp_path / "tiles.parquet")) == 0
+
+
+def test_a_segment_error_is_recorded_in_an_empty_file_and_graded(tmp_path, demo_slide, demo_tissue, real_model):
+    """The slide passed tissue detection, then its file breaks: segment records it, QC grades it."""
+    from nucseg import io
+    from nucseg.qc import QCParams, slide_qc
+    from nucseg.segment import segment_slide
+
+    broken = tmp_path / "broken.tiff"
+    broken.write_bytes(demo_slide.read_bytes()[:5000])
+    out = tmp_path / "nuclei.parquet"
+    summary = segment_slide(broken, out, real_model, tissue_path=demo_tissue / "tissue.parquet",
+                            slide_id="demo", progress=False)
+    assert (summary["status"], summary["failure_stage"], summary["n_nuclei"]) == ("failed", "segment", 0)
+    meta = io.read_provenance(out)
+    assert meta["status"] == "failed" and meta["failure_reason"] == summary["failure_reason"]
+    assert len(pd.read_parquet(out)) == 0
+    row = slide_qc(demo_tissue / "wsi.json", out, demo_tissue / "tiles.parquet", broken, tmp_path / "qc.json",
+                   tmp_path / "qc_patches.parquet", cancer_type="T", params=QCParams(n_patches=2))
+    assert (row["status"], row["failure_stage"], row["grade"]) == ("failed", "segment", "Unacceptable")
+    assert row["failure_reason"] == summary["failure_reason"]
+
+
+def test_a_model_error_fails_the_job_instead_of_grading_every_slide(tmp_path, demo_slide, demo_tissue):
+    from nucseg.segment import segment_slide
+
+    with pytest.raises(FileNotFoundError):
+        segment_slide(demo_slide, tmp_path / "n.parquet", tmp_path / "missing.pt",
+                      tissue_path=demo_tissue / "tissue.parquet", progress=False)
+    assert not (tmp_path / "n.parquet").exists()

@@ -32,7 +32,10 @@ TEST_CONFIG = {
     "demo": {"slides": {"DEMO-01": {"width": 1280, "height": 1024, "mpp": 0.25, "seed": 1},
                         "DEMO-02": {"width": 768, "height": 640, "mpp": 0.5, "seed": 2}}},
     "synth": {"params": {"n_patches": 64, "patch_size": 128, "shard_size": 32}},
-    "model": {"name": "e2e", "train": {"max_steps": 150, "disc_steps": 10, "batch_size": 8, "base": 8, "lr": 0.005}},
+    # The whole label-free chain (synth -> train -> segment), small: no self-training, a shallow network.
+    "model": {"checkpoint": "train", "name": "e2e",
+              "train": {"max_steps": 150, "disc_steps": 10, "batch_size": 8, "base": 8, "depth": 3, "lr": 0.005,
+                        "self_training_steps": 0}},
     "qc": {"n_patches": 10},
 }
 
@@ -91,7 +94,18 @@ def test_dry_run_plans_every_stage(tmp_path):
         assert rule in out
 
 
-TRAIN_OVERLAYS = sorted(p.name for p in (REPO / "config").glob("train_*.yaml") if p.name != "train_default.yaml")
+def test_default_config_segments_with_the_shipped_model_and_trains_nothing(tmp_path):
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(SNAKEMAKE + ["-d", str(tmp_path), "--configfile", "config/config.yaml", "config/demo.yaml",
+                                      "-n", "-p"], cwd=tmp_path, capture_output=True, text=True, env=env, check=True).stdout
+    jobs = planned_jobs(out)
+    assert jobs["segment"] == 2 and "synth" not in jobs and "train" not in jobs, jobs
+    shipped = str(REPO / "src" / "nucseg" / "weights" / "default.pt")
+    assert all(f"--checkpoint {shipped}" in line for line in out.splitlines() if " segment " in line)
+
+
+TRAIN_OVERLAYS = sorted(p.name for p in (REPO / "config").glob("train*.yaml"))
 
 
 @pytest.mark.parametrize("overlay", TRAIN_OVERLAYS)
@@ -105,18 +119,11 @@ def test_training_overlays_plan_their_model_with_their_settings(tmp_path, overla
                                                         "train": {**TEST_CONFIG["model"]["train"],
                                                                   **settings["model"].get("train", {})}}}
     (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(test_config))
-    teachers = settings["model"].get("train", {}).get("teachers", [])
-    if teachers:
-        # A teacher is trained by its own config: this one must not plan it, with its own settings, but stop.
-        failed = snakemake(tmp_path, "-n", f"results/models/{name}/model.pt", check=False)
-        assert failed.returncode != 0 and teachers[0] in failed.stdout + failed.stderr
-        for teacher in teachers:
-            (tmp_path / teacher).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / teacher).touch()
     out = snakemake(tmp_path, "-n", "-p", f"results/models/{name}/model.pt").stdout
     assert sum(line.strip() == "rule train:" for line in out.splitlines()) == 1
     command = next(line for line in out.splitlines() if " train --synth " in line)
-    assert f"--out-dir $(dirname results/models/{name}/model.pt)" in command
+    assert settings["model"]["checkpoint"] == "train" and name not in ("default", "shipped")
+    assert f"--out-dir results/models/{name} " in command
     for key, value in settings["model"].get("train", {}).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -124,7 +131,7 @@ def test_training_overlays_plan_their_model_with_their_settings(tmp_path, overla
         elif isinstance(value, list):
             expected = f"{flag} {' '.join(map(str, value))}"
         else:
-            expected = f"{flag} {value}"
+            expected = f"{flag}={value}"
         assert re.search(rf"(^| ){re.escape(expected)}( |$)", command), key
 
 

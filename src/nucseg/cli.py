@@ -116,9 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the segmentation network (importance-weighted)")
     p.add_argument("--synth", nargs="+", required=True, type=Path, help="synth output folder(s)")
     p.add_argument("--out-dir", required=True, type=Path, help="model folder (model.pt, model_card.json)")
-    p.add_argument("--teachers", nargs="+", type=Path, default=[], metavar="MODEL_PT",
-                   help="weights files whose mean output labels the self-training's real patches instead of the "
-                        "network itself (distillation; needs --self-training-steps > 0)")
     _add_dataclass_flags(p, TrainParams)
 
     p = sub.add_parser("segment", help="segment all nuclei of one slide into GeoParquet")
@@ -346,7 +343,7 @@ def _cmd_train(args, progress):
     from .train import TrainParams, train_model
 
     card = train_model(args.synth, args.out_dir, _dataclass_from_args(TrainParams, args), progress=progress,
-                       command=shlex.join(["nucseg", *sys.argv[1:]]), teachers=args.teachers)
+                       command=shlex.join(["nucseg", *sys.argv[1:]]))
     print(json.dumps({k: card[k] for k in ("model_id", "global_step", "wall_time_s", "this_run_s", "metrics")}))
 
 

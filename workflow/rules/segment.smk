@@ -1,4 +1,4 @@
-SEGMENT_CONFIG_HASH = config_hash("mpp_work", "model", segment=SEGMENT_SETTINGS)
+SEGMENT_CONFIG_HASH = config_hash(segment=SEGMENT_SETTINGS, weights=model_weights())
 
 
 def segment_params(wildcards):

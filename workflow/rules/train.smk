@@ -1,9 +1,6 @@
 rule train:
     input:
         synth=lambda wc: [synth_shards(t) for t in train_types()],
-        # Distillation: the teachers' weights files, trained before (each by its own config, e.g.
-        # config/train_large.yaml): this config's train settings must not build them.
-        teachers=config["model"]["train"].get("teachers", []),
     output:
         weights="results/models/{model_name}/model.pt",
         card="results/models/{model_name}/model_card.json",
@@ -16,7 +13,7 @@ rule train:
         gpu=config["gpus_per_job"],
     retries: 1
     wildcard_constraints:
-        # Only the configured model is trained here: a teacher under results/models/<other>/ is never
+        # Only the configured model is trained here: another model under results/models/<other>/ is never
         # rebuilt with this config's settings.
         model_name=re.escape(config["model"]["name"]),
     log:
