@@ -1,8 +1,9 @@
 """A small GDC-like HTTP server on 127.0.0.1 for download tests.
 
 Speaks the parts of the GDC API nucseg uses: ``POST /files`` (filters ignored except the project,
-paging by ``from``/``size``) and ``GET /data/{id}`` with Range support. Fault injection: HTTP 500s,
-connections dropped mid-body, wrong bytes (md5 mismatch), slow responses.
+paging by ``from``/``size``) and ``GET /data/{id}`` with Range and If-Range support (a strong ETag from
+the content and a Last-Modified date from the file). Fault injection: HTTP 500s, connections dropped
+mid-body, wrong bytes (md5 mismatch), slow responses, no validators, If-Range ignored.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import re
 import threading
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,6 +29,8 @@ class FileServer:
         self.delay = 0.0                    # seconds before each response
         self.slow_next = 0                  # this many responses wait slow_seconds first
         self.slow_seconds = 0.0
+        self.validators = True              # send ETag and Last-Modified
+        self.honour_if_range = True         # False: serve the range even when If-Range names another version
         self.requests: list[dict] = []
         server = self
 
@@ -56,7 +60,8 @@ class FileServer:
                 self.wfile.write(payload)
 
             def do_GET(self):
-                server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+                server.requests.append({"path": self.path, "range": self.headers.get("Range"),
+                                        "if_range": self.headers.get("If-Range")})
                 time.sleep(server.delay)
                 if server.slow_next > 0:
                     server.slow_next -= 1
@@ -72,8 +77,13 @@ class FileServer:
                 data = server.files[name].read_bytes()
                 if name in server.corrupt:
                     data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+                etag = f'"{hashlib.md5(data).hexdigest()}"'
+                modified = formatdate(server.files[name].stat().st_mtime, usegmt=True)
                 start = 0
                 m = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if_range = self.headers.get("If-Range")
+                if m and if_range and server.honour_if_range and if_range not in (etag, modified):
+                    m = None  # RFC 9110 13.1.5: another version: ignore Range, send the whole file
                 if m:
                     start = int(m.group(1))
                     if start >= len(data):
@@ -84,6 +94,9 @@ class FileServer:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
                     self.send_response(200)
+                if server.validators:
+                    self.send_header("ETag", etag)
+                    self.send_header("Last-Modified", modified)
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

@@ -62,6 +62,7 @@ def test_http_md5_mismatch_removes_partial_file(tmp_path, demo_slide):
         with pytest.raises(DownloadError, match="HTTP 404"):
             fetch_slide(f"{server.url}/files/other.tiff", tmp_path / "h.svs", "h1")
     assert not (tmp_path / "h.svs").exists() and not (tmp_path / "h.svs.part").exists()
+    assert list(tmp_path.iterdir()) == []   # no record of the failed download is left either
 
 
 def test_gives_up_after_retries(tmp_path, demo_slide):
@@ -70,3 +71,95 @@ def test_gives_up_after_retries(tmp_path, demo_slide):
         with pytest.raises(DownloadError, match="giving up"):
             fetch_slide(UUID, tmp_path / "x.svs", "x1", api_url=server.url, retries=2, backoff=0.01)
         assert len(server.requests) == 3
+
+
+# Resuming a .part: only the start of the same file may be continued (tests with the real HTTP server).
+
+@pytest.fixture
+def changed_slide(tmp_path, demo_slide):
+    """The demo slide with bytes 16-4095 changed: same size, another file."""
+    data = bytearray(demo_slide.read_bytes())
+    data[16:4096] = bytes(b ^ 0x5A for b in data[16:4096])
+    path = tmp_path / "served" / "changed.tiff"
+    path.parent.mkdir()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def interrupt(server, source, dest, **kw):
+    """A download of ``source`` that drops after 200 kB and is not retried: leaves ``dest.part``."""
+    server.drop_after = 200_000
+    with pytest.raises(DownloadError, match="giving up") as err:
+        fetch_slide(source, dest, "r1", retries=0, **kw)
+    assert not err.value.permanent
+    part = dest.with_name(dest.name + ".part")
+    assert part.stat().st_size > 4096
+    server.requests.clear()
+    return part
+
+
+def test_leftover_part_without_record_is_discarded(tmp_path, demo_slide, changed_slide):
+    """A .part of unknown origin (here: the start of another file, no md5 on the sheet) is not resumed."""
+    dest = tmp_path / "out" / "a.svs"
+    dest.parent.mkdir()
+    dest.with_name("a.svs.part").write_bytes(changed_slide.read_bytes()[:200_000])
+    with FileServer({UUID: demo_slide}) as server:
+        fetch_slide(UUID, dest, "a1", api_url=server.url)
+    assert [r["range"] for r in server.requests] == [None]
+    assert dest.read_bytes() == demo_slide.read_bytes()
+    assert list(dest.parent.iterdir()) == [dest]
+
+
+def test_part_of_another_source_is_discarded(tmp_path, demo_slide, changed_slide):
+    dest = tmp_path / "b.svs"
+    with FileServer({"old": changed_slide, "new": demo_slide}) as server:
+        interrupt(server, f"{server.url}/data/old", dest)
+        fetch_slide(f"{server.url}/data/new", dest, "b1")
+    assert [r["range"] for r in server.requests] == [None]
+    assert dest.read_bytes() == demo_slide.read_bytes()
+    assert set(tmp_path.iterdir()) == {changed_slide.parent, dest}
+
+
+def test_interrupted_download_of_the_same_source_resumes(tmp_path, demo_slide):
+    dest = tmp_path / "c.svs"
+    with FileServer({UUID: demo_slide}) as server:
+        part = interrupt(server, UUID, dest, api_url=server.url)
+        have = part.stat().st_size
+        fetch_slide(UUID, dest, "c1", api_url=server.url)
+    etag = f'"{md5(demo_slide)}"'
+    assert [(r["range"], r["if_range"]) for r in server.requests] == [(f"bytes={have}-", etag)]
+    assert dest.read_bytes() == demo_slide.read_bytes()
+    assert list(tmp_path.iterdir()) == [dest]
+
+
+@pytest.mark.parametrize("honour_if_range", [True, False], ids=["if-range", "server-ignores-if-range"])
+def test_changed_file_restarts_from_zero(tmp_path, demo_slide, changed_slide, honour_if_range):
+    """The file behind the URL changed since the interruption (same size, new ETag): a whole new download.
+
+    A server honouring If-Range answers the resume request with the whole file; one that ignores it sends
+    the new file's tail, which the client must recognise by its ETag and throw away."""
+    dest = tmp_path / "d.svs"
+    with FileServer({UUID: changed_slide}) as server:
+        server.honour_if_range = honour_if_range
+        interrupt(server, UUID, dest, api_url=server.url)
+        server.files[UUID] = demo_slide
+        fetch_slide(UUID, dest, "d1", api_url=server.url)
+    ranges = [r["range"] for r in server.requests]
+    assert ranges[0] is not None and server.requests[0]["if_range"] == f'"{md5(changed_slide)}"'
+    assert len(ranges) == (1 if honour_if_range else 2) and ranges[1:] in ([], [None])
+    assert dest.read_bytes() == demo_slide.read_bytes()
+
+
+@pytest.mark.parametrize("with_md5", [False, True])
+def test_without_validators_resumes_only_when_md5_checks(tmp_path, demo_slide, with_md5):
+    """A server sending neither ETag nor Last-Modified cannot say whether the file changed: the .part is
+    resumed only if the sheet's md5 will check the result."""
+    dest = tmp_path / "e.svs"
+    kw = {"md5": md5(demo_slide)} if with_md5 else {}
+    with FileServer({UUID: demo_slide}) as server:
+        server.validators = False
+        have = interrupt(server, UUID, dest, api_url=server.url, **kw).stat().st_size
+        fetch_slide(UUID, dest, "e1", api_url=server.url, **kw)
+    assert [r["range"] for r in server.requests] == [f"bytes={have}-" if with_md5 else None]
+    assert server.requests[0]["if_range"] is None
+    assert dest.read_bytes() == demo_slide.read_bytes()

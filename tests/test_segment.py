@@ -268,3 +268,90 @@ def test_streamed_row_groups_and_abort(tmp_path):
             w.write(frame.iloc[:5], polys[:5])
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == [tmp_path / "n.parquet"]
+
+
+class _RunsCode:
+    """Unpickles by calling ``os.system``: what a malicious checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_checkpoint_with_pickled_code_is_refused_as_unsafe(tmp_path):
+    import torch
+
+    from nucseg.model import UnsafeCheckpointError, load_weights
+
+    marker, path = tmp_path / "marker", tmp_path / "evil.pt"
+    torch.save({"arch": _RunsCode(marker), "state_dict": {}, "meta": "{}"}, path)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_weights(path)
+    message = str(err.value)
+    assert str(path) in message and "unsafe" in message and "weights_only" not in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__   # torch's advice is not chained
+    assert not marker.exists()
+    torch.load(path, weights_only=False)   # the payload is live: unpickling it for real runs the command
+    assert marker.exists()
+
+
+def _tiny_checkpoint(tmp_path, **arch):
+    """A real weights file of a tiny U-Net, its ``arch`` entry replaced by ``arch`` when given."""
+    import json
+
+    import torch
+
+    from nucseg.model import UNet, save_weights
+
+    path = tmp_path / "tiny.pt"
+    save_weights(UNet(out_channels=2, base=4, depth=2), path, {"mpp": 0.5})
+    if arch:
+        payload = torch.load(path, weights_only=True)
+        payload["arch"] = json.dumps(arch)
+        torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("arch, key", [({"base": 100000}, "'base'"), ({"base": 256, "depth": 8}, "'depth'"),
+                                       ({"depth": 0}, "'depth'"), ({"base": 4.5}, "'base'"),
+                                       ({"base": True}, "'base'"), ({"out_channels": 3000}, "'out_channels'"),
+                                       ({"base": 4, "width": 9}, "'width'")],
+                         ids=["huge-base", "too-wide-deepest-level", "depth-0", "float", "bool", "outputs",
+                              "unknown-key"])
+def test_checkpoint_architecture_is_bounded(tmp_path, arch, key):
+    from nucseg.model import load_weights
+
+    path = _tiny_checkpoint(tmp_path, **arch)
+    with pytest.raises(ValueError) as err:
+        load_weights(path)
+    assert str(path) in str(err.value) and key in str(err.value)
+
+
+def test_not_a_weights_file_is_named(tmp_path):
+    import torch
+
+    from nucseg.model import load_weights
+
+    garbage, plain, keyless = tmp_path / "garbage.pt", tmp_path / "plain.pt", tmp_path / "keyless.pt"
+    garbage.write_bytes(b"not a checkpoint" * 50)
+    torch.save([1, 2, 3], plain)
+    torch.save({"state_dict": {}}, keyless)
+    for path, why in ((garbage, "not a torch weights file"), (plain, "not a nucseg weights file"),
+                      (keyless, "no 'arch', 'meta'")):
+        with pytest.raises(ValueError, match=why) as err:
+            load_weights(path)
+        assert str(path) in str(err.value)
+
+
+def test_tiny_and_shipped_models_still_load(tmp_path):
+    from nucseg.cli import default_weights
+    from nucseg.model import load_weights
+
+    tiny, meta = load_weights(_tiny_checkpoint(tmp_path))
+    assert (tiny.depth, tiny.head.out_channels, meta["mpp"]) == (2, 2, 0.5)
+    shipped, meta = load_weights(default_weights())
+    assert shipped.depth == 4 and shipped.down[0][0].out_channels == 16 and len(meta["model_id"]) == 64

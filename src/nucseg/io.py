@@ -11,7 +11,7 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -51,10 +51,25 @@ def temp_beside(path: str | os.PathLike, suffix: str | None = None) -> Path:
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
         stale.unlink(missing_ok=True)
     # The temporary name keeps the real extension last: some writers pick the format by it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent,
-                               suffix=".tmp" + (path.suffix if suffix is None else suffix))
-    os.close(fd)
-    return Path(tmp)
+    return _create_exclusive(path.parent, f".{path.name}.", ".tmp" + (path.suffix if suffix is None else suffix))
+
+
+def _create_exclusive(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a new empty file ``folder/prefix<random>suffix`` with mode ``0o666`` less the umask.
+
+    Unlike :func:`tempfile.mkstemp` (always 0600, which ``os.replace`` would carry onto the output), the
+    kernel applies the process umask (and any default ACL) at creation, as for any ordinary file: no need
+    to read the umask, whose only reader (``os.umask``) changes it for all threads meanwhile.
+    """
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name in {folder} for {prefix}*{suffix}")
 
 
 def link_or_copy(src: str | os.PathLike, dest: str | os.PathLike) -> Path:

@@ -8,7 +8,10 @@ a JSON string of the architecture, loadable with ``weights_only=True``; the mode
 
 from __future__ import annotations
 
+import inspect
 import json
+import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -86,20 +89,110 @@ def save_weights(model: UNet, path, meta: dict) -> str:
     return file_sha256(path)
 
 
+class UnsafeCheckpointError(ValueError):
+    """A weights file holds more than tensors and plain data (pickled code or objects) and was not loaded."""
+
+
+# Architecture entries a weights file may set, with the ranges accepted: a crafted "arch" must not be able
+# to ask for a network that exhausts memory before anything checks it. The shipped model is base 16, depth 4.
+ARCH_LIMITS = {"base": (1, 256), "depth": (1, 8), "in_channels": (1, 4), "out_channels": (1, len(OUTPUTS))}
+MAX_WIDTH = 1024  # channels of the deepest level (base * 2**depth): about 30 M parameters at most
+CHECKPOINT_KEYS = ("arch", "state_dict", "meta")
+
+
 def load_weights(path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
     """Load a weights file written by :func:`save_weights` (``weights_only=True``, no pickled code).
 
-    Returns the model in eval mode and its metadata (with ``model_id`` and ``mpp`` set).
+    Parameters
+    ----------
+    path : path-like
+        The weights file.
+    device : str or torch.device
+        Where the tensors are loaded.
+
+    Returns
+    -------
+    model, meta
+        The model in eval mode and its metadata (with ``model_id`` set).
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    UnsafeCheckpointError
+        The file holds pickled code or objects (refused, never executed).
+    ValueError
+        The file is not a nucseg weights file, or its architecture is out of bounds; the message names
+        the file (and the key).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model weights {path} not found")
-    payload = torch.load(path, map_location=device, weights_only=True)
-    model = UNet(**json.loads(payload["arch"]))
-    model.load_state_dict(payload["state_dict"])
-    meta = json.loads(payload["meta"])
+    payload = _read_checkpoint(path, device)
+    model = UNet(**_checked_arch(path, payload["arch"]))
+    try:
+        model.load_state_dict(payload["state_dict"])
+        meta = json.loads(payload["meta"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"model weights {path}: not a nucseg weights file: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"model weights {path}: not a nucseg weights file: 'meta' is not a JSON object")
     meta["model_id"] = file_sha256(path)
     return model.to(device).eval(), meta
+
+
+def _read_checkpoint(path: Path, device) -> dict:
+    """The checkpoint dict at ``path``, loaded with ``weights_only=True`` and checked for its keys."""
+    # torch.save writes a zip archive; anything else would reach the unpickler as raw bytes and be
+    # misreported as unsafe content.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"model weights {path}: not a torch weights file (not the zip archive torch.save writes)")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # from None: torch's own message advises weights_only=False, i.e. running the code it refused.
+        raise UnsafeCheckpointError(f"model weights {path} refused as unsafe: torch's safe loader found more "
+                                    f"than tensors and plain data in it ({_refusal_reason(exc)}); nucseg "
+                                    "never runs code from a weights file") from None
+    except Exception as exc:  # torch raises KeyError, EOFError, RuntimeError ... on files it cannot parse
+        raise ValueError(f"model weights {path}: not a torch weights file "
+                         f"({type(exc).__name__}: {exc})") from exc
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise ValueError(f"model weights {path}: not a nucseg weights file (no {', '.join(map(repr, missing))})")
+    return payload
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler refused, without its advice to turn the check off."""
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines
+            if line and not any(w in line.lower() for w in ("weights_only", "weights only", "documentation"))]
+    return " ".join(kept) or "unsupported content"
+
+
+def _checked_arch(path: Path, arch_json) -> dict:
+    """The UNet arguments of a checkpoint's ``arch`` JSON: known keys, integers within :data:`ARCH_LIMITS`."""
+    try:
+        arch = json.loads(arch_json)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model weights {path}: 'arch' is not JSON: {exc}") from exc
+    if not isinstance(arch, dict):
+        raise ValueError(f"model weights {path}: 'arch' is not a JSON object")
+    for key, value in arch.items():
+        if key not in ARCH_LIMITS:
+            raise ValueError(f"model weights {path}: unknown architecture key {key!r} "
+                             f"(known: {', '.join(ARCH_LIMITS)})")
+        low, high = ARCH_LIMITS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"model weights {path}: architecture key {key!r} = {value!r} "
+                             f"is not an integer in [{low}, {high}]")
+    signature = inspect.signature(UNet)
+    base, depth = (arch.get(k, signature.parameters[k].default) for k in ("base", "depth"))
+    if base * 2**depth > MAX_WIDTH:
+        raise ValueError(f"model weights {path}: architecture keys 'base' = {base} and 'depth' = {depth} give "
+                         f"{base * 2**depth} channels at the deepest level (at most {MAX_WIDTH})")
+    return arch
 
 
 def resolve_device(device: str = "auto") -> torch.device:

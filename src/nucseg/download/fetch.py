@@ -110,80 +110,82 @@ def fetch_slide(source: str, dest: str | os.PathLike, slide_id: str, *, md5: str
                 retries: int = 5, timeout: float = 60.0, backoff: float = 1.0) -> Path:
     """Materialise a slide at ``dest`` from a GDC UUID, http(s) URL or local path.
 
-    Remote files stream to ``dest + ".part"``, resume with HTTP Range after a dropped connection,
-    retry with exponential backoff (``backoff * 2**k`` seconds) on 5xx and network errors, are verified against ``md5``/``size``
-    and renamed into place. A local file is symlinked (``link=True``) or copied, and verified too.
-    A file failing verification is removed and :class:`DownloadError` raised.
+    Remote files stream to ``dest + ".part"``, retry with exponential backoff (``backoff * 2**k`` seconds)
+    on 5xx and network errors, are verified against ``md5``/``size`` and renamed into place. A dropped
+    transfer resumes with an HTTP Range request, but only from a ``.part`` known to hold the start of the
+    same file: see :func:`_resume_offset`. A local file is symlinked (``link=True``) or copied, and
+    verified too. A file failing verification is removed and :class:`DownloadError` raised.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     kind = source_kind(source)
     if kind == "local":
-        src = Path(source).expanduser().resolve()
-        if not src.is_file():
-            raise DownloadError(f"slide {slide_id}: local source {src} does not exist")
-        verify(src, slide_id, md5, size)
-        tmp = dest.with_name(dest.name + ".part")
-        if tmp.exists() or tmp.is_symlink():
-            tmp.unlink()
-        if link:
-            tmp.symlink_to(src)
-        else:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-        log.info("slide %s: %s %s -> %s", slide_id, "linked" if link else "copied", src, dest)
-        return dest
+        return _place_local(source, dest, slide_id, md5=md5, size=size, link=link)
 
     part = dest.with_name(dest.name + ".part")
-    if kind == "s3":
-        _fetch_s3(source, part, slide_id)
-    else:
-        _stream_with_resume(source_url(source, api_url), part, slide_id, retries=retries, timeout=timeout,
-                            backoff=backoff)
     try:
+        if kind == "s3":
+            _fetch_s3(source, part, slide_id)
+        else:
+            _stream_with_resume(source_url(source, api_url), part, slide_id, md5=md5, size=size,
+                                retries=retries, timeout=timeout, backoff=backoff)
         verify(part, slide_id, md5, size)
-    except DownloadError:
-        part.unlink(missing_ok=True)
+    except DownloadError as exc:
+        if exc.permanent:
+            _discard(part)  # nothing worth resuming; a transient failure keeps the .part for the next run
         raise
     os.replace(part, dest)
+    _sidecar(part).unlink(missing_ok=True)
     return dest
 
 
-def _stream_with_resume(url: str, part: Path, slide_id: str, *, retries: int, timeout: float,
-                        backoff: float) -> None:
+def _place_local(source: str, dest: Path, slide_id: str, *, md5: str | None, size: int | None,
+                 link: bool) -> Path:
+    """Symlink or copy a verified local slide to ``dest`` through a ``.part`` name."""
+    src = Path(source).expanduser().resolve()
+    if not src.is_file():
+        raise DownloadError(f"slide {slide_id}: local source {src} does not exist")
+    verify(src, slide_id, md5, size)
+    tmp = dest.with_name(dest.name + ".part")
+    if tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    if link:
+        tmp.symlink_to(src)
+    else:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    log.info("slide %s: %s %s -> %s", slide_id, "linked" if link else "copied", src, dest)
+    return dest
+
+
+def _stream_with_resume(url: str, part: Path, slide_id: str, *, md5: str | None = None,
+                        size: int | None = None, retries: int, timeout: float, backoff: float) -> None:
+    """Download ``url`` to ``part``, resuming what a sidecar vouches for; retry transient failures."""
     import requests
 
     attempt = 0
     while True:
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        have, record = _resume_offset(part, url, slide_id, md5=md5, size=size)
         try:
-            with requests.get(url, stream=True, timeout=timeout, headers=headers) as resp:
+            with requests.get(url, stream=True, timeout=timeout, headers=_request_headers(have, record)) as resp:
                 if resp.status_code == 416 and have:
-                    return  # server says nothing left past what we have
+                    if have == record.get("total"):
+                        return  # all of it was already here, and If-Range says it is still current
+                    raise _Restart("server refused the resume range")
                 if resp.status_code >= 500:
                     raise _Retryable(f"HTTP {resp.status_code}")
                 if resp.status_code >= 400:
                     raise DownloadError(f"slide {slide_id}: HTTP {resp.status_code} from {url}", permanent=True)
-                if have and resp.status_code != 206:
-                    have = 0  # server ignored Range: start over
-                total = _expected_total(resp, have)
-                mode = "ab" if have else "wb"
-                if have:
-                    log.info("slide %s: resuming at byte %d", slide_id, have)
-                started = last_report = time.monotonic()
-                received = 0
-                with open(part, mode) as fh:
-                    for block in resp.iter_content(STREAM_CHUNK):
-                        fh.write(block)
-                        received += len(block)
-                        if time.monotonic() - last_report > 10:
-                            last_report = time.monotonic()
-                            _report(slide_id, have + received, total, received, started)
-                _report(slide_id, have + received, total, received, started)
-                if total is not None and part.stat().st_size < total:
-                    raise _Retryable(f"connection closed at {part.stat().st_size}/{total} bytes")
+                if have and resp.status_code == 206:
+                    _check_partial(resp, have, record)
+                else:
+                    have = 0  # a fresh start, or the server ignored Range / If-Range said the file changed
+                    _write_sidecar(part, _new_record(url, resp, md5))
+                _receive(resp, part, have, slide_id)
                 return
+        except _Restart as exc:
+            log.warning("slide %s: %s; restarting from byte 0", slide_id, exc)
+            _discard(part)
         except (_Retryable, requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError) as exc:
             attempt += 1
@@ -193,6 +195,128 @@ def _stream_with_resume(url: str, part: Path, slide_id: str, *, retries: int, ti
             wait = backoff * 2 ** (attempt - 1)
             log.warning("slide %s: %s; retry %d/%d in %.1fs", slide_id, exc, attempt, retries, wait)
             time.sleep(wait)
+
+
+def _receive(resp, part: Path, have: int, slide_id: str) -> None:
+    """Write the response body after the first ``have`` bytes of ``part``; raise if it ends early."""
+    total = _expected_total(resp, have)
+    if have:
+        log.info("slide %s: resuming at byte %d", slide_id, have)
+    started = last_report = time.monotonic()
+    received = 0
+    with open(part, "ab" if have else "wb") as fh:
+        for block in resp.iter_content(STREAM_CHUNK):
+            fh.write(block)
+            received += len(block)
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                _report(slide_id, have + received, total, received, started)
+    _report(slide_id, have + received, total, received, started)
+    if total is not None and part.stat().st_size < total:
+        raise _Retryable(f"connection closed at {part.stat().st_size}/{total} bytes")
+
+
+def _sidecar(part: Path) -> Path:
+    """Where the record of what ``part`` holds is kept: ``X.svs.part.json``."""
+    return part.with_name(part.name + ".json")
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _sidecar(part).unlink(missing_ok=True)
+
+
+def _new_record(url: str, resp, md5: str | None) -> dict:
+    """What a fresh download of ``url`` holds: source, size, server validators and the sheet's md5."""
+    return {"url": url, "total": _expected_total(resp, 0), "etag": resp.headers.get("ETag"),
+            "last_modified": resp.headers.get("Last-Modified"), "md5": md5.lower() if md5 else None}
+
+
+def _write_sidecar(part: Path, record: dict) -> None:
+    from ..io import atomic_path
+
+    # Atomic: a torn sidecar must read as "unknown", never as another file's record.
+    with atomic_path(_sidecar(part)) as tmp:
+        tmp.write_text(json.dumps(record) + "\n")
+
+
+def _read_sidecar(part: Path) -> dict | None:
+    try:
+        record = json.loads(_sidecar(part).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _resume_offset(part: Path, url: str, slide_id: str, *, md5: str | None,
+                   size: int | None) -> tuple[int, dict]:
+    """The bytes of ``part`` that may be kept, and its sidecar record; anything else is discarded.
+
+    A leftover ``.part`` is resumed only when its sidecar names this URL, the sheet's md5 and size, holds
+    no more than the recorded total, and the file can be checked for change: a server validator (sent as
+    If-Range) or the sheet's md5 (checked after download). Otherwise another source's bytes could be
+    spliced in front of this one's.
+    """
+    if not part.exists():
+        _sidecar(part).unlink(missing_ok=True)
+        return 0, {}
+    have, record = part.stat().st_size, _read_sidecar(part)
+    why = _unresumable(record, have, url, md5, size)
+    if why is None:
+        return have, record
+    log.warning("slide %s: discarding leftover %s (%s)", slide_id, part.name, why)
+    _discard(part)
+    return 0, {}
+
+
+def _unresumable(record: dict | None, have: int, url: str, md5: str | None, size: int | None) -> str | None:
+    """Why a ``.part`` of ``have`` bytes with sidecar ``record`` cannot be resumed, or None if it can."""
+    if record is None:
+        return "no readable record of its source"
+    total = record.get("total")
+    if record.get("url") != url:
+        return f"it is from {record.get('url')!r}"
+    if record.get("md5") != (md5.lower() if md5 else None):
+        return "the expected md5 changed"
+    if total is not None and (have > total or (size is not None and int(size) != total)):
+        return f"it does not fit the expected size {total if size is None else size}"
+    if not (_if_range(record) or md5):
+        return "the server gave no validator and there is no md5 to check a resumed file by"
+    return None
+
+
+def _if_range(record: dict) -> str | None:
+    """The If-Range value for ``record``: a strong ETag, else Last-Modified (weak ETags may not be used)."""
+    etag = record.get("etag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return record.get("last_modified")
+
+
+def _request_headers(have: int, record: dict) -> dict:
+    if not have:
+        return {}
+    headers = {"Range": f"bytes={have}-"}
+    if validator := _if_range(record):
+        headers["If-Range"] = validator  # a changed file comes back whole (200), not as a mismatched tail
+    return headers
+
+
+def _check_partial(resp, have: int, record: dict) -> None:
+    """Raise :class:`_Restart` unless a 206 answer continues the recorded file at byte ``have``.
+
+    Guards against servers that ignore If-Range: the range start, total and validators must agree.
+    """
+    m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", resp.headers.get("Content-Range", ""))
+    if m is None or int(m.group(1)) != have:
+        raise _Restart(f"partial answer does not start at byte {have}")
+    total = record.get("total")
+    if m.group(2) != "*" and total is not None and int(m.group(2)) != total:
+        raise _Restart(f"the file's size changed from {total} to {m.group(2)} bytes")
+    for key, header in (("etag", "ETag"), ("last_modified", "Last-Modified")):
+        now = resp.headers.get(header)
+        if record.get(key) and now and now != record[key]:
+            raise _Restart(f"the file changed ({header} {record[key]} -> {now})")
 
 
 def _report(slide_id: str, have: int, total: int | None, received: int, started: float) -> None:
@@ -223,3 +347,7 @@ def _expected_total(resp, have: int) -> int | None:
 
 class _Retryable(Exception):
     pass
+
+
+class _Restart(Exception):
+    """The ``.part`` cannot be continued: discard it and download from byte 0 (not a retry)."""
