@@ -13,7 +13,7 @@ patches against the training stage's P(real) (``--p-real``: an ``importance_weig
 patch", has the figures for the shipped recipe's shards:
 
     python benchmarks/local_realism.py --synth results/synth/HNSC/shards \
-        --p-real results/models/default/importance_weights.npz [--view grey]
+        --p-real results/models/recipe/importance_weights.npz [--view grey]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ each property. Label-side properties come from the instance maps (known by const
 from the pixels under and around the nuclei; ``touching_fraction`` is the share of a patch's nuclei that
 share an edge with another one. Label-free: no annotated tile is read.
 
-    python benchmarks/weight_drivers.py results/models/default/importance_weights.npz \
+    python benchmarks/weight_drivers.py results/models/recipe/importance_weights.npz \
         --synth results/synth/HNSC/shards [--strata 10] [--out drivers.json]
 """
 
@@ -43,7 +43,7 @@ def patch_properties(images: np.ndarray, instances: np.ndarray, mpp: float) -> d
                             np.nan)
     return {"nucleus_fraction": fg.mean(axis=(1, 2)), "nucleus_count": counts.astype(float),
             "mean_nucleus_area_um2": mean_area, "nucleus_grey": nucleus_grey, "background_grey": background_grey,
-            "nucleus_contrast": nucleus_contrast(images, instances),   # as model.train.contrast_strata sees it
+            "nucleus_contrast": nucleus_contrast(images, instances),   # background minus nucleus grey level
             "touching_fraction": touching}
 
 

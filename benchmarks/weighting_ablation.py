@@ -5,16 +5,17 @@ the weighted and unweighted models do. This compares them over several seeds. Fo
 and an unweighted model trained from the same shards with the same seed, steps and architecture:
 
     for s in 1 2 3; do
-      snakemake --configfile config/config.yaml config/train_default.yaml --cores 2 \\
+      snakemake --configfile config/config.yaml config/train_shipped_recipe.yaml --cores 2 \\
         --config "model={name: weighted_s$s, train: {seed: $s}}" results/models/weighted_s$s/model.pt
-      snakemake --configfile config/config.yaml config/train_default.yaml config/train_unweighted.yaml --cores 2 \\
+      snakemake --configfile config/config.yaml config/train_shipped_recipe.yaml config/train_unweighted.yaml --cores 2 \\
         --config "model={name: unweighted_s$s, train: {seed: $s}}" results/models/unweighted_s$s/model.pt
     done
     python benchmarks/weighting_ablation.py \\
-        --pair 0 results/models/default/model.pt results/models/unweighted/model.pt \\
+        --pair 0 results/models/recipe/model.pt results/models/unweighted/model.pt \\
         --pair 1 results/models/weighted_s1/model.pt results/models/unweighted_s1/model.pt ... [--out ablation.json]
 
-(seed 0 is the shipped model and ``config/train_unweighted.yaml``'s model). On a GPU the same pairs train in
+(seed 0 is ``config/train_shipped_recipe.yaml``'s model, the shipped model's recipe, and
+``config/train_unweighted.yaml``'s). On a GPU the same pairs train in
 under a minute each with the train rule's command (``snakemake -n -p`` prints it), seed and output folder
 changed, ``--no-weighted`` for the unweighted arm (docs/experiments.md: 14 seeds). Datasets as in
 ``benchmarks/quality.py``; each model with the hematoxylin gate (the default) and without it (the network

@@ -49,7 +49,8 @@ def small_model(demo_tissue, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("model")
     textures = load_textures([demo_tissue / "patches.npz"], None, 0.25)
-    generate_dataset(textures, root / "synth", SynthParams(n_patches=96, patch_size=128, shard_size=32, mpp=0.25),
+    generate_dataset(textures, root / "synth", SynthParams(n_patches=96, patch_size=128, shard_size=32, mpp=0.25,
+                                                           crisp_vesicular=0.0, large_coverage=(0.0, 0.0), seed=0),
                      progress=False)
     # Small and quick, not the shipped recipe (the dataclass defaults): no self-training, 0.25 µm/px.
     params = TrainParams(max_steps=150, batch_size=8, disc_steps=20, base=8, depth=3, lr=5e-3, weight_strata=0,

@@ -50,9 +50,9 @@ def test_segment_uses_the_shipped_model_by_default(demo_slide, tmp_path):
     assert main(["-q", "segment", str(demo_slide), "--out", str(tmp_path / "n.parquet")]) == 0
     meta = io.read_provenance(tmp_path / "n.parquet")
     assert meta["model_id"] == io.file_sha256(weights) and meta["status"] == "ok"
-    assert meta["gate_unit"] == "pixel"  # a slide of unknown type
-    # A slide named by its TCGA barcode says its type: a diagnostic (FFPE) slide is gated by nucleus.
-    assert main(["-q", "segment", str(demo_slide), "--out", str(tmp_path / "dx.parquet"),
+    assert meta["gate_unit"] == "off"  # no hematoxylin gate by default
+    # With the gate, a slide named by its TCGA barcode says its type: a diagnostic (FFPE) slide is gated by nucleus.
+    assert main(["-q", "segment", str(demo_slide), "--out", str(tmp_path / "dx.parquet"), "--hematoxylin-gate",
                  "--slide-id", "TCGA-A1-A0SB-01Z-00-DX1"]) == 0
     assert io.read_provenance(tmp_path / "dx.parquet")["gate_unit"] == "nucleus"
 

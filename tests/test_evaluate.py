@@ -120,9 +120,13 @@ def test_label_map_layout_through_the_cli(tmp_path, rng, caplog):
     assert main(["-q", "evaluate", "--dataset", str(root), "--tta", "8", "--out", str(tmp_path / "tta.json")]) == 0
     result = json.loads((tmp_path / "tta.json").read_text())
     assert result["tta"] == 8 and result["mean"]["f1"] == 1.0
-    # The gate's unit follows each image's slide type (manifest), unless given.
+    assert {r["gate_unit"] for r in result["images"]} == {"off"}  # no gate by default, as segment
+    # With the gate, its unit follows each image's slide type (manifest), unless given.
+    assert main(["-q", "evaluate", "--dataset", str(root), "--hematoxylin-gate", "--out", str(tmp_path / "g.json")]) == 0
+    result = json.loads((tmp_path / "g.json").read_text())
     assert [(r["slide_type"], r["gate_unit"]) for r in result["images"]] == [("DX", "nucleus"), ("", "pixel")]
-    assert main(["-q", "evaluate", "--dataset", str(root), "--gate-unit", "pixel", "--out", str(tmp_path / "p.json")]) == 0
+    assert main(["-q", "evaluate", "--dataset", str(root), "--hematoxylin-gate", "--gate-unit", "pixel",
+                 "--out", str(tmp_path / "p.json")]) == 0
     assert {r["gate_unit"] for r in json.loads((tmp_path / "p.json").read_text())["images"]} == {"pixel"}
     assert main(["-q", "evaluate", "--dataset", str(root), "--method", "classical", "--out", str(tmp_path / "m.json"),
                  "--save-predictions", str(tmp_path / "pred")]) == 0

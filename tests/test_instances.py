@@ -82,11 +82,11 @@ def test_hematoxylin_gate_drops_foreground_on_paler_purple_tissue():
     fg[:, :108] = 1.0
     bnd = np.zeros(shape, np.float32)
     prob = np.stack([fg, bnd])
-    gated = extract_instances(prob, 0.25, gate=gate)
+    gated = extract_instances(prob, 0.25, InstanceParams(hematoxylin_gate=True), gate=gate)
     assert gated.max() == 20 and gated[between] == 0
     assert abs((gated > 0).sum() - nuclei.sum()) < 0.25 * nuclei.sum()  # the 0.5 µm blur widens them a little
-    # Off (the ablation), the cytoplasm is foreground again.
-    ungated = extract_instances(prob, 0.25, InstanceParams(hematoxylin_gate=False, max_area_um2=1e4), gate=gate)
+    # Off (the default), the cytoplasm is foreground again.
+    ungated = extract_instances(prob, 0.25, InstanceParams(max_area_um2=1e4), gate=gate)
     assert ungated[between] > 0
     # An image without contrast has no level to split at: nothing is gated.
     assert hematoxylin_gate(np.zeros((20, 20), np.float32), 0.25).all()
@@ -104,10 +104,10 @@ def test_gate_by_nucleus_keeps_pale_nuclei_whole_and_drops_false_ones():
     gate = dark | ring | clumps | (false & (xx > 140))
     assert 0.5 < gate[pale].mean() < 0.8 and gate[false].mean() < 0.3
     prob = np.stack([(dark | pale | false).astype(np.float32), np.zeros(shape, np.float32)])
-    by_nucleus = extract_instances(prob, 0.25, InstanceParams(gate_unit="nucleus"), gate=gate)
+    by_nucleus = extract_instances(prob, 0.25, InstanceParams(hematoxylin_gate=True, gate_unit="nucleus"), gate=gate)
     assert by_nucleus.max() == 2 and by_nucleus[50, 130] == 0
     assert by_nucleus[dark].min() > 0 and by_nucleus[pale].min() > 0      # every pixel of both kept
-    by_pixel = extract_instances(prob, 0.25, InstanceParams(gate_unit="pixel"), gate=gate)
+    by_pixel = extract_instances(prob, 0.25, InstanceParams(hematoxylin_gate=True, gate_unit="pixel"), gate=gate)
     assert by_pixel[50, 130] == 0 and (by_pixel[pale] > 0).mean() < 0.8     # the pale nucleus loses its inside
     # Without a gate, or with the gate off, the unit does not matter.
     ungated = extract_instances(prob, 0.25, InstanceParams(hematoxylin_gate=False, gate_unit="nucleus"), gate=gate)

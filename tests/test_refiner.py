@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def synth_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("refiner")
     textures = [texture(rng, 160) for _ in range(3)]
-    generate_dataset(textures, root / "shards", SynthParams(n_patches=10, patch_size=64, shard_size=4),
+    generate_dataset(textures, root / "shards", SynthParams(n_patches=10, patch_size=64, shard_size=4, mpp=0.25),
                      progress=False)
     np.savez(root / "patches.npz", patches=np.stack(textures), mpp=0.25)
     return root
@@ -64,8 +65,8 @@ def test_refine_command_writes_shards_the_trainer_reads(synth_dir, tmp_path):
             assert np.array_equal(a["instances"], b["instances"]) and np.array_equal(a["boundary"], b["boundary"])
             assert b["image"].shape == a["image"].shape and b["image"].dtype == np.uint8
     # The training stage streams the refined folder unchanged (it also needs real.npz).
-    image, targets, weight, index = next(iter(ShardStream(new_shards, None, augment=False, center=True)))
-    assert image.shape == (64, 64, 3) and targets.shape == (3, 64, 64)
+    image, targets, weight, index = next(iter(ShardStream(new_shards, None, augment=False)))
+    assert image.shape == (64, 64, 3) and targets.shape == (2, 64, 64)
     assert (out / "real.npz").is_file()
     meta = json.loads((out / "params.json").read_text())
     assert meta["refiner"]["params"]["steps"] == 6 and meta["params"]["patch_size"] == 64
@@ -139,7 +140,7 @@ def test_stain_consistency_penalises_new_nuclei_outside_masks():
 
 def test_mask_dice_sees_misaligned_nuclei(rng):
     # Without the unlabelled clutter, which the hematoxylin detector (rightly) finds too.
-    params = SynthParams(patch_size=128, cytoplasm_per_patch=(0, 0), wash_probability=0.0)
+    params = SynthParams(patch_size=128, mpp=0.25, cytoplasm_per_patch=(0, 0), wash_probability=0.0)
     tex = texture(rng, 200)
     patches = [make_patch(tex, s, params) for s in range(6)]
     images = np.stack([p["image"] for p in patches])
@@ -153,7 +154,7 @@ def test_refined_nuclei_stay_on_their_masks_real_textures():
     """On real tissue: the refiner's hematoxylin mask agrees with the instance masks as well as before."""
     folder = need(SHARED / "tissue" / "quip_cnn_segmentation" / "refer")
     textures = load_textures([], [{"path": folder, "mpp": 0.25}], 0.25)[:24]
-    params = SynthParams(patch_size=128)
+    params = SynthParams(patch_size=128, mpp=0.25)
     patches = [make_patch(textures[i % len(textures)], i, params) for i in range(24)]
     images = np.stack([p["image"] for p in patches])
     inst = np.stack([p["instances"] for p in patches])
@@ -170,7 +171,7 @@ def test_refined_nuclei_stay_on_their_masks_real_textures():
 def test_config_without_refiner_section_still_validates():
     from snakemake.utils import validate
 
-    for name in ("aperio.yaml", "train_default.yaml", "demo.yaml"):
+    for name in ("aperio.yaml", "train_shipped_recipe.yaml", "demo.yaml"):
         cfg = yaml.safe_load((REPO / "config" / name).read_text())
         cfg.setdefault("cohorts", {"X": "x.tsv"})
         cfg.get("synth", {}).pop("refiner", None)
@@ -181,11 +182,12 @@ def test_config_without_refiner_section_still_validates():
 def test_workflow_plans_refine_before_train_when_enabled(tmp_path):
     shutil.copytree(REPO / "config", tmp_path / "config")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    model = {"checkpoint": "train", "name": "mine"}   # a model this workflow trains
 
     def plan(extra: dict) -> str:
-        (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(extra))
+        (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump({**extra, "model": model}))
         cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-               "results/models/default/model.pt", "--configfile", "config/config.yaml", "config/test.yaml",
+               "results/models/mine/model.pt", "--configfile", "config/config.yaml", "config/test.yaml",
                "-n", "-p"]
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -193,8 +195,8 @@ def test_workflow_plans_refine_before_train_when_enabled(tmp_path):
 
     on = plan({"synth": {"refiner": {"enabled": True, "params": {"steps": 10}}}})
     assert "nucseg --no-progress refine --synth results/synth/DEMO/shards" in on
-    assert "--steps 10" in on and "--weights results/synth/DEMO/refiner.pt" in on
+    assert re.search(r"--steps[= ]10\b", on) and "--weights results/synth/DEMO/refiner.pt" in on
     assert "train --synth results/synth/DEMO/refined " in on
-    off = plan({"model": {"name": "default"}})  # the default: no refiner
+    off = plan({})  # the default: no refiner
     assert "nucseg --no-progress refine" not in off
     assert "train --synth results/synth/DEMO/shards " in off

@@ -170,15 +170,18 @@ def test_nuclei_inside_tissue_and_tile_independent(segmented, demo_tissue):
 
 
 def test_gate_by_nucleus_is_tile_independent(segmented, demo_slide, demo_tissue, small_model, tmp_path):
-    """FFPE slides (DX) are gated by nucleus: recorded, different nuclei, and still independent of the tiling."""
+    """With the gate on, FFPE slides (DX) are gated by nucleus, others by pixel: recorded, different nuclei,
+    and still independent of the tiling. Without it (the default) the unit is recorded as off."""
     out = {}
-    for tile in (256, 512):
+    for tile, slide_type in ((256, "DX"), (512, "DX"), ("pixel", "")):
         out[tile] = tmp_path / f"n{tile}.parquet"
+        params = SegmentParams(tile_size=512 if tile == "pixel" else tile, hematoxylin_gate=True)
         segment_slide(demo_slide, out[tile], small_model, tissue_path=demo_tissue / "tissue.parquet",
-                      slide_id="demo", slide_type="DX", params=SegmentParams(tile_size=tile), progress=False)
+                      slide_id="demo", slide_type=slide_type, params=params, progress=False)
     assert io.read_provenance(out[512])["gate_unit"] == "nucleus"
-    assert io.read_provenance(segmented[512])["gate_unit"] == "pixel"
-    by_nucleus, by_pixel = gpd.read_parquet(out[512]), gpd.read_parquet(segmented[512])
+    assert io.read_provenance(out["pixel"])["gate_unit"] == "pixel"
+    assert io.read_provenance(segmented[512])["gate_unit"] == "off"
+    by_nucleus, by_pixel = gpd.read_parquet(out[512]), gpd.read_parquet(out["pixel"])
     assert_tiling_independent(gpd.read_parquet(out[256]), by_nucleus)
     # Whole nuclei are kept or dropped, never trimmed: they are larger than the pixel-gated ones.
     assert by_nucleus.area_um2.median() > by_pixel.area_um2.median()

@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=None, help="metrics JSON (default: print)")
     p.add_argument("--save-predictions", type=Path, default=None, help="folder for <id>.png uint16 instance maps")
-    p.add_argument("--hematoxylin-gate", action=argparse.BooleanOptionalAction, default=True,
-                   help="foreground only above each image's hematoxylin Otsu level (off: the network alone)")
+    p.add_argument("--hematoxylin-gate", action=argparse.BooleanOptionalAction, default=False,
+                   help="foreground only above each image's hematoxylin Otsu level (default: off, the network "
+                        "alone, as segment's default)")
     p.add_argument("--gate-unit", choices=("auto", "pixel", "nucleus"), default="auto",
                    help="what the gate removes: pixels below the level, or whole nuclei mostly below it; "
                         "auto: nucleus for FFPE (slide type DX), pixel otherwise")
@@ -318,9 +319,9 @@ def _cmd_synth(args, progress):
     from .synth import SynthParams, contact_sheet, generate_dataset, load_textures
 
     params = _dataclass_from_args(SynthParams, args)
-    textures, source_mpps = load_textures(_inputs(args, args.patches, required=False),
-                                          _parse_texture_dirs(args.texture_dir), params.mpp, with_mpp=True)
-    meta = generate_dataset(textures, args.out_dir, params, progress=progress, source_mpps=source_mpps)
+    textures = load_textures(_inputs(args, args.patches, required=False), _parse_texture_dirs(args.texture_dir),
+                             params.mpp)
+    meta = generate_dataset(textures, args.out_dir, params, progress=progress)
     if args.contact_sheet:
         with np.load(args.out_dir / meta["shards"][0]["file"]) as shard, np.load(args.out_dir / "real.npz") as real:
             io.write_png(args.contact_sheet, contact_sheet(shard["image"], real["patches"]))

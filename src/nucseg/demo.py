@@ -68,7 +68,8 @@ def demo_slide_image(shape: tuple[int, int], mpp: float, seed: int) -> np.ndarra
     rng = np.random.default_rng(seed)
     image, tissue, epithelium = tissue_section(shape, mpp, rng)
     params = SynthParams(mpp=mpp, distractors_per_patch=(0, 0), debris_per_patch=(0, 0), cytoplasm_per_patch=(0, 0),
-                         wash_probability=0.0, size_bias=(0.9, 1.15), large_fraction=0.0)
+                         wash_probability=0.0, size_bias=(0.9, 1.15), large_fraction=0.0, crisp_vesicular=0.0,
+                         large_coverage=(0.0, 0.0))
     colour = np.array([80.0, 50.0, 135.0])
     # Draw in 512-px windows so nuclear size and shape vary across the slide like real tissue.
     h, w = shape

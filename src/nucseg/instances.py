@@ -26,7 +26,7 @@ class InstanceParams:
     max_area_um2: float = 400.0
     min_distance_um: float = 2.0       # between the centres of two touching nuclei
     smooth_um: float = 0.25            # blur of the core distance map before its peaks are taken
-    hematoxylin_gate: bool = True      # foreground only where hematoxylin is above the image's Otsu level
+    hematoxylin_gate: bool = False     # foreground only where hematoxylin is above the image's Otsu level
     gate_unit: str = "pixel"           # what the gate removes: "pixel"s below the level, or whole "nucleus"es
     center_threshold: float = 0.5      # three-output models: centre map above it = cores (training calibrates to 0.5)
 

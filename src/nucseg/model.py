@@ -1,7 +1,7 @@
 """The segmentation network (a small U-Net written here, no torchvision) and its weights file.
 
 The network maps an RGB patch at the working resolution to two or three logits per pixel: nucleus
-foreground, nucleus boundary and, optionally (``TrainParams.center_head``), nucleus centre
+foreground, nucleus boundary and, optionally (earlier experimental models), nucleus centre
 (:func:`nucseg.instances.center_map`). Weights are shipped as a plain ``torch.save`` dict of tensors plus
 a JSON string of the architecture, loadable with ``weights_only=True``; the model id is the file's sha256.
 """

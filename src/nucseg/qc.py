@@ -216,7 +216,8 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
         (:func:`nucseg.instances.hematoxylin_gate`), and the stain floor of a faded slide is lowered to
         it (:func:`stain_floor`); None: ungated.
     gate_unit : str
-        The gate's unit the segment stage used (``pixel`` or ``nucleus``, :func:`nucseg.instances.gate_unit_for`).
+        The gate's unit the segment stage used (``pixel`` or ``nucleus``, :func:`nucseg.instances.gate_unit_for`;
+        ``off``: no gate, the level only lowers the stain floor).
     """
     floor = stain_floor(params, hematoxylin_level)
     small, small_mask = _resize_to(image, nuclei_mask, mpp_work / params.mpp)
@@ -231,9 +232,10 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
         region = (fg > 0.5).any(0) | stain_mask(image, floor)
         from .instances import InstanceParams, hematoxylin_gate
 
-        gate = None if hematoxylin_level is None else hematoxylin_gate(hematoxylin_od(image), mpp_work,
-                                                                       hematoxylin_level)
-        out.update(disagreement=tta_disagreement(probs, mpp_work, InstanceParams(gate_unit=gate_unit), gate),
+        gated = hematoxylin_level is not None and gate_unit != "off"
+        gate = hematoxylin_gate(hematoxylin_od(image), mpp_work, hematoxylin_level) if gated else None
+        inst = InstanceParams(hematoxylin_gate=gated, gate_unit=gate_unit if gated else "pixel")
+        out.update(disagreement=tta_disagreement(probs, mpp_work, inst, gate),
                    entropy=foreground_entropy(fg, region))
     out.update(grade_patches(pd.DataFrame([out]), params).iloc[0][["score", "bad", "reason"]].to_dict())
     return out
@@ -402,7 +404,7 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
             mpp_work, model_id = float(meta.get("mpp", mpp_work)), meta["model_id"]
         try:
             # Nuclei files written before the gate had a unit were gated by pixel.
-            unit = nuc_meta.get("gate_unit") if nuc_meta.get("gate_unit") in GATE_UNITS else "pixel"
+            unit = nuc_meta.get("gate_unit") if nuc_meta.get("gate_unit") in (*GATE_UNITS, "off") else "pixel"
             patches = check_patches(slide_path, nuclei, tiles, facts["mpp"], slide_id, backend, params, model,
                                     device, mpp_work, _float(nuc_meta.get("hematoxylin_level")), unit)
         except SlideError as exc:

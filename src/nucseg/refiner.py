@@ -48,7 +48,7 @@ class RefinerParams:
     condition: bool = True        # feed the foreground/boundary targets to the refiner
     max_synthetic: int = 512      # synthetic patches held in memory for training
     min_mask_dice_ratio: float = 0.9  # fail if refined patches' nuclei stop matching the masks (0: off)
-    mpp: float = 0.25
+    mpp: float = 0.5
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0          # torch CPU threads (0: torch's default)

@@ -68,9 +68,11 @@ class SegmentParams:
     center_threshold: float = 0.5     # three-output models: the centre map
     min_area_um2: float = 6.0
     max_area_um2: float = 400.0
-    hematoxylin_gate: bool = True  # foreground only above the slide's hematoxylin Otsu level
-    # What the gate removes: "pixel"s below the level or whole "nucleus"es mostly below it; "auto": by the
-    # slide type, nucleus for FFPE (DX), pixel for frozen sections and unknown (instances.gate_unit_for).
+    # Foreground only above the slide's hematoxylin Otsu level. Off by default: over the four annotated
+    # sources it cost 0.004 AJI on average and up to 0.018 on one (docs/model.md, "The hematoxylin gate").
+    hematoxylin_gate: bool = False
+    # With the gate on, what it removes: "pixel"s below the level or whole "nucleus"es mostly below it; "auto":
+    # by the slide type, nucleus for FFPE (DX), pixel for frozen sections and unknown (instances.gate_unit_for).
     gate_unit: str = "auto"
     # Test-time augmentation: the network's outputs averaged over this many flips / quarter turns (1-8).
     # Costs tta x the network's time; at 8, AJI +0.009 on MoNuSeg, -0.010 on CryoNuSeg (docs/experiments.md).
@@ -226,8 +228,8 @@ def _segment_into(writer, meta, slide_path, model, device, tissue, tissue_meta, 
             tissue = _detect_tissue(slide, mpp)
         slide_size = slide.dimensions
         scale = mpp / mpp_work
-        level = (slide_hematoxylin_level(slide, tissue, scale, mpp_work, seed_from(slide_id))
-                 if params.hematoxylin_gate else None)
+        # Measured with or without the gate: QC lowers its stain floor to it on faded slides.
+        level = slide_hematoxylin_level(slide, tissue, scale, mpp_work, seed_from(slide_id))
     meta.update(mpp=mpp, mpp_source=mpp_source, hematoxylin_level=level)
     margin = math.ceil(params.margin_um / mpp_work / 8) * 8
     core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
@@ -235,7 +237,7 @@ def _segment_into(writer, meta, slide_path, model, device, tissue, tissue_meta, 
     reader = BlockReader(slide_path, backend, blocks, scale)
     seams = SeamFilter(scale, margin)
     for frame, geoms, owners in _segment_blocks(reader, model, device, mpp_work, params, inst_params,
-                                                tissue, level, progress):
+                                                tissue, level if params.hematoxylin_gate else None, progress):
         keep = seams.filter(geoms, [blocks[i] for i in owners])
         writer.write(frame.iloc[keep].reset_index(drop=True), [geoms[k] for k in keep])
     return {"n_blocks": len(blocks), "n_seam_duplicates": seams.n_dropped}

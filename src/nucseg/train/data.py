@@ -12,8 +12,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..instances import center_map
-
 
 def list_shards(synth_dirs: list[str | Path]) -> list[tuple[Path, int, int]]:
     """``(shard path, first global index, count)`` for every shard of the given synth outputs."""
@@ -42,16 +40,14 @@ def nucleus_contrast(images: np.ndarray, instances: np.ndarray) -> np.ndarray:
     return np.where((n_fg > 0) & (n_bg > 0), background - nucleus, 0.0)
 
 
-def crowding_and_contrast(shards) -> tuple[np.ndarray, np.ndarray]:
-    """Share of nucleus pixels and :func:`nucleus_contrast` of every sample of the given shards, in their order
-    (one read of each shard)."""
-    fractions, contrasts = [], []
+def crowding(shards) -> np.ndarray:
+    """Share of nucleus pixels of every sample of the given shards, in their order (the strata of
+    ``TrainParams.weight_strata``)."""
+    fractions = []
     for path, _, _ in shards:
         with np.load(path) as data:
-            instances = data["instances"]
-            fractions.append((instances > 0).mean(axis=(1, 2)))
-            contrasts.append(nucleus_contrast(data["image"], instances))
-    return np.concatenate(fractions), np.concatenate(contrasts)
+            fractions.append((data["instances"] > 0).mean(axis=(1, 2)))
+    return np.concatenate(fractions)
 
 
 def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
@@ -106,16 +102,14 @@ def _rescale(image: np.ndarray, targets: np.ndarray, factor: float) -> tuple[np.
 class ShardStream(IterableDataset):
     """Iterate synthetic samples shard by shard (only one shard per worker in memory).
 
-    Yields ``(image uint8 HWC, targets float32 (C,H,W), weight float32, index int64)``; targets are the
-    foreground and boundary maps, plus the centre map (:func:`nucseg.instances.center_map`) with
-    ``center``, in the order of :data:`nucseg.model.OUTPUTS`.
+    Yields ``(image uint8 HWC, targets float32 (2,H,W), weight float32, index int64)``; targets are the
+    foreground and boundary maps, in the order of :data:`nucseg.model.OUTPUTS`.
     """
 
     def __init__(self, shards, weights: np.ndarray | None, augment: bool, seed: int = 0, stain_jitter: float = 0.15,
-                 center: bool = False, same_order: bool = False):
+                 same_order: bool = False):
         self.shards = shards
         self.same_order = same_order  # every pass in the first pass's order (validation: comparable passes)
-        self.center = center
         self.weights = weights
         self.augment = augment
         self.stain_jitter = stain_jitter
@@ -136,8 +130,7 @@ class ShardStream(IterableDataset):
             with np.load(path) as data:
                 images, inst, bnd = data["image"], data["instances"], data["boundary"]
             for i in rng.permutation(count):
-                maps = [inst[i] > 0, bnd[i] > 0] + ([center_map(inst[i])] if self.center else [])
-                targets = np.stack(maps).astype(np.float32)
+                targets = np.stack([inst[i] > 0, bnd[i] > 0]).astype(np.float32)
                 image = images[i]
                 if self.augment:
                     image, targets = augment(image, targets, rng, self.stain_jitter)
@@ -150,10 +143,9 @@ class SynthDataModule(pl.LightningDataModule):
     """Synthetic shards for training, with importance weights per sample and a held-out shard for validation."""
 
     def __init__(self, synth_dirs, weights: np.ndarray | None = None, batch_size: int = 8,
-                 num_workers: int = 0, seed: int = 0, stain_jitter: float = 0.15, center: bool = False):
+                 num_workers: int = 0, seed: int = 0, stain_jitter: float = 0.15):
         super().__init__()
         self.stain_jitter = stain_jitter
-        self.center = center  # stream the centre-map target too (a network with the centre head)
         self.shards = list_shards(synth_dirs)
         if not self.shards:
             raise ValueError(f"no synthetic shards under {synth_dirs}")
@@ -166,15 +158,14 @@ class SynthDataModule(pl.LightningDataModule):
         self.val_shards = self.shards[-1:]
 
     def train_dataloader(self):
-        ds = ShardStream(self.train_shards, self.weights, augment=True, seed=self.seed, stain_jitter=self.stain_jitter,
-                         center=self.center)
+        ds = ShardStream(self.train_shards, self.weights, augment=True, seed=self.seed, stain_jitter=self.stain_jitter)
         return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
         # The same held-out batches every time: validation passes (and a rerun's, fit_phase) are comparable.
-        return DataLoader(ShardStream(self.val_shards, None, augment=False, seed=self.seed, center=self.center,
-                                      same_order=True), batch_size=self.batch_size, num_workers=0)
+        return DataLoader(ShardStream(self.val_shards, None, augment=False, seed=self.seed, same_order=True),
+                          batch_size=self.batch_size, num_workers=0)
 
     def steps_per_epoch(self) -> int:
         return math.ceil(sum(c for _, _, c in self.train_shards) / self.batch_size)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import platform
 import shutil
 import time
@@ -20,9 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from .. import __version__, io
 from ..model import OUTPUTS, save_weights
-from .data import SynthDataModule, crowding_and_contrast, list_shards, read_shard_images
-from .modules import (DiscriminatorModule, SegmentationModule, TrainingClock, WeightAverage,
-                      effective_sample_size, importance_weights, stratified_weights)
+from .data import SynthDataModule, crowding, list_shards, read_shard_images
+from .modules import (DiscriminatorModule, SegmentationModule, TrainingClock, effective_sample_size,
+                      importance_weights, stratified_weights)
 from .params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ def random_crops(images: np.ndarray, size: int, rng: np.random.Generator) -> np.
 
 
 def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainParams,
-                        progress: bool, name: str = "discriminator") -> DiscriminatorModule:
+                        progress: bool) -> DiscriminatorModule:
     """Fit P(real | patch) on real tissue patches vs a sample of synthetic patches."""
     rng = np.random.default_rng(params.seed)
     # Both classes cropped alike, never beyond the smaller of them (patches may be smaller than disc_crop).
@@ -103,8 +102,8 @@ def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainPa
     loader = DataLoader(TensorDataset(images, labels), batch_size=32,
                         sampler=WeightedRandomSampler(sample_w, num_samples=len(labels),
                                                       generator=torch.Generator().manual_seed(params.seed)))
-    module = DiscriminatorModule(lr=params.disc_lr, augment=params.disc_augment, downsample=params.disc_downsample)
-    _trainer(out_dir, params.disc_steps, params, progress, name,
+    module = DiscriminatorModule(lr=params.disc_lr)
+    _trainer(out_dir, params.disc_steps, params, progress, "discriminator",
              enable_checkpointing=False).fit(module, loader)
     return module.eval()
 
@@ -120,84 +119,18 @@ def score_synthetic(disc: DiscriminatorModule, shards, batch: int = 64) -> np.nd
     return torch.cat(probs).numpy()
 
 
-def cross_fitted_p_real(real: np.ndarray, shards, out_dir: Path, params: TrainParams, progress: bool) -> np.ndarray:
-    """P(real) of every synthetic sample (global index order), each from a discriminator that never saw it.
-
-    With ``disc_folds`` = K > 1 the shards are split into K folds; fold k is scored by a discriminator
-    trained on the other folds. A discriminator scoring its own training patches calls them synthetic
-    more confidently than it would new ones (it has memorised them), which pushes their weights to the
-    clip floor; cross-fitting is the usual cure for that bias in density-ratio estimates.
-    """
-    folds = max(1, min(params.disc_folds, len(shards)))
-    if folds == 1:
-        return score_synthetic(train_discriminator(real, shards, out_dir, params, progress), shards)
-    p_real = np.empty(sum(count for *_, count in shards), np.float32)
-    for k in range(folds):
-        held = shards[k::folds]
-        others = [s for i, s in enumerate(shards) if i % folds != k]
-        disc = train_discriminator(real, others, out_dir, params, progress, name=f"discriminator_fold{k}")
-        probs, offset = score_synthetic(disc, held), 0
-        for _, start, count in held:
-            p_real[start:start + count] = probs[offset:offset + count]
-            offset += count
-    return p_real
-
-
-def calibrate_center_head(net, shards, mpp: float, n: int = 64,
-                          grid: tuple[float, ...] = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75),
-                          ) -> dict:
-    """Shift the centre head's bias so that 0.5 is its best core threshold on held-out synthetic patches.
-
-    How confident the centre map gets depends on training (a brief run's peaks stay below 0.5). The core
-    threshold giving the highest AJI on ``n`` patches of ``shards`` (never trained on; their labels come
-    with them), averaged with its neighbours on ``grid``, is moved to 0.5 by subtracting its logit from
-    the head's centre bias. A monotone shift changes no watershed, so every caller keeps
-    ``InstanceParams.center_threshold`` 0.5. Label-free: the patches are synthetic.
-
-    Returns the chosen threshold, the bias shift and the AJI at each threshold.
-    """
-    from ..evaluate import instance_metrics
-    from ..instances import InstanceParams, extract_instances
-    from ..model import predict
-
-    images, labels = [], []
-    for path, _, _ in shards:
-        with np.load(path) as data:
-            images.append(data["image"])
-            labels.append(data["instances"].astype(np.int32))
-    images, labels = np.concatenate(images)[:n], np.concatenate(labels)[:n]
-    net = net.eval()
-    device = next(net.parameters()).device
-    probs = np.concatenate([predict(net, images[i:i + 16], device) for i in range(0, len(images), 16)])
-    aji = {t: float(np.mean([instance_metrics(lab, extract_instances(
-        prob, mpp, InstanceParams(center_threshold=t, hematoxylin_gate=False)))["aji"]
-        for prob, lab in zip(probs, labels)])) for t in grid}
-    # The best of each threshold and its two neighbours: a peak at the edge of a cliff (a briefly trained
-    # centre map) would flip with the slightest change, such as the float16 rounding of the saved weights.
-    values = np.array([aji[t] for t in grid])
-    best = grid[int(np.argmax(np.convolve(np.pad(values, 1, mode="edge"), np.ones(3) / 3, mode="valid")))]
-    shift = -math.log(best / (1 - best))
-    with torch.no_grad():
-        net.head.bias[OUTPUTS.index("center")] += shift
-    log.info("centre head calibrated: threshold %.2f (synthetic AJI %.3f) moved to 0.5", best, aji[best])
-    return {"threshold": best, "bias_shift": round(shift, 4), "n_patches": len(images),
-            "synthetic_aji": {str(t): round(v, 4) for t, v in aji.items()}}
-
-
 # What the discriminator's scores depend on besides the data; the network's checkpoint depends on every
 # parameter but these (a resumed run may extend max_steps; workers and device do not change the result).
-DISCRIMINATOR_FIELDS = ("disc_steps", "disc_lr", "disc_crop", "disc_max_synthetic", "disc_folds", "disc_augment",
-                        "disc_downsample", "seed")
+DISCRIMINATOR_FIELDS = ("disc_steps", "disc_lr", "disc_crop", "disc_max_synthetic", "seed")
 RESUMABLE_CHANGES = ("max_steps", "num_workers", "accelerator")
 # Added after the synthetic training: changing them keeps its checkpoint and redoes the self-training only.
 SELF_TRAINING_FIELDS = ("self_training_steps", "self_training_lr", "self_training_share", "pseudo_label_band")
 
 
 def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, params: TrainParams, out_dir: Path,
-               key: str, progress: bool, teachers: list | None = None) -> dict:
-    """Fine-tune ``net`` in place on synthetic batches mixed with real patches pseudo-labelled
-    (:func:`nucseg.train.pseudo.pseudo_label`) by ``teachers`` (networks; default: ``net`` itself), for
-    ``params.self_training_steps`` steps.
+               key: str, progress: bool) -> dict:
+    """Fine-tune ``net`` in place on synthetic batches mixed with real patches that ``net`` itself
+    pseudo-labelled (:func:`nucseg.train.pseudo.pseudo_label`), for ``params.self_training_steps`` steps.
 
     Resumable like the synthetic training (``checkpoints/self_training/last.ckpt``, kept only under the same
     ``key``). Returns the card's summary: pseudo-label statistics, steps, final metrics.
@@ -205,18 +138,17 @@ def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, pa
     from .pseudo import pseudo_label
 
     device = next(net.parameters()).device
-    teachers = [t.to(device) for t in teachers] if teachers else [net]
-    targets = pseudo_label(teachers, real, params.mpp, params.center_head, params.pseudo_label_band, device=device)
+    targets = pseudo_label(net, real, params.mpp, params.pseudo_label_band, device=device)
     n_real = max(1, round(params.batch_size * params.self_training_share))
     summary = {"n_real_patches": int(len(real)), "real_per_batch": n_real,
                "foreground_fraction": float(targets[:, 0].mean()), "valid_fraction": float(targets[:, -1].mean())}
     log.info("self-training on %d pseudo-labelled real patches: %s", len(real), summary)
     dm = SynthDataModule(synth_dirs, weights, max(1, params.batch_size - n_real), params.num_workers, params.seed,
-                         params.stain_jitter, params.center_head)
+                         params.stain_jitter)
     module = SegmentationModule(base=params.base, depth=params.depth, lr=params.self_training_lr,
                                 weighted=params.weighted, boundary_weight=params.boundary_weight,
-                                max_steps=params.self_training_steps, center_head=params.center_head,
-                                pseudo_batch=n_real, stain_jitter=params.stain_jitter, seed=params.seed)
+                                max_steps=params.self_training_steps, pseudo_batch=n_real,
+                                stain_jitter=params.stain_jitter, seed=params.seed)
     module.net.load_state_dict(net.state_dict())
     module.pseudo_labelled = (real, targets)
     trainer, metrics, seconds = fit_phase(
@@ -226,24 +158,6 @@ def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, pa
     net.load_state_dict(module.net.state_dict())
     return {**summary, "steps": int(trainer.global_step), "seconds": _rounded(seconds),
             "metrics": {f"self_training_{k}": v for k, v in metrics.items()}}
-
-
-def load_teachers(paths, mpp: float) -> tuple[list, list[str]]:
-    """The teacher networks of ``paths`` (on the CPU) and their model ids (sha256 of the weights files).
-
-    A teacher must work at the student's resolution ``mpp``: its nuclei would otherwise be labelled at the
-    wrong scale.
-    """
-    from ..model import load_weights
-
-    nets, ids = [], []
-    for path in paths:
-        net, meta = load_weights(path)
-        if abs(float(meta["mpp"]) - mpp) > 1e-6:
-            raise ValueError(f"teacher {path}: works at {meta['mpp']} µm/px, the student at {mpp}")
-        nets.append(net)
-        ids.append(meta["model_id"])
-    return nets, ids
 
 
 def data_fingerprint(synth_dirs: list[str | Path]) -> str:
@@ -260,13 +174,50 @@ def _key(data: str, params: TrainParams, fields) -> str:
     return hashlib.sha256(json.dumps([data, {f: getattr(params, f) for f in fields}], default=str).encode()).hexdigest()
 
 
-def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: TrainParams = TrainParams(),
-                progress: bool = True, command: str | None = None, teachers: list[str | Path] = ()) -> dict:
-    """Train the segmentation network from synthetic shards; write weights and a model card.
+def importance_weighting(real: np.ndarray, shards, out_dir: Path, params: TrainParams, disc_key: str,
+                         progress: bool) -> tuple[np.ndarray, dict, float | None]:
+    """The importance weight of every synthetic sample (global index order), its summary for the card and
+    the discriminator's seconds (None where an older version did not record them).
 
-    ``teachers``: weights files (``model.pt``) whose mean probabilities pseudo-label the real patches of
-    the self-training (``params.self_training_steps``), instead of the network itself: knowledge
-    distillation from larger networks trained by this pipeline, on real tissue (docs/experiments.md).
+    The discriminator's scores are reused from ``out_dir/importance_weights.npz`` if made under ``disc_key``
+    (the same data and discriminator parameters), else trained and scored again; the weights are recomputed
+    from the scores every time, so a changed clip or number of strata takes effect on resume.
+    """
+    weights_file = out_dir / "importance_weights.npz"
+    p_real = stored = seconds = None
+    if weights_file.exists():  # the discriminator's scores from an earlier (interrupted) run
+        with np.load(weights_file) as data:
+            if "key" in data and str(data["key"]) == disc_key:
+                p_real, stored = data["p_real"], data["weight"]
+                seconds = float(data["seconds"]) if "seconds" in data else None  # older versions
+            else:
+                log.warning("%s: made from other data or discriminator parameters; scoring again", weights_file)
+    if p_real is None:
+        if len(real) == 0:
+            raise ValueError("no real patches for the discriminator")
+        started = time.monotonic()
+        p_real = score_synthetic(train_discriminator(real, shards, out_dir, params, progress), shards)
+        seconds = time.monotonic() - started
+    clipped = importance_weights(torch.from_numpy(p_real), params.weight_clip).numpy()
+    fraction = crowding(shards)
+    weights = stratified_weights(clipped, fraction, params.weight_strata)
+    if stored is None or not np.array_equal(stored, weights):
+        io.write_npz(weights_file, p_real=p_real, weight=weights, key=np.str_(disc_key),
+                     **({} if seconds is None else {"seconds": seconds}))
+    stats = {"mean": float(weights.mean()), "std": float(weights.std()),
+             "quantiles": dict(zip(["min", "q10", "q50", "q90", "max"],
+                                   np.quantile(weights, [0, .1, .5, .9, 1]).round(4).tolist())),
+             "clipped_low": float((clipped <= params.weight_clip[0] + 1e-6).mean()),
+             "clipped_high": float((clipped >= params.weight_clip[1] - 1e-6).mean()),
+             "effective_sample_size": effective_sample_size(weights),
+             "p_real_vs_crowding": float(spearmanr(p_real, fraction).statistic)}  # see weight_strata
+    log.info("importance weights: %s", stats)
+    return weights, stats, seconds
+
+
+def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: TrainParams = TrainParams(),
+                progress: bool = True, command: str | None = None) -> dict:
+    """Train the segmentation network from synthetic shards; write weights and a model card.
 
     Outputs in ``out_dir``: ``model.pt`` (weights only), ``model_card.json``, ``importance_weights.npz``,
     ``checkpoints/last.ckpt`` (resume point: rerunning continues from it), CSV logs under
@@ -274,9 +225,6 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     beside the generator parameters of each synth dir, so the card says how its data and weights were made.
     """
     started = time.monotonic()
-    if teachers and params.self_training_steps == 0:
-        raise ValueError("teachers label the self-training's real patches: set self_training_steps > 0")
-    teacher_nets, teacher_ids = load_teachers(teachers, params.mpp)  # before training: fail fast
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(params.seed, workers=True, verbose=False)
@@ -288,75 +236,25 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     # An earlier run's discriminator scores and checkpoint are reused only if made from the same data and
     # parameters: when snakemake reruns training because its inputs changed, nothing stale may carry over.
     data_key = data_fingerprint(synth_dirs)
-    disc_key = _key(data_key, params, DISCRIMINATOR_FIELDS)
     net_key = _key(data_key, params, [f for f in asdict(params) if f not in RESUMABLE_CHANGES + SELF_TRAINING_FIELDS])
-    weights_file = out_dir / "importance_weights.npz"
-    p_real = stored = None
-    disc_seconds = None
-    if weights_file.exists():  # the discriminator's scores from an earlier (interrupted) run
-        with np.load(weights_file) as data:
-            if "key" in data and str(data["key"]) == disc_key:
-                p_real, stored = data["p_real"], data["weight"]
-                disc_seconds = float(data["seconds"]) if "seconds" in data else None  # older versions
-            else:
-                log.warning("%s: made from other data or discriminator parameters; scoring again", weights_file)
-    if p_real is None:
-        if len(real) == 0:
-            raise ValueError("no real patches for the discriminator")
-        disc_started = time.monotonic()
-        p_real = cross_fitted_p_real(real, shards, out_dir, params, progress)
-        disc_seconds = time.monotonic() - disc_started
-    # Recomputed from the scores every time, so a changed clip or power takes effect on resume.
-    clipped = importance_weights(torch.from_numpy(p_real), params.weight_clip, params.weight_power).numpy()
-    crowding, contrast = crowding_and_contrast(shards)
-    weights = stratified_weights(clipped, crowding, params.weight_strata, contrast, params.contrast_strata)
-    if stored is None or not np.array_equal(stored, weights):
-        io.write_npz(weights_file, p_real=p_real, weight=weights, key=np.str_(disc_key),
-                     **({} if disc_seconds is None else {"seconds": disc_seconds}))
-    w_stats = {"mean": float(weights.mean()), "std": float(weights.std()),
-               "quantiles": dict(zip(["min", "q10", "q50", "q90", "max"],
-                                     np.quantile(weights, [0, .1, .5, .9, 1]).round(4).tolist())),
-               "clipped_low": float((clipped <= params.weight_clip[0] ** params.weight_power + 1e-6).mean()),
-               "clipped_high": float((clipped >= params.weight_clip[1] ** params.weight_power - 1e-6).mean()),
-               "effective_sample_size": effective_sample_size(weights),
-               "p_real_vs_crowding": float(spearmanr(p_real, crowding).statistic),  # see weight_strata
-               "p_real_vs_contrast": float(spearmanr(p_real, contrast).statistic)}  # see contrast_strata
-    log.info("importance weights: %s", w_stats)
-
-    dm = SynthDataModule(synth_dirs, weights if params.weighted else None, params.batch_size,
-                         params.num_workers, params.seed, params.stain_jitter, params.center_head)
+    weights, w_stats, disc_seconds = importance_weighting(real, shards, out_dir, params,
+                                                          _key(data_key, params, DISCRIMINATOR_FIELDS), progress)
+    sample_weights = weights if params.weighted else None
+    dm = SynthDataModule(synth_dirs, sample_weights, params.batch_size, params.num_workers, params.seed,
+                         params.stain_jitter)
     module = SegmentationModule(base=params.base, depth=params.depth, lr=params.lr, weighted=params.weighted,
-                                boundary_weight=params.boundary_weight, max_steps=params.max_steps,
-                                center_head=params.center_head, adapt_weight=params.adapt_weight,
-                                adapt_real_batch=params.adapt_real_batch, hard_examples=params.hard_examples,
-                                seed=params.seed)
-    if params.adapt_weight > 0:
-        module.real_patches = torch.from_numpy(real)
-    averager = WeightAverage(round(params.max_steps * (1 - params.average_last))) if params.average_last > 0 else None
+                                boundary_weight=params.boundary_weight, max_steps=params.max_steps, seed=params.seed)
     # (The self-training's checkpoints lie inside this folder: a stale synthetic phase takes them with it.)
     trainer, metrics, synthetic_seconds = fit_phase(
         module, dm, params.max_steps, out_dir / "checkpoints", net_key,
         "made from other data or training parameters; training from scratch", out_dir, params, progress,
-        "segmentation", [] if averager is None else [averager])
-    averaging = None
-    if averager is not None and averager.average is not None:
-        # From here on the module holds the averaged weights (last.ckpt keeps the last iterate, to resume from).
-        module.net.load_state_dict(averager.average)
-        averaging = {"from_step": averager.start_step, "n_averaged": averager.n_averaged,
-                     "last_iterate_metrics": metrics}
-        metrics = {**metrics, **trainer.validate(module, datamodule=dm, verbose=False)[0]}
+        "segmentation")
     self_training = None
     if params.self_training_steps > 0:
         self_key = _key(data_key, params, [f for f in asdict(params) if f not in ("num_workers", "accelerator")])
-        if teacher_ids:  # other teachers, other targets: self-train again
-            self_key = hashlib.sha256(json.dumps([self_key, teacher_ids]).encode()).hexdigest()
-        self_training = self_train(module.net, real, synth_dirs, weights if params.weighted else None, params,
-                                   out_dir, self_key, progress, teacher_nets)
-        self_training["teachers"] = [{"path": str(t), "model_id": i} for t, i in zip(teachers, teacher_ids)]
+        self_training = self_train(module.net, real, synth_dirs, sample_weights, params, out_dir, self_key, progress)
         metrics = {**metrics, **self_training["metrics"]}
-    calibration = calibrate_center_head(module.net, dm.val_shards, params.mpp) if params.center_head else None
 
-    wall = time.monotonic() - started
     # Each phase's time summed over the runs that made it (an interrupted or resumed phase counts all of its
     # runs; None where an older version did not record it); this run's own time beside them. A phase finished
     # by an earlier run reports its checkpoint's time, saved at its last step, before its final validation.
@@ -370,16 +268,16 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
                           "n_real_for_discriminator": int(len(real)), "manual_labels": 0,
                           "synth_params": [json.loads((Path(d) / "params.json").read_text())["params"]
                                            for d in synth_dirs]},
-        "importance_weights": w_stats, "metrics": metrics, "weight_averaging": averaging,
-        "center_calibration": calibration, "self_training": self_training,
+        "importance_weights": w_stats, "metrics": metrics, "self_training": self_training,
         "global_step": int(trainer.global_step),
         "wall_time_s": None if None in phases.values() else round(sum(phases.values()), 1),
-        "phase_time_s": phases, "this_run_s": round(wall, 1),
+        "phase_time_s": phases, "this_run_s": round(time.monotonic() - started, 1),
         "hardware": {"device": "cuda" if torch.cuda.is_available() else "cpu",
                      "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
     }
     card["model_id"] = save_weights(module.net, out_dir / "model.pt",
                                     {"mpp": params.mpp, "name": out_dir.name, "metrics": metrics})
     io.write_json(out_dir / "model_card.json", card)
-    log.info("model %s written (%.0f s, step %d, %s)", card["model_id"][:12], wall, trainer.global_step, metrics)
+    log.info("model %s written (%.0f s, step %d, %s)", card["model_id"][:12], card["this_run_s"],
+             trainer.global_step, metrics)
     return card
