@@ -1,16 +1,22 @@
 """Whole-slide inference throughput and peak memory (a benchmark, not a test; prints JSON).
 
-Builds large pyramidal TIFF slides at 0.25 µm/px from real tissue (a mosaic of the MoNuSeg tiles in
+Builds large pyramidal TIFF slides at 0.25 µm/px (40x) from real tissue (a mosaic of the MoNuSeg tiles in
 ../shared/data/nuclei/monuseg, randomly flipped/rotated; only the images, never the annotations), then
-measures on the largest:
-  * read-only Mpx/s: reading every block through the DataLoader, no network;
-  * network-only Mpx/s: the U-Net on in-memory batches;
-  * end-to-end Mpx/s: ``nucseg segment`` (read + network + instances + features + GeoParquet);
-and the peak RSS of an end-to-end run (in a fresh process) for each slide size, to show that memory
-does not grow with the slide.
+measures, every rate with its pixels named (``level0``: slide pixels at 0.25 µm/px; ``working``: pixels at the
+model's resolution, 0.5 µm/px for the shipped model, a quarter as many):
+  * read-only: reading every block through the DataLoader, no network;
+  * network-only: the U-Net on in-memory batches;
+  * post-processing per core: gate, instance extraction, outlines and features on real network outputs of
+    the largest slide's blocks, one thread;
+  * end-to-end: ``nucseg segment`` (read + network + post-processing + GeoParquet), per slide size, with its
+    peak RSS in a fresh process (memory must not grow with the slide);
+  * the fixed per-slide cost (model load, gate level, worker start): the intercept of end-to-end seconds
+    against pixels over the sizes (needs two sizes or more);
+  * slides per hour for a TCGA 40x slide with 2.4 gigapixels of tissue, from that fit.
 
-    python benchmarks/throughput.py --sizes 4000 8000 [--checkpoint model.pt] [--workers 2] [--tta 8]
-    python benchmarks/throughput.py --sizes 20000        # the issue's 20,000² slide (slow on 2 CPUs)
+    python benchmarks/throughput.py --sizes 4000 8000 [--checkpoint model.pt] [--tta 8] [--out t.json]
+    python benchmarks/throughput.py --device cuda --sizes 8000 40000 --workers 4 --postprocess-workers 12 \
+        --batch-size 16        # the GPU recipe (docs/cluster.md): one H100/H200 node with 16 cores
 
 Generated slides go to a temporary folder and are deleted.
 """
@@ -81,7 +87,7 @@ def default_checkpoint() -> Path:
 
 
 def read_only(slide: Path, tile: int, workers: int) -> float:
-
+    """Level-0 Mpx/s of reading every block of ``slide`` through the DataLoader."""
     from torch.utils.data import DataLoader
 
     from nucseg.segment import BlockReader, plan_blocks
@@ -98,43 +104,117 @@ def read_only(slide: Path, tile: int, workers: int) -> float:
     return dims[0] * dims[1] / 1e6 / (time.perf_counter() - started)
 
 
-def network_only(checkpoint: Path, tile: int, tta: int = 1, batches: int = 6) -> float:
-    import math
-
+def _model(checkpoint: Path, device: str):
     import torch
 
-    from nucseg.model import load_weights, predict
+    from nucseg.model import load_weights, resolve_device
+
+    dev = resolve_device(device)
+    model, meta = load_weights(checkpoint, dev)
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model, dev, float(meta.get("mpp", 0.25))
+
+
+def network_only(checkpoint: Path, tile: int, device: str, tta: int = 1, batch: int = 4, batches: int = 6) -> float:
+    """Working-resolution Mpx/s (core pixels, as end-to-end counts them) of the network on in-memory batches."""
+    import math
+
+    from nucseg.model import predict
     from nucseg.segment import SegmentParams
 
-    model, meta = load_weights(checkpoint)
-    model = model.to(memory_format=torch.channels_last)
+    model, dev, mpp_work = _model(checkpoint, device)
     # The same read size as `nucseg segment`: core plus the margin on both sides.
-    margin = math.ceil(SegmentParams().margin_um / float(meta.get("mpp", 0.25)) / 8) * 8
-    images = np.random.default_rng(0).integers(0, 255, (4, tile + 2 * margin, tile + 2 * margin, 3), dtype=np.uint8)
-    predict(model, images, torch.device("cpu"))  # warm-up
+    margin = math.ceil(SegmentParams().margin_um / mpp_work / 8) * 8
+    images = np.random.default_rng(0).integers(0, 255, (batch, tile + 2 * margin, tile + 2 * margin, 3),
+                                               dtype=np.uint8)
+    predict(model, images, dev)  # warm-up
+    _sync(dev)
     started = time.perf_counter()
     for _ in range(batches):
-        predict(model, images, torch.device("cpu"), tta)
-    # Count core pixels only, as the end-to-end figure does.
-    return batches * 4 * tile * tile / 1e6 / (time.perf_counter() - started)
+        predict(model, images, dev, tta)
+    _sync(dev)
+    return batches * batch * tile * tile / 1e6 / (time.perf_counter() - started)
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def postprocess_per_core(slide: Path, checkpoint: Path, tile: int, device: str, n_blocks: int = 24) -> dict:
+    """Working-resolution Mpx/s of one thread's post-processing (gate, extraction, outlines, features) on the
+    network's real outputs for ``n_blocks`` blocks from the middle of ``slide``; with and without the gate."""
+    import math
+
+    import cv2
+    import torch
+
+    from nucseg.model import predict
+    from nucseg.segment import BlockReader, SegmentParams, _postprocess_batch, plan_blocks, slide_hematoxylin_level
+    from nucseg.slides import open_slide
+
+    model, dev, mpp_work = _model(checkpoint, device)
+    with open_slide(slide) as s:
+        dims, mpp = s.dimensions, s.mpp
+        scale = mpp / mpp_work
+        level = slide_hematoxylin_level(s, None, scale, mpp_work, seed=0)
+    margin = math.ceil(SegmentParams().margin_um / mpp_work / 8) * 8
+    blocks = plan_blocks(dims, scale, tile, margin, None)
+    mid = max(0, len(blocks) // 2 - n_blocks // 2)
+    blocks = blocks[mid:mid + n_blocks]
+    reader = BlockReader(slide, "tiffslide", blocks, scale)
+    batch = [reader[i] for i in range(len(blocks))]
+    probs = np.concatenate([predict(model, np.stack([im for _, im in batch[k:k + 4]]), dev)
+                            for k in range(0, len(batch), 4)])
+    batch = [(k, im) for k, (_, im) in enumerate(batch)]
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    out = {}
+    for name, gated in (("no_gate", False), ("gate", True)):
+        params = SegmentParams(hematoxylin_gate=gated).instance_params("DX")
+        started = time.perf_counter()
+        frame, _, _ = _postprocess_batch(batch, probs, blocks, scale, mpp_work, params, None, level if gated else None)
+        seconds = time.perf_counter() - started
+        out[name] = {"postprocess_working_mpx_per_s_per_core": round(len(blocks) * tile * tile / 1e6 / seconds, 3),
+                     "n_nuclei": len(frame)}
+    return out
 
 
 END_TO_END = """
 import json, resource, sys, time
 from nucseg.segment import SegmentParams, segment_slide
 t = time.perf_counter()
-s = segment_slide(sys.argv[1], sys.argv[2], sys.argv[3], params=SegmentParams(tile_size=int(sys.argv[4]),
-                  workers=int(sys.argv[5]), tta=int(sys.argv[6])), progress=False)
+a = sys.argv
+s = segment_slide(a[1], a[2], a[3], params=SegmentParams(tile_size=int(a[4]), workers=int(a[5]), tta=int(a[6]),
+                  device=a[7], postprocess_workers=int(a[8]), batch_size=int(a[9])), progress=False)
 wall = time.perf_counter() - t
 rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print(json.dumps({"seconds": wall, "n_nuclei": s["n_nuclei"], "n_blocks": s["n_blocks"], "peak_rss_mb": rss / 1024}))
 """
 
 
-def end_to_end(slide: Path, checkpoint: Path, tile: int, workers: int, tta: int, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", END_TO_END, str(slide), str(out), str(checkpoint), str(tile),
-                           str(workers), str(tta)], capture_output=True, text=True, check=True)
+def end_to_end(slide: Path, checkpoint: Path, args, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", END_TO_END, str(slide), str(out), str(checkpoint),
+                           *map(str, (args.tile_size, args.workers, args.tta, args.device, args.postprocess_workers,
+                                      args.batch_size))], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fixed_cost(slides: list[dict]) -> dict:
+    """Seconds = fixed + level-0 Mpx / rate, fitted over the slide sizes; and slides/hour for 2.4 Gpx of tissue."""
+    if len(slides) < 2:
+        return {}
+    mpx = np.array([s["level0_mpx"] for s in slides])
+    seconds = np.array([s["seconds"] for s in slides])
+    slope, intercept = np.polyfit(mpx, seconds, 1)
+    per_slide_s = intercept + 2400 * slope
+    return {"fixed_per_slide_s": round(float(intercept), 2),
+            "marginal_level0_mpx_per_s": round(float(1 / slope), 3),
+            "tcga_2p4_gpx_tissue_slide_s": round(float(per_slide_s), 1),
+            "tcga_2p4_gpx_tissue_slides_per_hour": round(3600 / float(per_slide_s), 2)}
 
 
 def main() -> None:
@@ -142,31 +222,49 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4000, 8000], help="slide sides (px at 0.25 µm/px)")
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--tile-size", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="tile readers")
+    parser.add_argument("--postprocess-workers", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--tta", type=int, default=1, help="test-time augmentations (SegmentParams.tta)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     checkpoint = args.checkpoint or default_checkpoint()
-    result = {"checkpoint": str(checkpoint), "tile_size": args.tile_size, "workers": args.workers, "tta": args.tta,
-              "cpus": os.cpu_count(), "slides": []}
+    _, dev, mpp_work = _model(checkpoint, args.device)
+    working_per_level0 = (0.25 / mpp_work) ** 2
+    result = {"checkpoint": str(checkpoint), "device": dev.type, "mpp_work": mpp_work, "cpus": os.cpu_count(),
+              **{k: getattr(args, k) for k in ("tile_size", "workers", "postprocess_workers", "batch_size", "tta")},
+              "slides": []}
     with tempfile.TemporaryDirectory(dir=REPO.parent if os.access(REPO.parent, os.W_OK) else None) as tmp:
         for size in sorted(args.sizes):
             slide = Path(tmp) / f"mosaic_{size}.tiff"
             started = time.perf_counter()
             build_slide(slide, size)
             side = -(-size // 512) * 512  # the mosaic is made of whole 512-px tiles
-            entry = {"size": side, "mpx": side * side / 1e6, "build_seconds": round(time.perf_counter() - started, 1)}
-            e2e = end_to_end(slide, checkpoint, args.tile_size, args.workers, args.tta, Path(tmp) / f"n_{size}.parquet")
-            entry.update(end_to_end_mpx_s=round(entry["mpx"] / e2e["seconds"], 3),
-                         nuclei_per_s=round(e2e["n_nuclei"] / e2e["seconds"], 1), **e2e)
+            entry = {"side_level0_px": side, "level0_mpx": side * side / 1e6,
+                     "build_s": round(time.perf_counter() - started, 1)}
+            e2e = end_to_end(slide, checkpoint, args, Path(tmp) / f"n_{size}.parquet")
+            entry.update(seconds=round(e2e["seconds"], 2), n_nuclei=e2e["n_nuclei"], n_blocks=e2e["n_blocks"],
+                         peak_rss_mb=round(e2e["peak_rss_mb"], 1),
+                         end_to_end_level0_mpx_per_s=round(entry["level0_mpx"] / e2e["seconds"], 3),
+                         end_to_end_working_mpx_per_s=round(entry["level0_mpx"] * working_per_level0
+                                                            / e2e["seconds"], 3),
+                         nuclei_per_s=round(e2e["n_nuclei"] / e2e["seconds"], 1))
             result["slides"].append(entry)
         largest = Path(tmp) / f"mosaic_{max(args.sizes)}.tiff"
-        result["read_only_mpx_s"] = round(read_only(largest, args.tile_size, args.workers), 3)
-        result["network_only_mpx_s"] = round(network_only(checkpoint, args.tile_size, args.tta), 3)
+        result["read_only_level0_mpx_per_s"] = round(read_only(largest, args.tile_size, args.workers), 3)
+        result["network_only_working_mpx_per_s"] = round(network_only(checkpoint, args.tile_size, args.device,
+                                                                      args.tta, args.batch_size), 3)
+        result["postprocess"] = postprocess_per_core(largest, checkpoint, args.tile_size, args.device)
     rss = [s["peak_rss_mb"] for s in result["slides"]]
     result["peak_rss_ratio_largest_to_smallest"] = round(rss[-1] / rss[0], 3)
-    result["end_to_end_over_network_only"] = round(result["slides"][-1]["end_to_end_mpx_s"]
-                                                   / result["network_only_mpx_s"], 3)
-    print(json.dumps(result, indent=2))
+    result["end_to_end_over_network_only_working"] = round(result["slides"][-1]["end_to_end_working_mpx_per_s"]
+                                                           / result["network_only_working_mpx_per_s"], 3)
+    result.update(fixed_cost(result["slides"]))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
