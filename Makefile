@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-fast dryrun aperio cohorts clean distclean
+.PHONY: setup demo lint test test-fast dryrun aperio cohorts clean distclean
 
 setup: $(STAMP)
 
@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml envs/requirements.txt
 	touch $@
 
 demo: setup
-	$(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES)
-	@echo "grades:" && cat results/qc/grades.tsv
+	$(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) all results/models/demo/model.pt
+	@echo "grades (results/qc/grades.tsv):" && cat results/qc/grades.tsv
+	@echo "look at: results/qc/slides.parquet (one row per slide), results/DEMO/DEMO-01/nuclei.parquet," \
+	  "results/DEMO/DEMO-01/qc_overlay.png (tissue, nuclei, checked patches), results/report/grades.html," \
+	  "results/export/qupath/DEMO/DEMO-01.geojson; the briefly trained demo model: results/models/demo/model_card.json"
 
 dryrun: setup
 	$(BIN)/snakemake --configfile config/demo.yaml -n
@@ -34,7 +37,11 @@ aperio: setup
 cohorts: setup
 	$(BIN)/nucseg cohort --all-seed-types --out-dir config/cohorts
 
-test: setup
+# Static checks (pyflakes, bugbear, complexity, style; config in pyproject.toml), before any test runs.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest -q -rs
 
 test-fast: setup

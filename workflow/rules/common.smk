@@ -220,9 +220,12 @@ def per_slide(pattern, cancer_type):
     return [pattern.format(cancer_type=cancer_type, slide_id=s) for s in SLIDES_BY_TYPE[cancer_type]]
 
 
-def export_targets():
-    """Per-slide export files of the built cancer types, for each export switched on (or all, for one target)."""
-    return [f"results/export/qupath/{t}/{s}.geojson" for t in SELECTED for s in SLIDES_BY_TYPE[t]]
+EXPORT_PATTERNS = {"qupath": "results/export/qupath/{t}/{s}.geojson", "tcia": "results/export/tcia/{t}/{s}"}
+
+
+def export_targets(kind):
+    """The per-slide files of one export (qupath, tcia) for every slide of the built cancer types."""
+    return [EXPORT_PATTERNS[kind].format(t=t, s=s) for t in SELECTED for s in SLIDES_BY_TYPE[t]]
 
 
 def all_targets():
@@ -231,6 +234,7 @@ def all_targets():
     # The report's figures (qc.smk report_* rules).
     targets += ["results/report/grades.html", "results/report/pct_bad_patches.png",
                 "results/report/nuclei_density.png", "results/report/thumbnails"]
-    if config["export"].get("qupath"):
-        targets += export_targets()
+    for kind in EXPORT_PATTERNS:
+        if config["export"].get(kind):
+            targets += export_targets(kind)
     return targets
