@@ -84,9 +84,11 @@ def summarize(per_model: dict[str, dict[str, list[dict]]]) -> dict:
                 entry["n_tiles"] = len(sel)
                 means.setdefault(model, {}).setdefault(dataset, {})[group] = entry
                 for other in ("pixel", "off"):
-                    paired.setdefault(dataset, {}).setdefault(group, {}).setdefault(f"nucleus_minus_{other}", []).append(
+                    by_group = paired.setdefault(dataset, {}).setdefault(group, {})
+                    by_group.setdefault(f"nucleus_minus_{other}", []).append(
                         entry["nucleus"]["aji"] - entry[other]["aji"])
-                paired[dataset][group].setdefault("auto_minus_pixel", []).append(entry["auto"]["aji"] - entry["pixel"]["aji"])
+                paired[dataset][group].setdefault("auto_minus_pixel", []).append(
+                    entry["auto"]["aji"] - entry["pixel"]["aji"])
     summary = {d: {g: {k: {"mean": round(float(np.mean(v)), 4), "models_ahead": int(np.sum(np.array(v) > 0)),
                            "n_models": len(v)} for k, v in comps.items()} for g, comps in groups.items()}
                for d, groups in paired.items()}

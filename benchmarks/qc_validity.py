@@ -134,7 +134,7 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
     probs = tta_predict(model, crops, device, params.tta, params.batch_size)
     probs = probs[..., margin:margin + size, margin:margin + size]
     rows = []
-    for (y, x), p in zip(boxes, probs):
+    for (y, x), p in zip(boxes, probs, strict=True):
         true = truth[y:y + size, x:x + size]
         n_true = len(np.unique(true)) - (1 if (true == 0).any() else 0)
         if n_true < min_nuclei:

@@ -7,7 +7,8 @@ and an unweighted model trained from the same shards with the same seed, steps a
     for s in 1 2 3; do
       snakemake --configfile config/config.yaml config/train_shipped_recipe.yaml --cores 2 \\
         --config "model={name: weighted_s$s, train: {seed: $s}}" results/models/weighted_s$s/model.pt
-      snakemake --configfile config/config.yaml config/train_shipped_recipe.yaml config/train_unweighted.yaml --cores 2 \\
+      snakemake --configfile config/config.yaml config/train_shipped_recipe.yaml config/train_unweighted.yaml \\
+        --cores 2 \\
         --config "model={name: unweighted_s$s, train: {seed: $s}}" results/models/unweighted_s$s/model.pt
     done
     python benchmarks/weighting_ablation.py \\
@@ -51,7 +52,8 @@ def summarize(per_seed: dict) -> dict:
                               "difference": {m: w["mean"][m] - u["mean"][m] for m in METRICS}}
     for m in METRICS:
         diffs = np.array([out["seeds"][s]["difference"][m] for s in seeds])
-        out[f"{m}_difference"] = {"mean": float(diffs.mean()), "sd": float(diffs.std(ddof=1)) if len(diffs) > 1 else None,
+        out[f"{m}_difference"] = {"mean": float(diffs.mean()),
+                                  "sd": float(diffs.std(ddof=1)) if len(diffs) > 1 else None,
                                   "min": float(diffs.min()), "max": float(diffs.max()),
                                   "seeds_weighted_ahead": int((diffs > 0).sum()), "n_seeds": len(diffs)}
     tile_diff = np.mean([[a["aji"] - b["aji"] for a, b in zip(per_seed[s]["weighted"]["images"],

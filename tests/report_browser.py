@@ -86,7 +86,8 @@ def decoded_images(dom: str) -> dict[str, tuple[int, int]]:
 
 def iframe_documents(dom: str) -> list[str]:
     """Decoded HTML of the ``data:text/html;base64`` iframes the app shows."""
-    return [base64.b64decode(b).decode() for b in re.findall(r'<iframe[^>]+src="data:text/html;[^"]*base64,([^"]+)"', dom)]
+    frames = re.findall(r'<iframe[^>]+src="data:text/html;[^"]*base64,([^"]+)"', dom)
+    return [base64.b64decode(b).decode() for b in frames]
 
 
 def visible_text(dom: str) -> str:

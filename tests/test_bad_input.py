@@ -134,7 +134,8 @@ def _section_schema(schema, path):
     return node
 
 
-@pytest.mark.parametrize("path, cls, workflow_set, extra", _sections(), ids=lambda v: ".".join(v) if isinstance(v, tuple) else None)
+@pytest.mark.parametrize("path, cls, workflow_set, extra", _sections(),
+                         ids=lambda v: ".".join(v) if isinstance(v, tuple) else None)
 def test_schema_and_parameter_dataclass_agree(path, cls, workflow_set, extra):
     """Every dataclass field has a schema entry (and no other key), whose type its default satisfies."""
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())

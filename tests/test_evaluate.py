@@ -122,7 +122,8 @@ def test_label_map_layout_through_the_cli(tmp_path, rng, caplog):
     assert result["tta"] == 8 and result["mean"]["f1"] == 1.0
     assert {r["gate_unit"] for r in result["images"]} == {"off"}  # no gate by default, as segment
     # With the gate, its unit follows each image's slide type (manifest), unless given.
-    assert main(["-q", "evaluate", "--dataset", str(root), "--hematoxylin-gate", "--out", str(tmp_path / "g.json")]) == 0
+    assert main(["-q", "evaluate", "--dataset", str(root), "--hematoxylin-gate",
+                 "--out", str(tmp_path / "g.json")]) == 0
     result = json.loads((tmp_path / "g.json").read_text())
     assert [(r["slide_type"], r["gate_unit"]) for r in result["images"]] == [("DX", "nucleus"), ("", "pixel")]
     assert main(["-q", "evaluate", "--dataset", str(root), "--hematoxylin-gate", "--gate-unit", "pixel",
@@ -176,7 +177,8 @@ def test_label_map_layout_reads_the_formats_other_tools_write(tmp_path, rng):
         assert np.abs(s.image.astype(int) - img).max() <= 1, s.id
         assert s.labels.dtype == np.int32 and s.labels.shape == labels.shape
         # The same nuclei, whatever ids the format gave them.
-        assert instance_metrics(labels, s.labels)["aji"] == 1.0 and s.labels.max() == 3 and (s.labels[labels == 0] == 0).all()
+        assert instance_metrics(labels, s.labels)["aji"] == 1.0
+        assert s.labels.max() == 3 and (s.labels[labels == 0] == 0).all()
 
 
 def test_bad_files_are_named_and_skipped_without_stopping_the_others(tmp_path, rng):

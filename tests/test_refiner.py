@@ -59,7 +59,7 @@ def test_refine_command_writes_shards_the_trainer_reads(synth_dir, tmp_path):
     assert rc == 0
     src_shards, new_shards = list_shards([synth_dir / "shards"]), list_shards([out])
     assert [(p.name, s, c) for p, s, c in src_shards] == [(p.name, s, c) for p, s, c in new_shards]
-    for (a_path, *_), (b_path, *_) in zip(src_shards, new_shards):
+    for (a_path, *_), (b_path, *_) in zip(src_shards, new_shards, strict=True):
         with np.load(a_path) as a, np.load(b_path) as b:
             assert sorted(a.files) == sorted(b.files)
             assert np.array_equal(a["instances"], b["instances"]) and np.array_equal(a["boundary"], b["boundary"])

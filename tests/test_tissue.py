@@ -192,7 +192,8 @@ def test_blurred_slide_fails(tmp_path, mosaic):
 
 def test_blank_slide_fails(tmp_path, mosaic):
     blank = np.full_like(mosaic, GLASS)
-    blank[..., 0] = np.clip(blank[..., 0].astype(int) + np.random.default_rng(1).integers(-2, 3, blank.shape[:2]), 0, 255)
+    noise = np.random.default_rng(1).integers(-2, 3, blank.shape[:2])
+    blank[..., 0] = np.clip(blank[..., 0].astype(int) + noise, 0, 255)
     facts = detect_tissue(write_slide(tmp_path / "s.tiff", blank), tmp_path / "out", "s")
     assert facts["status"] == "failed" and facts["failure_reason"].startswith("blank slide")
     assert facts["grey_std"] < 2.0

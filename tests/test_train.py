@@ -186,7 +186,11 @@ def test_discriminator_crops_both_classes_to_the_smaller_patches(small_model, tm
     real = np.load(synth / "real.npz")["patches"]
     real = np.concatenate([real, real[:, ::-1]], axis=1)        # taller than the synthetic patches
     crops, crop = [], fit.random_crops
-    monkeypatch.setattr(fit, "random_crops", lambda images, size, rng: crops.append(crop(images, size, rng)) or crops[-1])
+    def recording_crop(images, size, rng):
+        crops.append(crop(images, size, rng))
+        return crops[-1]
+
+    monkeypatch.setattr(fit, "random_crops", recording_crop)
     shards = list_shards([synth])
     fit.train_discriminator(real, shards, tmp_path, TrainParams(disc_steps=2, disc_crop=1000), False)
     synth_size = fit.read_shard_images(shards[0][0]).shape[1]
@@ -367,13 +371,14 @@ def test_self_training_fine_tunes_the_trained_network_and_resumes(small_model, t
     assert (out / "checkpoints" / "self_training" / "last.ckpt").exists()
     before, _ = load_weights(small_model)
     after, _ = load_weights(out / "model.pt")
-    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    pairs = zip(before.state_dict().values(), after.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
     # Run again: both phases are complete, nothing is retrained and the same weights come out. The card still
     # has both phases' held-out metrics (measured again) and times (from the checkpoints).
     first = card
     card = train_model([root / "synth"], out, params, progress=False)
     again, _ = load_weights(out / "model.pt")
-    for a, b in zip(after.state_dict().values(), again.state_dict().values()):
+    for a, b in zip(after.state_dict().values(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
     assert card["self_training"]["steps"] == 12
     for name in ("val_loss", "val_dice", "self_training_val_loss", "self_training_val_dice"):

@@ -97,8 +97,8 @@ def test_dry_run_plans_every_stage(tmp_path):
 def test_default_config_segments_with_the_shipped_model_and_trains_nothing(tmp_path):
     shutil.copytree(REPO / "config", tmp_path / "config")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    out = subprocess.run(SNAKEMAKE + ["-d", str(tmp_path), "--configfile", "config/config.yaml", "config/demo.yaml",
-                                      "-n", "-p"], cwd=tmp_path, capture_output=True, text=True, env=env, check=True).stdout
+    command = SNAKEMAKE + ["-d", str(tmp_path), "--configfile", "config/config.yaml", "config/demo.yaml", "-n", "-p"]
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, check=True).stdout
     jobs = planned_jobs(out)
     assert jobs["segment"] == 2 and "synth" not in jobs and "train" not in jobs, jobs
     shipped = str(REPO / "src" / "nucseg" / "weights" / "default.pt")

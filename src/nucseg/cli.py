@@ -11,7 +11,25 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import __version__
+import numpy as np
+import pandas as pd
+
+from . import __version__, io, report
+from .demo import make_demo_slide
+from .download import (GDC_API_URL, SEED_PROJECTS, DownloadError, build_cohort, cohort_from_manifest, fetch_slide,
+                       parse_barcode, write_failure_record, write_sheet)
+from .download.gdc import query_note
+from .evaluate import evaluate, load_dataset
+from .export import to_qupath, to_tcia
+from .grading import LEVELS, QCParams, grade_summary
+from .instances import SLIDE_TYPES, InstanceParams
+from .qc import aggregate, slide_qc
+from .refiner import RefinerParams, refine_dataset
+from .segment import SegmentParams, segment_slide
+from .synth import SynthParams, contact_sheet, generate_dataset, load_textures
+from .tissue import TissueParams, detect_tissue
+# The wrapper imports Lightning only when a model is trained (slow to import).
+from .train import TrainParams, train_model
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -41,14 +59,7 @@ def _dataclass_from_args(cls, args: argparse.Namespace, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .instances import SLIDE_TYPES
-    from .qc import LEVELS, QCParams
-    from .refiner import RefinerParams
-    from .segment import SegmentParams
-    from .synth import SynthParams
-    from .tissue import TissueParams
-    from .train import TrainParams
-
+    """The ``nucseg`` argument parser: global options and one subcommand per stage (:data:`_COMMANDS`)."""
     parser = argparse.ArgumentParser(
         prog="nucseg", description="Label-free nucleus segmentation for H&E whole-slide images. "
         "Each subcommand is one pipeline stage; `snakemake` chains them over cohorts of slides.")
@@ -56,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    for add_parser, _ in _COMMANDS.values():
+        add_parser(sub)
+    return parser
 
+
+def _parser_download(sub) -> argparse.ArgumentParser:
+    """The ``download`` subcommand and its arguments."""
     p = sub.add_parser("download", help="fetch one slide (GDC UUID, http(s) URL or local path), verified")
     p.add_argument("--source", required=True, help="GDC file UUID, http(s) URL or local path")
     p.add_argument("--out", required=True, type=Path, help="destination slide file")
@@ -70,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record: a permanent failure (wrong md5/size, HTTP 4xx, missing file) leaves a failure "
                         "record at --out, so QC grades the slide 'failed WSI QC', and exits 0; transient "
                         "failures always exit 1 (default: fail)")
+    return p
 
+
+def _parser_cohort(sub) -> argparse.ArgumentParser:
+    """The ``cohort`` subcommand and its arguments."""
     p = sub.add_parser("cohort", help="build sample sheets from the GDC (files endpoint or a manifest)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--project", help="GDC project, e.g. TCGA-BRCA")
@@ -82,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="sample sheet to write (TSV)")
     p.add_argument("--out-dir", type=Path, default=Path("config/cohorts"), help="with --all-seed-types")
     p.add_argument("--api-url", default=None, help="GDC API base URL (default: the public GDC)")
+    return p
 
+
+def _parser_tissue(sub) -> argparse.ArgumentParser:
+    """The ``tissue`` subcommand and its arguments."""
     p = sub.add_parser("tissue", help="tissue detection + WSI QC facts for one slide")
     p.add_argument("slide", type=Path)
     p.add_argument("--out-dir", required=True, type=Path,
@@ -91,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_mpp(p)
     p.add_argument("--mpp-work", type=float, default=0.25, help="working resolution, µm/px (default 0.25)")
     _add_dataclass_flags(p, TissueParams)
+    return p
 
+
+def _parser_synth(sub) -> argparse.ArgumentParser:
+    """The ``synth`` subcommand and its arguments."""
     p = sub.add_parser("synth", help="synthetic training patches from real tissue textures")
     p.add_argument("--patches", nargs="*", default=[], type=Path, help="patches.npz files of the tissue stage")
     _add_sheet_inputs(p, "results/{cancer_type}/{slide_id}/patches.npz")
@@ -100,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--contact-sheet", type=Path, default=None, help="PNG: synthetic above real patches")
     _add_dataclass_flags(p, SynthParams)
+    return p
 
+
+def _parser_refine(sub) -> argparse.ArgumentParser:
+    """The ``refine`` subcommand and its arguments."""
     p = sub.add_parser("refine", help="GAN refiner (SimGAN): make synthetic patches look like real tissue")
     p.add_argument("--synth", required=True, type=Path, help="synth output folder (shards, params.json)")
     p.add_argument("--patches", nargs="*", default=[], type=Path,
@@ -112,12 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=None, help="refiner weights (default: OUT_DIR/refiner.pt)")
     p.add_argument("--contact-sheet", type=Path, default=None, help="PNG: synthetic, refined and real patches")
     _add_dataclass_flags(p, RefinerParams)
+    return p
 
+
+def _parser_train(sub) -> argparse.ArgumentParser:
+    """The ``train`` subcommand and its arguments."""
     p = sub.add_parser("train", help="train the segmentation network (importance-weighted)")
     p.add_argument("--synth", nargs="+", required=True, type=Path, help="synth output folder(s)")
     p.add_argument("--out-dir", required=True, type=Path, help="model folder (model.pt, model_card.json)")
     _add_dataclass_flags(p, TrainParams)
+    return p
 
+
+def _parser_segment(sub) -> argparse.ArgumentParser:
+    """The ``segment`` subcommand and its arguments."""
     p = sub.add_parser("segment", help="segment all nuclei of one slide into GeoParquet")
     p.add_argument("slide", type=Path)
     p.add_argument("--out", required=True, type=Path, help="nuclei.parquet")
@@ -129,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-hash", default=None, help="recorded in the output metadata")
     _add_backend_mpp(p)
     _add_dataclass_flags(p, SegmentParams)
+    return p
 
+
+def _parser_qc(sub) -> argparse.ArgumentParser:
+    """The ``qc`` subcommand and its arguments."""
     p = sub.add_parser("qc", help="segmentation QC and grade of one slide")
     for name, help_ in (("--wsi", "wsi.json"), ("--nuclei", "nuclei.parquet"), ("--tiles", "tiles.parquet"),
                         ("--slide", "slide file"), ("--out-json", "qc.json"),
@@ -145,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-overlay", type=Path, default=None,
                    help="PNG: thumbnail with tissue, nuclei and checked patches (for the report)")
     _add_dataclass_flags(p, QCParams)
+    return p
 
+
+def _parser_report_figures(sub) -> argparse.ArgumentParser:
+    """The ``report-figures`` subcommand and its arguments."""
     p = sub.add_parser("report-figures", help="figures for `snakemake --report` from the QC tables")
     p.add_argument("kind", choices=("histograms", "grades", "thumbnails"),
                    help="histograms: %% bad patches and nucleus density (PNG, in --out folder); grades: the grade "
@@ -157,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the qc stage's overlays are (thumbnails; default: %(default)s)")
     p.add_argument("--n-thumbnails", type=int, default=12, help="slides shown besides the Unacceptable ones")
     _add_dataclass_flags(p, QCParams, skip=_not_levels(QCParams, LEVELS))
+    return p
 
+
+def _parser_aggregate(sub) -> argparse.ArgumentParser:
+    """The ``aggregate`` subcommand and its arguments."""
     p = sub.add_parser("aggregate", help="combine per-slide QC rows into a Parquet table (re-graded)")
     p.add_argument("inputs", nargs="*", type=Path, help="qc.json files or aggregate .parquet files")
     _add_sheet_inputs(p, "results/{cancer_type}/{slide_id}/qc.json")
@@ -167,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regrade", action="store_true",
                    help="grade each qc.json row anew from the qc_patches.parquet beside it, with the levels below")
     _add_dataclass_flags(p, QCParams, skip=_not_levels(QCParams, LEVELS))
+    return p
 
+
+def _parser_evaluate(sub) -> argparse.ArgumentParser:
+    """The ``evaluate`` subcommand and its arguments."""
     p = sub.add_parser("evaluate", help="metrics (AJI, Dice, PQ, F1) on annotated tiles")
     p.add_argument("--dataset", required=True, type=Path,
                    help="images/ + annotations/*.xml (MoNuSeg) or images/ + labels/ (instance maps)")
@@ -186,26 +243,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: nucleus for FFPE (slide type DX), pixel otherwise")
     p.add_argument("--tta", type=int, default=1, metavar="N",
                    help="average the network's outputs over N of the 8 flips/quarter turns (as segment's tta)")
+    return p
 
+
+def _parser_export(sub) -> argparse.ArgumentParser:
+    """The ``export`` subcommand and its arguments."""
     p = sub.add_parser("export", help="export a nuclei.parquet for QuPath (GeoJSON) or as TCIA per-tile CSVs")
     p.add_argument("nuclei", type=Path, help="nuclei.parquet of the segment stage")
     p.add_argument("--format", required=True, choices=("qupath", "tcia"))
     p.add_argument("--out", required=True, type=Path, help="qupath: .geojson file; tcia: output folder")
     p.add_argument("--slide-id", default=None, help="tcia file-name prefix (default: from the file's metadata)")
+    return p
 
+
+def _parser_publish(sub) -> argparse.ArgumentParser:
+    """The ``publish`` subcommand and its arguments."""
     p = sub.add_parser("publish", help="add slides' nuclei.parquet files to the hive-partitioned nuclei dataset")
     p.add_argument("nuclei", type=Path, nargs="*", help="results/{TYPE}/{slide_id}/nuclei.parquet files")
     _add_sheet_inputs(p, "results/{cancer_type}/{slide_id}/nuclei.parquet")
     p.add_argument("--dataset", required=True, type=Path, help="dataset root, e.g. results/nuclei")
     p.add_argument("--cancer-type", required=True)
+    return p
 
+
+def _parser_demo_slide(sub) -> argparse.ArgumentParser:
+    """The ``demo-slide`` subcommand and its arguments."""
     p = sub.add_parser("demo-slide", help="generate one demo slide (pyramidal TIFF with mpp)")
     p.add_argument("out", type=Path)
     p.add_argument("--width", type=int, default=2560)
     p.add_argument("--height", type=int, default=2048)
     p.add_argument("--mpp", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
-    return parser
+    return p
 
 
 def _not_levels(cls, levels) -> tuple[str, ...]:
@@ -222,10 +291,9 @@ def _inputs(args, given: list[Path], required: bool = True) -> list[Path]:
     """The files given on the command line, then those of the --sheet's slides."""
     paths = list(given)
     if args.sheet is not None:
-        import pandas as pd
-
         sheet = pd.read_csv(args.sheet, sep="\t", dtype=str, comment="#")
-        paths += [Path(args.pattern.format(cancer_type=t, slide_id=s)) for t, s in zip(sheet.cancer_type, sheet.slide_id)]
+        paths += [Path(args.pattern.format(cancer_type=t, slide_id=s))
+                  for t, s in zip(sheet.cancer_type, sheet.slide_id, strict=True)]
     if required and not paths:
         raise SystemExit(f"nucseg {args.command}: no input files (give paths or --sheet)")
     return paths
@@ -255,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     progress = not (args.quiet or args.no_progress)
     try:
-        return _COMMANDS[args.command](args, progress) or 0
+        return _COMMANDS[args.command][1](args, progress) or 0
     except Exception as exc:
         logging.getLogger("nucseg").error("%s failed: %s: %s", args.command, type(exc).__name__, exc)
         if os.environ.get("NUCSEG_DEBUG"):
@@ -264,8 +332,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_download(args, progress):
-    from .download import GDC_API_URL, DownloadError, fetch_slide, write_failure_record
-
     try:
         fetch_slide(args.source, args.out, args.slide_id, md5=args.md5, size=args.size,
                     api_url=args.api_url or GDC_API_URL, link=not args.copy, retries=args.retries)
@@ -280,9 +346,6 @@ def _cmd_download(args, progress):
 
 
 def _cmd_cohort(args, progress):
-    from .download import GDC_API_URL, SEED_PROJECTS, build_cohort, cohort_from_manifest, write_sheet
-    from .download.gdc import query_note
-
     api = args.api_url or GDC_API_URL
     if args.all_seed_types:
         jobs = [(f"TCGA-{t}", t, args.out_dir / f"{t}.tsv") for t in SEED_PROJECTS]
@@ -303,8 +366,6 @@ def _cmd_cohort(args, progress):
 
 
 def _cmd_tissue(args, progress):
-    from .tissue import TissueParams, detect_tissue
-
     facts = detect_tissue(args.slide, args.out_dir, args.slide_id or args.slide.stem, mpp_work=args.mpp_work,
                           mpp_override=args.mpp, mpp_fallback=args.mpp_fallback, backend=args.backend,
                           params=_dataclass_from_args(TissueParams, args))
@@ -313,11 +374,6 @@ def _cmd_tissue(args, progress):
 
 
 def _cmd_synth(args, progress):
-    import numpy as np
-
-    from . import io
-    from .synth import SynthParams, contact_sheet, generate_dataset, load_textures
-
     params = _dataclass_from_args(SynthParams, args)
     textures = load_textures(_inputs(args, args.patches, required=False), _parse_texture_dirs(args.texture_dir),
                              params.mpp)
@@ -329,9 +385,6 @@ def _cmd_synth(args, progress):
 
 
 def _cmd_refine(args, progress):
-    from .refiner import RefinerParams, refine_dataset
-    from .synth import load_textures
-
     params = _dataclass_from_args(RefinerParams, args)
     real = load_textures(_inputs(args, args.patches, required=False), _parse_texture_dirs(args.texture_dir), params.mpp)
     result = refine_dataset(args.synth, args.out_dir, real, params, weights_path=args.weights,
@@ -341,17 +394,12 @@ def _cmd_refine(args, progress):
 
 
 def _cmd_train(args, progress):
-    from .train import TrainParams, train_model
-
     card = train_model(args.synth, args.out_dir, _dataclass_from_args(TrainParams, args), progress=progress,
                        command=shlex.join(["nucseg", *sys.argv[1:]]))
     print(json.dumps({k: card[k] for k in ("model_id", "global_step", "wall_time_s", "this_run_s", "metrics")}))
 
 
 def _cmd_segment(args, progress):
-    from .download import parse_barcode
-    from .segment import SegmentParams, segment_slide
-
     weights = args.checkpoint or default_weights()
     # Slides named by their TCGA barcode say their type themselves.
     slide_type = args.slide_type or parse_barcode(args.slide_id or args.slide.name)["slide_type"]
@@ -372,8 +420,6 @@ def default_weights() -> Path:
 
 
 def _cmd_qc(args, progress):
-    from .qc import QCParams, slide_qc
-
     row = slide_qc(args.wsi, args.nuclei, args.tiles, args.slide, args.out_json, args.out_patches,
                    cancer_type=args.cancer_type, source=args.source, config_hash=args.config_hash,
                    backend=args.backend, params=_dataclass_from_args(QCParams, args),
@@ -384,11 +430,6 @@ def _cmd_qc(args, progress):
 
 
 def _cmd_report_figures(args, progress):
-    import pandas as pd
-
-    from . import io, report
-    from .qc import QCParams
-
     slides = pd.read_parquet(args.slides)
     if args.kind == "histograms":
         written = report.histograms(slides, args.out)
@@ -403,9 +444,6 @@ def _cmd_report_figures(args, progress):
 
 
 def _cmd_aggregate(args, progress):
-    from . import io
-    from .qc import QCParams, aggregate, grade_summary
-
     levels = _dataclass_from_args(QCParams, args) if args.regrade else None
     table = aggregate(_inputs(args, args.inputs), args.out, {"config_hash": args.config_hash}, levels)
     summary = grade_summary(table)
@@ -416,10 +454,6 @@ def _cmd_aggregate(args, progress):
 
 
 def _cmd_evaluate(args, progress):
-    from . import io
-    from .evaluate import evaluate, load_dataset
-    from .instances import InstanceParams
-
     weights = None if args.method == "classical" else (args.checkpoint or default_weights())
     skipped = []  # unreadable images or annotations: named in the log and the JSON, the rest still scored
     samples = load_dataset(args.dataset, args.mpp, skipped)
@@ -435,8 +469,6 @@ def _cmd_evaluate(args, progress):
 
 
 def _cmd_export(args, progress):
-    from .export import to_qupath, to_tcia
-
     if args.format == "qupath":
         print(json.dumps({"features": to_qupath(args.nuclei, args.out), "out": str(args.out)}))
     else:
@@ -444,8 +476,6 @@ def _cmd_export(args, progress):
 
 
 def _cmd_publish(args, progress):
-    from . import io
-
     # Slide ids are the names of the files' folders (results/{TYPE}/{slide_id}/nuclei.parquet).
     part = args.dataset / f"cancer_type={args.cancer_type}"
     paths = _inputs(args, args.nuclei)
@@ -455,14 +485,26 @@ def _cmd_publish(args, progress):
 
 
 def _cmd_demo_slide(args, progress):
-    from .demo import make_demo_slide
-
     make_demo_slide(args.out, args.width, args.height, args.mpp, args.seed)
 
 
-_COMMANDS = {"download": _cmd_download, "cohort": _cmd_cohort, "tissue": _cmd_tissue, "synth": _cmd_synth, "refine": _cmd_refine, "train": _cmd_train,
-             "segment": _cmd_segment, "qc": _cmd_qc, "report-figures": _cmd_report_figures, "aggregate": _cmd_aggregate,
-             "evaluate": _cmd_evaluate, "export": _cmd_export, "publish": _cmd_publish, "demo-slide": _cmd_demo_slide}
+# Subcommand: (its argument builder, its handler), in the order of `nucseg --help`.
+_COMMANDS = {
+    "download": (_parser_download, _cmd_download),
+    "cohort": (_parser_cohort, _cmd_cohort),
+    "tissue": (_parser_tissue, _cmd_tissue),
+    "synth": (_parser_synth, _cmd_synth),
+    "refine": (_parser_refine, _cmd_refine),
+    "train": (_parser_train, _cmd_train),
+    "segment": (_parser_segment, _cmd_segment),
+    "qc": (_parser_qc, _cmd_qc),
+    "report-figures": (_parser_report_figures, _cmd_report_figures),
+    "aggregate": (_parser_aggregate, _cmd_aggregate),
+    "evaluate": (_parser_evaluate, _cmd_evaluate),
+    "export": (_parser_export, _cmd_export),
+    "publish": (_parser_publish, _cmd_publish),
+    "demo-slide": (_parser_demo_slide, _cmd_demo_slide),
+}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def _field(rng, shape, sigma) -> np.ndarray:
     return noise / (noise.max() + 1e-6)
 
 
-def tissue_section(shape: tuple[int, int], mpp: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def tissue_section(shape: tuple[int, int], mpp: float,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An H&E-like section without nuclei.
 
     Returns

@@ -18,7 +18,8 @@ working resolution (:func:`nucseg.instances.instance_outlines`), drawn on the im
 rasterisation (:func:`instances_on_image`).
 
 Metrics per image: AJI (Kumar et al. 2017), pixel Dice of the foreground, PQ (one-to-one matching at
-IoU > 0.5; Kirillov et al. 2019), detection F1 at the same matching, and object counts.
+IoU > 0.5; Kirillov et al. 2019), detection F1 at the same matching, and object counts
+(:func:`nucseg.metrics.instance_metrics`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.io import loadmat
 from skimage.draw import polygon as draw_polygon
+from skimage.feature import peak_local_max
+from skimage.segmentation import watershed
+from tqdm import tqdm
 
-from .io import as_rgb8, read_pixels
+from .download import parse_barcode
+from .instances import (SLIDE_TYPES, InstanceParams, extract_instances, gate_unit_for, hematoxylin_gate,
+                        hematoxylin_level, instance_outlines, relabel)
+from .io import as_rgb8, read_pixels, write_png
+from .metrics import instance_metrics
+from .model import load_weights, predict, resolve_device
+from .resample import resample_to
+from .stain import hematoxylin_od
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +119,6 @@ def _read_labels(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         return as_instance_ids(np.load(path))
     if path.suffix.lower() == ".mat":  # HoVer-Net's CoNSeP / Lizard layout
-        from scipy.io import loadmat
-
         mat = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
         maps = [v for v in mat.values() if isinstance(v, np.ndarray) and v.ndim == 2 and v.dtype.kind in "uif"]
         if "inst_map" not in mat and len(maps) != 1:
@@ -119,8 +129,6 @@ def _read_labels(path: Path) -> np.ndarray:
 
 def _read_manifest(root: Path) -> tuple[dict, dict]:
     """Pixel sizes and slide types by id from ``manifest.csv`` (both empty without one)."""
-    from .instances import SLIDE_TYPES
-
     manifest, slide_types = {}, {}
     if not (root / "manifest.csv").is_file():
         return manifest, slide_types
@@ -153,7 +161,8 @@ def _annotations(root: Path, img_path: Path, shape: tuple[int, int]) -> tuple[np
     label_path = next((root / "labels" / f"{sid}{s}" for s in LABEL_SUFFIXES
                        if (root / "labels" / f"{sid}{s}").is_file()), None)
     if label_path is None:
-        raise FileNotFoundError(f"{img_path}: no annotations/{sid}.xml or labels/{sid}.{{{','.join(s[1:] for s in LABEL_SUFFIXES)}}}")
+        suffixes = ",".join(s[1:] for s in LABEL_SUFFIXES)
+        raise FileNotFoundError(f"{img_path}: no annotations/{sid}.xml or labels/{sid}.{{{suffixes}}}")
     try:
         labels = _read_labels(label_path)
     except Exception as e:
@@ -172,8 +181,6 @@ def load_dataset(root, default_mpp: float | None = None, skipped: list | None = 
     there instead (``{"id", "path", "reason"}``), so one bad file does not stop the others. An unknown pixel
     size always raises: it is a setting (``--mpp``), not a bad file.
     """
-    from .download import parse_barcode
-
     root = Path(root)
     if not (root / "images").is_dir():
         raise FileNotFoundError(f"{root}: no images/ folder (expected images/ + annotations/ or labels/)")
@@ -195,21 +202,14 @@ def load_dataset(root, default_mpp: float | None = None, skipped: list | None = 
             continue
         mpp = manifest.get(sid) or xml_mpp or default_mpp
         if mpp is None:
-            raise ValueError(f"{img_path}: pixel size unknown (no manifest.csv entry, no XML MicronsPerPixel); pass --mpp")
+            raise ValueError(f"{img_path}: pixel size unknown (no manifest.csv entry, no XML MicronsPerPixel); "
+                             "pass --mpp")
         slide_type = slide_types.get(sid) or parse_barcode(sid)["slide_type"]
         samples.append(Sample(sid, image, labels, float(mpp), slide_type))
     return samples
 
 
 # ---------------------------------------------------------------- methods
-
-def resample_to(image: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:
-    f = src_mpp / dst_mpp
-    if abs(f - 1) < 0.02:
-        return image
-    size = (max(1, round(image.shape[1] * f)), max(1, round(image.shape[0] * f)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR if f > 1 else cv2.INTER_AREA)
-
 
 def instances_on_image(labels: np.ndarray, foreground: np.ndarray, level: float,
                        shape: tuple[int, int]) -> np.ndarray:
@@ -219,8 +219,6 @@ def instances_on_image(labels: np.ndarray, foreground: np.ndarray, level: float,
     sub-pixel where the ``foreground`` probability crosses ``level``), drawn with the ground truth's
     rasterisation, so evaluation scores the polygons the pipeline writes.
     """
-    from .instances import instance_outlines
-
     polygons = [points for _, points in instance_outlines(labels, foreground, level)]
     scale = np.array([shape[1] / labels.shape[1], shape[0] / labels.shape[0]])
     return rasterize([p * scale - 0.5 for p in polygons], shape)
@@ -233,10 +231,6 @@ def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float,
 
     ``tta``: test-time augmentations averaged (:func:`nucseg.model.predict`).
     """
-    from .instances import InstanceParams, extract_instances, hematoxylin_gate
-    from .model import predict
-    from .synth import hematoxylin_od
-
     params = params or InstanceParams()
     work = resample_to(image, mpp, mpp_work)
     prob = predict(model, work[None], device, tta)[0]
@@ -245,20 +239,16 @@ def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float,
     return instances_on_image(labels, prob[0], params.foreground_threshold, image.shape[:2])
 
 
-def predict_classical(image: np.ndarray, mpp: float, min_area_um2: float = 6.0, min_distance_um: float = 2.5) -> np.ndarray:
+def predict_classical(image: np.ndarray, mpp: float, min_area_um2: float = 6.0,
+                      min_distance_um: float = 2.5) -> np.ndarray:
     """Classical baseline: hematoxylin channel, Otsu threshold, distance-transform watershed."""
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
-
-    from .instances import hematoxylin_gate, hematoxylin_level, relabel
-    from .synth import hematoxylin_od
-
     # The same smoothed hematoxylin and Otsu level as the network's gate.
     hema = hematoxylin_od(image)
     level = hematoxylin_level([hema], mpp)
     mask = hematoxylin_gate(hema, mpp, level) if level is not None else np.zeros(hema.shape, bool)
     r = max(1, round(0.5 / mpp))
-    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, disk) > 0
     mask = ndi.binary_fill_holes(mask)
     dist = ndi.distance_transform_edt(mask)
     dist = cv2.GaussianBlur(dist.astype(np.float32), (0, 0), 1.0)
@@ -274,58 +264,6 @@ def predict_classical(image: np.ndarray, mpp: float, min_area_um2: float = 6.0, 
     return relabel(labels)
 
 
-# ---------------------------------------------------------------- metrics
-
-def _overlaps(true: np.ndarray, pred: np.ndarray):
-    """Pairwise intersections (sparse) and the areas of each object."""
-    t_ids, t_area = np.unique(true, return_counts=True)
-    p_ids, p_area = np.unique(pred, return_counts=True)
-    t_area_d = dict(zip(t_ids.tolist(), t_area.tolist()))
-    p_area_d = dict(zip(p_ids.tolist(), p_area.tolist()))
-    both = (true > 0) & (pred > 0)
-    pairs, counts = np.unique(np.stack([true[both], pred[both]]), axis=1, return_counts=True)
-    return pairs, counts, t_area_d, p_area_d
-
-
-def instance_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
-    """AJI, Dice, PQ (with SQ, DQ), detection F1 and counts of two instance maps."""
-    pairs, inter, t_area, p_area = _overlaps(true, pred)
-    t_ids = [i for i in t_area if i != 0]
-    p_ids = [i for i in p_area if i != 0]
-    n_true, n_pred = len(t_ids), len(p_ids)
-    fg_t, fg_p = true > 0, pred > 0
-    denom = fg_t.sum() + fg_p.sum()
-    dice = 2 * (fg_t & fg_p).sum() / denom if denom else 1.0
-    iou = {}
-    for (t, p), c in zip(pairs.T.tolist(), inter.tolist()):
-        iou[(t, p)] = (c, c / (t_area[t] + p_area[p] - c))
-    # AJI: each true object with its best-IoU prediction; unused predictions add to the union.
-    best = {}
-    for (t, p), (c, v) in iou.items():
-        if t not in best or v > best[t][2]:
-            best[t] = (p, c, v)
-    inter_sum, union_sum, used = 0, 0, set()
-    for t in t_ids:
-        if t in best:
-            p, c, _ = best[t]
-            inter_sum += c
-            union_sum += t_area[t] + p_area[p] - c
-            used.add(p)
-        else:
-            union_sum += t_area[t]
-    union_sum += sum(p_area[p] for p in p_ids if p not in used)
-    aji = inter_sum / union_sum if union_sum else 1.0
-    # IoU > 0.5 matches are unique in both directions.
-    matched = [v for (c, v) in iou.values() if v > 0.5]
-    tp = len(matched)
-    fp, fn = n_pred - tp, n_true - tp
-    dq = tp / (tp + 0.5 * fp + 0.5 * fn) if (tp + fp + fn) else 1.0
-    sq = float(np.mean(matched)) if matched else 0.0
-    f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
-    return {"aji": float(aji), "dice": float(dice), "pq": float(dq * sq), "sq": sq, "dq": float(dq), "f1": float(f1),
-            "n_true": n_true, "n_pred": n_pred, "tp": tp, "fp": fp, "fn": fn}
-
-
 def evaluate(samples: list[Sample], method: str = "model", weights=None, device: str = "cpu",
              save_predictions=None, progress: bool = True, instance_params=None, tta: int = 1,
              gate_unit: str = "auto") -> dict:
@@ -334,14 +272,8 @@ def evaluate(samples: list[Sample], method: str = "model", weights=None, device:
     ``gate_unit``: the hematoxylin gate's unit, ``auto`` (each image's by its slide type,
     :func:`nucseg.instances.gate_unit_for`), ``pixel`` or ``nucleus``.
     """
-    from tqdm import tqdm
-
-    from .instances import InstanceParams, gate_unit_for
-
     model = meta = dev = None
     if method == "model":
-        from .model import load_weights, resolve_device
-
         dev = resolve_device(device)
         model, meta = load_weights(weights, dev)
     elif method != "classical":
@@ -358,8 +290,6 @@ def evaluate(samples: list[Sample], method: str = "model", weights=None, device:
             pred = predict_classical(s.image, s.mpp)
         rows.append({**row, **instance_metrics(s.labels, pred)})
         if save_predictions:
-            from .io import write_png
-
             write_png(Path(save_predictions) / f"{s.id}.png", pred.astype(np.uint16))
     keys = ["aji", "dice", "pq", "sq", "dq", "f1"]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}

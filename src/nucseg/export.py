@@ -73,7 +73,7 @@ def to_tcia(nuclei_path, out_dir, slide_id: str | None = None) -> list[Path]:
         for batch, geoms in _batches(nuclei_path):
             tx, ty = batch.column("tile_x").to_numpy(), batch.column("tile_y").to_numpy()
             area_um2 = batch.column("area_um2").to_numpy()
-            for geom, x, y, a in zip(geoms, tx, ty, area_um2):
+            for geom, x, y, a in zip(geoms, tx, ty, area_um2, strict=True):
                 key = (int(x), int(y))
                 if key != current:
                     if fh:

@@ -17,7 +17,7 @@ from skimage.measure import find_contours
 from skimage.segmentation import find_boundaries, watershed
 
 
-@dataclass
+@dataclass(frozen=True)
 class InstanceParams:
     foreground_threshold: float = 0.5
     marker_threshold: float = 0.5      # two-output models: foreground minus boundary probability above it = cores
@@ -47,7 +47,7 @@ def hematoxylin_level(hematoxylin: list[np.ndarray], mpp: float,
 
     smoothed = [_smoothed(h, mpp) for h in hematoxylin]
     if masks is not None:
-        smoothed = [s[m] for s, m in zip(smoothed, masks)]
+        smoothed = [s[m] for s, m in zip(smoothed, masks, strict=True)]
     values = np.concatenate([s.ravel() for s in smoothed])
     if not values.size or values.max() <= values.min():
         return None
@@ -79,7 +79,7 @@ def gate_unit_for(slide_type: str, setting: str = "auto") -> str:
 
 
 def hematoxylin_gate(hematoxylin: np.ndarray, mpp: float, level: float | None = None) -> np.ndarray:
-    """Pixels whose hematoxylin density (an image's H channel, e.g. ``nucseg.synth.hematoxylin_od``)
+    """Pixels whose hematoxylin density (an image's H channel, e.g. ``nucseg.stain.hematoxylin_od``)
     is above ``level``, by default the image's own Otsu level (:func:`hematoxylin_level`).
 
     Whole slides pass one level for the slide, so the result does not depend on how it is tiled.
@@ -227,6 +227,11 @@ def label_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int) -> np.
             coords = np.argwhere(candidates)
         found.append(coords + [s.start for s in roi])
     return np.vstack(found) if found else np.empty((0, 2), np.intp)
+
+
+def boundary_map(instances: np.ndarray) -> np.ndarray:
+    """Inner boundaries of all instances (uint8 0/1), the target that separates touching nuclei."""
+    return find_boundaries(instances, mode="inner").astype(np.uint8)
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:

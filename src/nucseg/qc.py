@@ -28,82 +28,41 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import geopandas as gpd
 import numpy as np
 import pandas as pd
+from shapely.geometry import box
+from skimage.filters import threshold_otsu
+import torch
 
 from . import __version__, io
-from .instances import GATE_UNITS
+from .grading import QCParams, SIGNALS, as_float, grade, grade_patches, regrade
+from .instances import GATE_UNITS, InstanceParams, extract_instances, hematoxylin_gate
+from .metrics import instance_metrics
+from .model import DIHEDRAL, load_weights, predict_views, resolve_device
+from .report import slide_overlay
 from .slides import SlideError, open_slide
-from .synth import hematoxylin_od
+from .stain import hematoxylin_od
 from .tissue import seed_from
 
 log = logging.getLogger(__name__)
-
-GRADES = ("Best", "Good", "Adequate", "Problematic", "Unacceptable")
 
 SLIDE_COLUMNS = ["slide_id", "cancer_type", "source", "status", "failure_stage", "failure_reason", "mpp",
                  "mpp_source", "width", "height", "tissue_area_mm2", "n_nuclei", "nuclei_per_mm2",
                  "n_patches_checked", "pct_bad_patches", "grade", "model_id", "nucseg_version",
                  "config_hash", "seconds_by_stage"]
 
-SIGNALS = ("disagreement", "entropy", "missed", "false", "shape")
-
 PATCH_COLUMNS = ["x", "y", "size", "n_nuclei", "stain_fraction", "nuclei_fraction", "recall", "precision",
                  *SIGNALS, "score", "bad", "reason"]
-
-
-@dataclass
-class QCParams:
-    n_patches: int = 50           # patches sampled per slide
-    patch_um: float = 64.0        # patch edge
-    mpp: float = 0.5              # resolution the stain-coverage check reads at
-    hema_threshold: float = 0.04  # floor of the hematoxylin OD counted as nuclear stain (lower on faded slides)
-    min_stain_fraction: float = 0.02
-    min_recall: float = 0.35      # of stained area covered by nuclei
-    min_precision: float = 0.30   # of nucleus area that is stained
-    # Model-based signals: the network runs on each patch at its working resolution.
-    tta: int = 4                  # test-time augmentations (1-8 dihedral transforms; 1 = none)
-    context_um: float = 8.0       # read around each patch so the network sees no artificial border
-    batch_size: int = 8
-    device: str = "auto"
-    max_disagreement: float = 0.5    # 1 - mean pairwise AJI of the TTA instance maps (AJI < 0.5: unstable)
-    max_entropy: float = 0.5         # bits; mean binary entropy of the TTA-mean foreground probability
-    area_range_um2: tuple = (10.0, 250.0)  # plausible nucleus area (lymphocyte fragment .. large tumour nucleus)
-    min_solidity: float = 0.8        # below: ragged or merged outline
-    max_shape_outliers: float = 0.5  # share of a patch's nuclei out of range (needs >= 3 nuclei)
-    bad_score: float = 1.0           # a patch is bad when its score (largest signal/level ratio) exceeds this
-
-
-# The grading levels: applied to stored signals, so changing them re-grades slides at aggregation
-# without measuring anything again (the other QCParams fields decide what is measured).
-LEVELS = ("max_disagreement", "max_entropy", "min_recall", "min_precision", "max_shape_outliers", "bad_score")
-
-
-def grade(pct_bad: float | None, failed: bool = False) -> str:
-    """TCIA grade from the percentage of bad patches (DESIGN.md thresholds)."""
-    if failed or pct_bad is None or np.isnan(pct_bad):
-        return "Unacceptable"
-    if pct_bad <= 0:
-        return "Best"
-    if pct_bad <= 6.67:
-        return "Good"
-    if pct_bad <= 13.3:
-        return "Adequate"
-    if pct_bad <= 20:
-        return "Problematic"
-    return "Unacceptable"
 
 
 # ---------------------------------------------------------------- per-patch signals (pure functions)
 
 def stain_mask(image: np.ndarray, hema_threshold: float) -> np.ndarray:
     """Strongly hematoxylin-stained pixels: this patch's H split at Otsu, never below ``hema_threshold``."""
-    from skimage.filters import threshold_otsu
-
     hema = hematoxylin_od(image)
     # Stain levels differ between labs: a per-patch threshold, with a floor for patches without nuclei.
     otsu = float(threshold_otsu(hema)) if hema.max() > hema.min() else np.inf
@@ -153,9 +112,6 @@ def tta_disagreement(probs: np.ndarray, mpp_work: float, instance_params=None, g
     or stroma would swing AJI from 1 to 0): both give 0. ``gate``: the patch's
     :func:`nucseg.instances.hematoxylin_gate` at the slide's level, as in the segment stage.
     """
-    from .evaluate import instance_metrics
-    from .instances import InstanceParams, extract_instances
-
     if len(probs) < 2:
         return 0.0
     maps = [extract_instances(p, mpp_work, instance_params or InstanceParams(), gate) for p in probs]
@@ -230,8 +186,6 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
     if probs is not None:
         fg = probs[:, 0]
         region = (fg > 0.5).any(0) | stain_mask(image, floor)
-        from .instances import InstanceParams, hematoxylin_gate
-
         gated = hematoxylin_level is not None and gate_unit != "off"
         gate = hematoxylin_gate(hematoxylin_od(image), mpp_work, hematoxylin_level) if gated else None
         inst = InstanceParams(hematoxylin_gate=gated, gate_unit=gate_unit if gated else "pixel")
@@ -239,38 +193,6 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
                    entropy=foreground_entropy(fg, region))
     out.update(grade_patches(pd.DataFrame([out]), params).iloc[0][["score", "bad", "reason"]].to_dict())
     return out
-
-
-SIGNAL_REASONS = {"disagreement": "unstable under augmentation", "entropy": "uncertain foreground",
-                  "missed": "missed nuclei", "false": "nuclei on unstained tissue",
-                  "shape": "implausible nucleus size/shape"}
-
-
-def signal_ratios(signals: pd.DataFrame, params: QCParams) -> pd.DataFrame:
-    """Each signal divided by the level at which it alone marks a patch bad (NaN signals count 0)."""
-    levels = {"disagreement": params.max_disagreement, "entropy": params.max_entropy,
-              "missed": 1 - params.min_recall, "false": 1 - params.min_precision,
-              "shape": params.max_shape_outliers}
-    return pd.DataFrame({k: pd.to_numeric(signals[k], errors="coerce").astype(float) / levels[k]
-                         for k in SIGNALS}, index=signals.index).fillna(0.0)
-
-
-def grade_patches(patches: pd.DataFrame, params: QCParams) -> pd.DataFrame:
-    """The patches with ``score``, ``bad`` and ``reason`` (re)computed from their signals and the levels."""
-    ratios = signal_ratios(patches, params)
-    over = ratios > params.bad_score
-    reasons = [", ".join(SIGNAL_REASONS[k] for k in SIGNALS if row[k]) for row in over.to_dict("records")]
-    return patches.assign(score=ratios.max(axis=1) if len(ratios) else pd.Series(dtype=float),
-                          bad=over.any(axis=1), reason=reasons)
-
-
-def regrade(row: dict, patches: pd.DataFrame, params: QCParams) -> dict:
-    """A slide's QC row with % bad patches and grade recomputed from its patches' signals."""
-    row = dict(row)
-    if row.get("status") == "ok" and len(patches):
-        row["pct_bad_patches"] = float(100 * grade_patches(patches, params).bad.mean())
-    row["grade"] = grade(_float(row.get("pct_bad_patches")), failed=row.get("status") != "ok")
-    return row
 
 
 # ---------------------------------------------------------------- test-time augmentation
@@ -282,8 +204,6 @@ def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: i
     -------
     ndarray (N, K, C, H, W) float32, C the model's outputs
     """
-    from .model import DIHEDRAL, predict_views
-
     n_tta = int(np.clip(n_tta, 1, len(DIHEDRAL)))
     return np.concatenate([np.stack(list(predict_views(model, images[start:start + batch_size], device, n_tta)), axis=1)
                            for start in range(0, len(images), batch_size)])
@@ -347,8 +267,6 @@ def check_patches(slide_path, nuclei, tiles: pd.DataFrame, mpp: float, slide_id:
 
 
 def _box(x, y, side):
-    from shapely.geometry import box
-
     return box(x, y, x + side, y + side)
 
 
@@ -366,8 +284,6 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
         With ``out_overlay``, also write a thumbnail with the tissue outline (from ``tissue_path``),
         the nuclei and the checked patches (red: bad) for the report.
     """
-    import geopandas as gpd
-
     started = time.monotonic()
     facts = io.read_json(wsi_json)
     slide_id = facts["slide_id"]
@@ -381,7 +297,7 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
     if facts["status"] == "ok" and nuc_meta.get("status") == "failed":  # recorded by the segment stage
         row.update(status="failed", failure_stage=nuc_meta.get("failure_stage", "segment"),
                    failure_reason=nuc_meta.get("failure_reason"))
-    seconds = {"tissue": facts.get("seconds"), "segment": _float(nuc_meta.get("seconds"))}
+    seconds = {"tissue": facts.get("seconds"), "segment": as_float(nuc_meta.get("seconds"))}
     patches = pd.DataFrame(columns=PATCH_COLUMNS)
     nuclei = None
     model_id = None
@@ -393,10 +309,6 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
         row["nuclei_per_mm2"] = len(nuclei) / area if area else None
         model, device, mpp_work = None, None, float(facts.get("mpp_work") or 0.25)
         if weights is not None:
-            import torch
-
-            from .model import load_weights, resolve_device
-
             device = resolve_device(params.device)
             model, meta = load_weights(weights, device)
             if device.type == "cpu":
@@ -406,7 +318,7 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
             # Nuclei files written before the gate had a unit were gated by pixel.
             unit = nuc_meta.get("gate_unit") if nuc_meta.get("gate_unit") in (*GATE_UNITS, "off") else "pixel"
             patches = check_patches(slide_path, nuclei, tiles, facts["mpp"], slide_id, backend, params, model,
-                                    device, mpp_work, _float(nuc_meta.get("hematoxylin_level")), unit)
+                                    device, mpp_work, as_float(nuc_meta.get("hematoxylin_level")), unit)
         except SlideError as exc:
             row.update(status="failed", failure_stage="qc", failure_reason=str(exc))
         except Exception as exc:  # this slide's problem: recorded, so its cohort's tables are still built
@@ -420,8 +332,6 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
     io.write_table(out_patches, patches, io.provenance(slide_id=slide_id, qc_model_id=model_id,
                                                        qc_params=json.dumps(vars(params))))
     if out_overlay is not None:
-        from .report import slide_overlay
-
         io.write_png(out_overlay, slide_overlay(slide_path, nuclei, patches, tissue_path, backend))
     seconds["qc"] = round(time.monotonic() - started, 3)
     row["seconds_by_stage"] = json.dumps(seconds)
@@ -430,13 +340,6 @@ def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patche
              None if row["pct_bad_patches"] is None else round(row["pct_bad_patches"], 2),
              row["n_patches_checked"], row["n_nuclei"], seconds["qc"])
     return row
-
-
-def _float(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def aggregate(qc_jsons: list, out_path, metadata: dict | None = None, levels: QCParams | None = None) -> pd.DataFrame:
@@ -474,7 +377,3 @@ def aggregate(qc_jsons: list, out_path, metadata: dict | None = None, levels: QC
     return table
 
 
-def grade_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Slides per grade and cancer type (the release's Table 2 form)."""
-    counts = pd.crosstab(table.cancer_type, pd.Categorical(table.grade, categories=GRADES))
-    return counts.reindex(columns=list(GRADES), fill_value=0)

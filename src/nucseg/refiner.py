@@ -22,14 +22,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+from tqdm import tqdm
 
 from . import io
+from .stain import nuclear_pixels
+from .synth import contact_sheet
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RefinerParams:
     """Refiner training and inference parameters (crops are px at ``mpp`` µm/px)."""
 
@@ -58,7 +62,7 @@ class RefinerParams:
 
 def _nets():
     """Network classes, built on first use (keeps ``import nucseg.refiner`` free of torch for the CLI)."""
-    import torch
+    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
     from torch import nn
 
     class ResBlock(nn.Module):
@@ -129,7 +133,7 @@ def to_input(images_uint8, targets=None):
 
 def to_uint8(x):
     """Inverse of :func:`to_input` for images: float NCHW in [-1, 1] to uint8 NHWC."""
-    import torch
+    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
@@ -142,7 +146,7 @@ H_SCALE = 0.05  # typical hematoxylin OD contrast of a nucleus over its backgrou
 
 def hematoxylin(x):
     """Differentiable hematoxylin OD ``(N, H, W)`` of refiner-space images (NCHW in [-1, 1])."""
-    import torch
+    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     od = torch.log(((x.float() + 1) / 2).clamp_min(1e-6)) / math.log(1e-6)
     return torch.einsum("nchw,c->nhw", od, od.new_tensor(HED_FROM_RGB_H)).clamp_min(0)
@@ -173,7 +177,7 @@ def save_refiner(net, path, meta: dict) -> str:
     The network is small (tens of kB), so float32 is kept: refined shards written from the in-memory
     network and those from the reloaded file are the same.
     """
-    import torch
+    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     state = {k: v.detach().cpu().float() for k, v in net.state_dict().items()}
     payload = {"state_dict": state, "arch": json.dumps(net.arch()), "meta": json.dumps(meta, default=str)}
@@ -184,7 +188,7 @@ def save_refiner(net, path, meta: dict) -> str:
 
 def load_refiner(path, device="cpu"):
     """Load a refiner saved by :func:`save_refiner` (``weights_only=True``): ``(net in eval mode, meta)``."""
-    import torch
+    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     payload = torch.load(Path(path), map_location=device, weights_only=True)
     net = build_refiner(**json.loads(payload["arch"]))
@@ -203,8 +207,6 @@ def random_crop_batch(pool: list[np.ndarray], n: int, size: int, rng: np.random.
     ``extra`` holds per-image arrays aligned with ``pool`` (CHW targets), cropped at the same place.
     Images smaller than ``size`` are upscaled first.
     """
-    import cv2
-
     images, extras = [], []
     for _ in range(n):
         k = int(rng.integers(len(pool)))
@@ -232,7 +234,7 @@ def _orient(a: np.ndarray, rot: int, flip: bool, axes) -> np.ndarray:
 
 def load_synthetic(synth_dir, max_patches: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Up to ``max_patches`` synthetic patches and their targets, an even sample over all shards."""
-    from .train.data import list_shards
+    from .train.data import list_shards  # heavy (Lightning): imported on use
 
     shards = list_shards([synth_dir])
     total = sum(c for *_, c in shards)
@@ -252,9 +254,34 @@ def load_synthetic(synth_dir, max_patches: int, seed: int) -> tuple[list[np.ndar
 
 # ---------------------------------------------------------------- Lightning module
 
+def mix_history(history, fake, size: int, generator):
+    """SimGAN's history buffer (§3.2): ``fake`` with half its crops swapped for earlier refined ones.
+
+    Returns ``(crops for the discriminator, updated buffer)``: the new crops are added to ``history``
+    (at most ``size`` crops), replacing random old ones once it is full. ``size`` 0: no buffer.
+    """
+    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
+
+    if size <= 0:
+        return fake, history
+    n = len(fake)
+    half = n // 2
+    if len(history) >= half > 0:
+        idx = torch.randint(len(history), (half,), generator=generator).to(fake.device)
+        out = torch.cat([fake[:n - half], history[idx].to(fake.dtype)])
+    else:
+        out = fake
+    if len(history) < size:
+        history = torch.cat([history, fake[: size - len(history)]])
+    else:
+        slots = torch.randperm(size, generator=generator)[:half].to(fake.device)
+        history[slots] = fake[:half]
+    return out, history
+
+
 def _module_class():
-    import pytorch_lightning as pl
-    import torch
+    import pytorch_lightning as pl  # heavy (Lightning, torch): imported on use
+    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
     from torch.nn import functional as F
 
     _, PatchDiscriminator = _nets()
@@ -279,9 +306,15 @@ def _module_class():
             if x.device.type == "cpu":  # oneDNN convolutions are faster channels-last on CPU
                 x, targets, real = (t.contiguous(memory_format=torch.channels_last) for t in (x, targets, real))
             opt_r, opt_d = self.optimizers()
+            refined, refiner_losses = self._refiner_step(opt_r, x, targets)
+            disc_losses = self._discriminator_step(opt_d, refined, real)
+            values = {**refiner_losses, **disc_losses}
+            self.log_dict(values, prog_bar=True)
+            self.trace.append({k: float(v.detach()) for k, v in values.items()})
 
-            # Refiner: fool the discriminator while staying close to the synthetic input (after the
-            # discriminator's warm-up; until then the refiner is the identity and only scored).
+        def _refiner_step(self, opt_r, x, targets):
+            """Refiner: fool the discriminator while staying close to the synthetic input (after the
+            discriminator's warm-up; until then the refiner is the identity and only scored)."""
             warm = len(self.trace) < self.cfg.disc_warmup
             self.toggle_optimizer(opt_r)
             with torch.set_grad_enabled(not warm):
@@ -296,11 +329,13 @@ def _module_class():
                 self.manual_backward(loss_r)
                 opt_r.step()
             self.untoggle_optimizer(opt_r)
+            return refined, {"loss_refiner": loss_r, "loss_adv": adv, "l1": reg, "stain": stain}
 
-            # Discriminator: real crops vs refined ones, half of them from the history buffer so the
-            # refiner cannot reintroduce artefacts the discriminator has forgotten.
+        def _discriminator_step(self, opt_d, refined, real):
+            """Discriminator: real crops vs refined ones, half of them from the history buffer so the
+            refiner cannot reintroduce artefacts the discriminator has forgotten."""
             self.toggle_optimizer(opt_d)
-            fake = self._with_history(refined.detach().float())
+            fake, self.history = mix_history(self.history, refined.detach().float(), self.cfg.history, self._gen)
             lr_, lf = self.disc(real), self.disc(fake)
             loss_d = (F.binary_cross_entropy_with_logits(lr_, torch.ones_like(lr_))
                       + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf)))
@@ -308,31 +343,8 @@ def _module_class():
             self.manual_backward(loss_d)
             opt_d.step()
             self.untoggle_optimizer(opt_d)
-
             acc = 0.5 * ((lr_ > 0).float().mean() + (lf < 0).float().mean())
-            values = {"loss_refiner": loss_r, "loss_adv": adv, "l1": reg, "stain": stain, "loss_disc": loss_d,
-                      "disc_acc": acc}
-            self.log_dict(values, prog_bar=True)
-            self.trace.append({k: float(v.detach()) for k, v in values.items()})
-
-        def _with_history(self, fake):
-            size = self.cfg.history
-            if size <= 0:
-                return fake
-            n = len(fake)
-            half = n // 2
-            if len(self.history) >= half > 0:
-                idx = torch.randint(len(self.history), (half,), generator=self._gen).to(fake.device)
-                out = torch.cat([fake[:n - half], self.history[idx].to(fake.dtype)])
-            else:
-                out = fake
-            # Add the new crops, replacing random old ones once the buffer is full.
-            if len(self.history) < size:
-                self.history = torch.cat([self.history, fake[: size - len(self.history)]])
-            else:
-                slots = torch.randperm(size, generator=self._gen)[:half].to(fake.device)
-                self.history[slots] = fake[:half]
-            return out
+            return {"loss_disc": loss_d, "disc_acc": acc}
 
         def configure_optimizers(self):
             betas = (0.5, 0.999)
@@ -350,7 +362,7 @@ class _CropStream:
         self.cfg = params
 
     def __iter__(self):
-        import torch
+        import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
         rng = np.random.default_rng([self.cfg.seed, 17])
         p = self.cfg
@@ -367,11 +379,11 @@ def train_refiner(synth_images: list[np.ndarray], synth_targets: list[np.ndarray
     Deterministic given ``params.seed`` on a given device. Uses CUDA with 16-bit mixed precision when
     ``params.device`` resolves to a GPU.
     """
-    import pytorch_lightning as pl
-    import torch
+    import pytorch_lightning as pl  # heavy (Lightning, torch): imported on use
+    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
     from torch.utils.data import DataLoader, IterableDataset
 
-    from .model import resolve_device
+    from .model import resolve_device  # heavy (torch): imported on use
 
     if not real:
         raise ValueError("no real tissue images for the refiner's discriminator")
@@ -412,7 +424,7 @@ def train_refiner(synth_images: list[np.ndarray], synth_targets: list[np.ndarray
 def refine_images(net, images: np.ndarray, instances: np.ndarray, boundary: np.ndarray,
                   device="cpu", batch: int = 16) -> np.ndarray:
     """Refined uint8 NHWC images for uint8 NHWC ``images`` and their targets (same shape and dtype)."""
-    import torch
+    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     device = torch.device(device)
     net = net.to(device).eval()
@@ -434,14 +446,12 @@ def refine_images(net, images: np.ndarray, instances: np.ndarray, boundary: np.n
 def mask_dice(images: np.ndarray, instances: np.ndarray) -> float:
     """Pooled Dice of the hematoxylin-based nuclear mask of ``images`` with the instance masks.
 
-    The same detector (:func:`nucseg.synth.nuclear_pixels`: Otsu on hematoxylin OD) scores synthetic
+    The same detector (:func:`nucseg.stain.nuclear_pixels`: Otsu on hematoxylin OD) scores synthetic
     and refined patches, so the ratio of the two tells whether refinement moved nuclei away from
     their labels.
     """
-    from .synth import nuclear_pixels
-
     inter = total = 0
-    for img, inst in zip(images, instances):
+    for img, inst in zip(images, instances, strict=True):
         pred, true = nuclear_pixels(img), inst > 0
         inter += int((pred & true).sum())
         total += int(pred.sum() + true.sum())
@@ -472,11 +482,8 @@ def refine_dataset(synth_dir, out_dir, real: list[np.ndarray], params: RefinerPa
     dict
         What ``refiner.json`` holds.
     """
-    from tqdm import tqdm
-
-    from .model import resolve_device
-    from .train.data import list_shards
-    from .synth import contact_sheet
+    from .model import resolve_device  # heavy (torch): imported on use
+    from .train.data import list_shards  # heavy (Lightning): imported on use
 
     synth_dir, out_dir = Path(synth_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,14 @@ import textwrap
 from pathlib import Path
 
 import cv2
+import geopandas as gpd
 import numpy as np
 import pandas as pd
+import shapely
 
 from . import io
+from .grading import GRADES, QCParams, grade_patches, grade_summary
+from .slides import SlideError, open_slide
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -45,8 +49,6 @@ def slide_overlay(slide_path, nuclei=None, patches: pd.DataFrame | None = None, 
     outlines when they are at least a few thumbnail pixels wide, else as a density wash. A slide that
     cannot be read gives a grey card.
     """
-    from .slides import SlideError, open_slide
-
     try:
         with open_slide(slide_path, backend) as slide:
             w, h = slide.dimensions
@@ -90,8 +92,6 @@ def _draw_patches(img, patches, scale, colour, thickness):
 
 
 def _draw_tissue(img, tissue_path, scale):
-    import geopandas as gpd
-
     for poly in gpd.read_parquet(tissue_path).geometry.values:
         for ring in [poly.exterior, *poly.interiors]:
             pts = np.round(np.asarray(ring.coords) * scale * 16).astype(np.int32)
@@ -99,8 +99,6 @@ def _draw_tissue(img, tissue_path, scale):
 
 
 def _draw_nuclei(img, nuclei, scale, limit: int = 200_000):
-    import shapely
-
     h, w = img.shape[:2]
     sample = np.asarray(nuclei.geometry.values[:1000])
     bounds = shapely.bounds(sample)
@@ -199,8 +197,6 @@ def histograms(slides: pd.DataFrame, out_dir) -> list[Path]:
 
 def grade_table_html(slides: pd.DataFrame) -> str:
     """Slides per grade and cancer type (counts and row %), with failures per stage, as HTML."""
-    from .qc import GRADES, grade_summary
-
     counts = grade_summary(slides) if len(slides) else pd.DataFrame(columns=list(GRADES))
     counts.loc["all types"] = counts.sum()
     failed = slides[slides.status != "ok"].groupby("cancer_type").size()
@@ -237,10 +233,8 @@ def thumbnails(slides: pd.DataFrame, overlay_pattern: str, out_dir, n: int, leve
     ``overlay_pattern`` names the per-slide overlays, e.g. ``results/{cancer_type}/{slide_id}/qc_overlay.png``
     (a pattern, not a list: thousands of paths would overflow a shell command line); each slide's
     ``qc_patches.parquet`` beside it gives the checked patches, graded with ``levels`` (a
-    :class:`nucseg.qc.QCParams`) so the red boxes agree with the table's grades.
+    :class:`nucseg.grading.QCParams`) so the red boxes agree with the table's grades.
     """
-    from .qc import QCParams, grade_patches
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

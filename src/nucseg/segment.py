@@ -14,34 +14,40 @@ on their shared border slightly differently, with the two versions' centroids on
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import logging
 import math
 import multiprocessing
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import shapely
 import torch
 from shapely.geometry import Polygon, box
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from . import io
 from .instances import (InstanceParams, describe_instances, extract_instances, gate_unit_for, hematoxylin_gate,
                         hematoxylin_level)
 from .model import load_weights, predict, resolve_device
 from .slides import open_slide, resolve_mpp
-from .synth import hematoxylin_od, tissue_pixels
-from .tissue import seed_from
+from .stain import hematoxylin_od, tissue_pixels
+from .tissue import mask_to_polygons, seed_from, slide_tissue
 
 log = logging.getLogger(__name__)
 
 def _nuclei_schema() -> dict:
-    import pyarrow as pa
-
     f64 = pa.float64()
     return {"centroid_x": f64, "centroid_y": f64, "area_um2": f64, "perimeter_um": f64, "eccentricity": f64,
             "solidity": f64, "mean_hematoxylin_od": f64, "tile_x": pa.int64(), "tile_y": pa.int64(), "score": f64}
@@ -50,7 +56,7 @@ def _nuclei_schema() -> dict:
 NUCLEI_SCHEMA = _nuclei_schema()
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegmentParams:
     tile_size: int = 512          # block core edge at the working resolution (px)
     # Read margin: wider than the largest nucleus and than the reach of the network's border effects
@@ -147,8 +153,6 @@ class BlockReader(Dataset):
 
 def load_tissue(path) -> tuple[shapely.Geometry | None, dict]:
     """Union of the tissue polygons of a ``tissue.parquet`` and its provenance (mpp, status)."""
-    import geopandas as gpd
-
     gdf = gpd.read_parquet(path)
     meta = io.read_provenance(path)
     geom = shapely.union_all(gdf.geometry.values) if len(gdf) else shapely.Polygon()
@@ -247,7 +251,7 @@ def slide_hematoxylin_level(slide, tissue, scale: float, mpp_work: float, seed: 
                              size: int = 256) -> float | None:
     """The slide's hematoxylin level (:func:`nucseg.instances.hematoxylin_level`) from ``n`` windows of
     ``size`` working px centred at random tissue points (``tissue``: level-0 geometry, None = anywhere),
-    over their stained pixels (:func:`nucseg.synth.tissue_pixels`).
+    over their stained pixels (:func:`nucseg.stain.tissue_pixels`).
 
     One level per slide, from windows placed independently of the blocks, so the gate and therefore the
     nuclei do not depend on the tiling. Glass and lumens are left out: the level splits nuclei from the
@@ -274,8 +278,6 @@ def slide_hematoxylin_level(slide, tissue, scale: float, mpp_work: float, seed: 
 
 def _detect_tissue(slide, mpp: float):
     """Tissue as the tissue stage defines it (default parameters), for runs without ``--tissue-mask``."""
-    from .tissue import mask_to_polygons, slide_tissue
-
     _, scale, _, mask = slide_tissue(slide, mpp)
     return shapely.union_all(mask_to_polygons(mask, scale))
 
@@ -288,10 +290,6 @@ def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params:
     ``params.postprocess_workers`` processes) while the network processes the next ones. At most
     ``postprocess_workers + 1`` batches are in flight, so memory stays bounded.
     """
-    from collections import deque
-
-    from tqdm import tqdm
-
     loader = DataLoader(reader, batch_size=params.batch_size, num_workers=params.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     if tissue is not None and tissue.is_empty:
@@ -315,8 +313,6 @@ def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params:
 def _postprocess_pool(workers: int, context: dict):
     """An executor and the function it runs on ``(batch, probs, blocks)``: one thread, or ``workers``
     processes that receive ``context`` (the tissue geometry above all) once instead of with every batch."""
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-
     if workers == 1:
         if context["tissue"] is not None:
             shapely.prepare(context["tissue"])
@@ -333,8 +329,6 @@ _WORKER_CONTEXT: dict = {}
 
 
 def _init_postprocess_worker(context: dict) -> None:
-    import cv2
-
     cv2.setNumThreads(1)  # one core per worker process
     torch.set_num_threads(1)
     if context["tissue"] is not None:
@@ -358,9 +352,6 @@ def _release_freed_memory() -> None:
 
 
 def _load_libc():
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc if hasattr(libc, "malloc_trim") else None
@@ -379,7 +370,7 @@ def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissu
     """Instances, ownership, polygons (level-0), features and owning block index of one batch of blocks
     (``blocks``: the batch's, in its order)."""
     frames, polygons, owners = [], [], []
-    for (i, image), prob, block in zip(batch, probs, blocks):
+    for (i, image), prob, block in zip(batch, probs, blocks, strict=True):
         hema = hematoxylin_od(image)
         gate = None if level is None else hematoxylin_gate(hema, mpp_work, level)
         labels = extract_instances(prob, mpp_work, inst_params, gate=gate)
@@ -469,7 +460,7 @@ class SeamFilter:
         x0, y0, x1, y1 = shapely.bounds(np.array(polygons, dtype=object)).T * self.scale
         near = ((x0 < block.cx + self.reach) | (y0 < block.cy + self.reach)
                 | (x1 > block.cx + block.core - self.reach) | (y1 > block.cy + block.core - self.reach))
-        self._border[(block.cx, block.cy)] = [p for p, n in zip(polygons, near) if n]
+        self._border[(block.cx, block.cy)] = [p for p, n in zip(polygons, near, strict=True) if n]
 
 
 def _valid_polygon(points: np.ndarray) -> Polygon:

@@ -23,17 +23,18 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from skimage.color import rgb2hed
-from skimage.segmentation import find_boundaries
 
 from . import io
+from .instances import boundary_map
+from .resample import resample_to
+from .stain import hematoxylin_od, nuclear_pixels, tissue_pixels
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NUCLEUS_RGB = np.array([95.0, 60.0, 140.0])  # typical hematoxylin-stained nucleus
 
 
-@dataclass
+@dataclass(frozen=True)
 class SynthParams:
     """Generator parameters; sizes are physical (µm), images are at ``mpp`` µm/px.
 
@@ -98,30 +99,6 @@ def warp(points: np.ndarray, elongation: float, angle: float) -> np.ndarray:
     rot = np.array([[c, -s], [s, c]])
     scale = np.diag([math.sqrt(elongation), 1 / math.sqrt(elongation)])
     return points @ (rot @ scale @ rot.T).T
-
-
-def hematoxylin_od(rgb: np.ndarray) -> np.ndarray:
-    """Hematoxylin optical density (colour deconvolution, Ruifrok & Johnston), float32 >= 0."""
-    return np.clip(rgb2hed(rgb)[..., 0], 0, None).astype(np.float32)
-
-
-def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
-    """Pixels that are stained tissue (not glass/lumen): saturation above a low threshold."""
-    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
-    return cv2.medianBlur((sat > 20).astype(np.uint8), 5) > 0
-
-
-def nuclear_pixels(rgb: np.ndarray, hema: np.ndarray | None = None) -> np.ndarray:
-    """Strongly hematoxylin-stained pixels (candidate real nuclei) of a texture."""
-    from skimage.filters import threshold_otsu
-
-    hema = hematoxylin_od(rgb) if hema is None else hema
-    dark = 255 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    # Otsu on H catches pale and dense nuclei; the percentile rule catches few, very dark ones when
-    # Otsu splits at a high value.
-    otsu = max(0.02, 0.9 * float(threshold_otsu(hema))) if hema.max() > hema.min() else np.inf
-    relative = (hema >= max(0.02, float(np.percentile(hema, 85)))) & (dark > np.percentile(dark, 70))
-    return (hema > otsu) | relative
 
 
 def remove_nuclei(rgb: np.ndarray, nuclei: np.ndarray, mpp: float) -> np.ndarray:
@@ -333,11 +310,6 @@ def _crisp_vesicular(alpha: np.ndarray, mask: np.ndarray, rng, px: float) -> np.
     return cv2.GaussianBlur(opacity, (0, 0), 0.5)
 
 
-def boundary_map(instances: np.ndarray) -> np.ndarray:
-    """Inner boundaries of all instances (uint8 0/1), the target that separates touching nuclei."""
-    return find_boundaries(instances, mode="inner").astype(np.uint8)
-
-
 def make_patch(texture: np.ndarray, seed: int, params: SynthParams) -> dict:
     """One synthetic patch from a real texture (already at ``params.mpp``), deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
@@ -375,7 +347,7 @@ def load_textures(patch_files: list[str | os.PathLike], texture_dirs: list[dict]
         with np.load(f) as data:
             arr = data["patches"]
             src_mpp = float(data["mpp"]) if "mpp" in data else mpp
-        textures.extend(_resample(patch, src_mpp, mpp) for patch in arr)
+        textures.extend(resample_to(patch, src_mpp, mpp) for patch in arr)
     for entry in texture_dirs or []:
         root = Path(entry["path"])
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".tiff"})
@@ -386,7 +358,7 @@ def load_textures(patch_files: list[str | os.PathLike], texture_dirs: list[dict]
             if img is None:
                 log.warning("texture %s: unreadable or not an 8-bit colour or grey image, skipped", p)
                 continue
-            textures.append(_resample(img, float(entry["mpp"]), mpp))
+            textures.append(resample_to(img, float(entry["mpp"]), mpp))
     return textures
 
 
@@ -398,14 +370,6 @@ def _read_rgb(path: Path) -> np.ndarray | None:
         return io.as_rgb8(pixels) if pixels.dtype == np.uint8 else None
     except Exception:  # noqa: BLE001 - any decoding failure means: not a usable texture
         return None
-
-
-def _resample(image: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:
-    if abs(src_mpp - dst_mpp) / dst_mpp < 0.02:
-        return image
-    f = src_mpp / dst_mpp
-    size = (max(1, round(image.shape[1] * f)), max(1, round(image.shape[0] * f)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR if f > 1 else cv2.INTER_AREA)
 
 
 def _make_shard(args) -> dict:

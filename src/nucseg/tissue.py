@@ -34,7 +34,7 @@ from .slides import SlideError, open_slide, resolve_mpp
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TissueParams:
     """Tissue detection parameters; all sizes are physical."""
 

@@ -75,7 +75,7 @@ def random_crops(images: np.ndarray, size: int, rng: np.random.Generator) -> np.
     """One ``size`` × ``size`` crop at a random place of each NHWC image (the discriminator's input)."""
     n, h, w, _ = images.shape
     ys, xs = rng.integers(0, h - size + 1, n), rng.integers(0, w - size + 1, n)
-    return np.stack([im[y:y + size, x:x + size] for im, y, x in zip(images, ys, xs)])
+    return np.stack([im[y:y + size, x:x + size] for im, y, x in zip(images, ys, xs, strict=True)])
 
 
 def train_discriminator(real: np.ndarray, shards, out_dir: Path, params: TrainParams,
@@ -206,7 +206,7 @@ def importance_weighting(real: np.ndarray, shards, out_dir: Path, params: TrainP
                      **({} if seconds is None else {"seconds": seconds}))
     stats = {"mean": float(weights.mean()), "std": float(weights.std()),
              "quantiles": dict(zip(["min", "q10", "q50", "q90", "max"],
-                                   np.quantile(weights, [0, .1, .5, .9, 1]).round(4).tolist())),
+                                   np.quantile(weights, [0, .1, .5, .9, 1]).round(4).tolist(), strict=True)),
              "clipped_low": float((clipped <= params.weight_clip[0] + 1e-6).mean()),
              "clipped_high": float((clipped >= params.weight_clip[1] - 1e-6).mean()),
              "effective_sample_size": effective_sample_size(weights),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainParams:
     max_steps: int = 1200
     batch_size: int = 32         # 128 px patches at 0.5 µm/px: the pixels per step of 8 patches of 256 px

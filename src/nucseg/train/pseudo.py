@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..instances import InstanceParams, extract_instances, hematoxylin_gate
+from ..instances import InstanceParams, boundary_map, extract_instances, hematoxylin_gate
 from ..model import UNet, predict
-from ..synth import boundary_map, hematoxylin_od
+from ..stain import hematoxylin_od
 
 
 def pseudo_targets(prob: np.ndarray, labels: np.ndarray, band: tuple[float, float] = (0.3, 0.7)) -> np.ndarray:
