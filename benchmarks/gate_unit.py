@@ -47,10 +47,12 @@ def tile_metrics(weights: str, samples: list) -> list[dict]:
     """Per tile: its slide type and the metrics of each unit, the network run once per tile."""
     import torch
 
-    from nucseg.evaluate import instance_metrics, instances_on_image, resample_to
+    from nucseg.evaluate import instances_on_image
     from nucseg.instances import InstanceParams, extract_instances, hematoxylin_gate
+    from nucseg.metrics import instance_metrics
     from nucseg.model import load_weights, predict
-    from nucseg.synth import hematoxylin_od
+    from nucseg.resample import resample_to
+    from nucseg.stain import hematoxylin_od
 
     device = torch.device("cpu")
     model, meta = load_weights(weights, device)

@@ -25,18 +25,13 @@ import time
 import cv2
 import numpy as np
 import torch
-from scipy.stats import mannwhitneyu, spearmanr
+from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
 
+from nucseg.metrics import two_sample_auc
 from nucseg.model import normalize
 from nucseg.train.data import list_shards
-
-
-def auc(scores_real: np.ndarray, scores_synth: np.ndarray) -> float:
-    """Area under the ROC curve for telling real (positive) from synthetic: Mann-Whitney U / (n₁ n₀)."""
-    return float(mannwhitneyu(scores_real.ravel(), scores_synth.ravel()).statistic
-                 / (scores_real.size * scores_synth.size))
 
 
 def local_discriminator() -> nn.Sequential:
@@ -107,7 +102,8 @@ def main() -> None:
     nuclei = F.avg_pool2d(torch.from_numpy((labels > 0).astype(np.float32))[:, None], 4)[:, 0].numpy() > 0.5
     out = {"synth": args.synth, "view": args.view, "steps": args.steps, "train_s": round(train_s, 1),
            "n_real_test": len(real_test), "n_synthetic_test": len(synth_test),
-           "auc_per_location": auc(p_r, p_s), "auc_per_patch": auc(p_r.mean((1, 2)), p_s.mean((1, 2))),
+           "auc_per_location": two_sample_auc(p_r, p_s),
+           "auc_per_patch": two_sample_auc(p_r.mean((1, 2)), p_s.mean((1, 2))),
            "floor_share": float(at_floor.mean()), "floor_share_on_nuclei": float(at_floor[nuclei].mean()),
            "floor_share_elsewhere": float(at_floor[~nuclei].mean()),
            "mean_weight_on_nuclei": float(w[nuclei].mean()), "mean_weight_elsewhere": float(w[~nuclei].mean())}

@@ -52,7 +52,7 @@ def pipeline_labels(nuclei_path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 def scores(truth: np.ndarray, pred: np.ndarray) -> dict:
     """The reported metrics and the number of predicted nuclei."""
-    from nucseg.evaluate import instance_metrics
+    from nucseg.metrics import instance_metrics
 
     return {k: v for k, v in instance_metrics(truth, pred).items() if k in METRICS + ("n_pred",)}
 

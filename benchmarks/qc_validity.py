@@ -42,8 +42,8 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nucseg.metrics import roc_auc  # noqa: E402
 from quality import DATA, cryonuseg_as_label_maps, print_json  # noqa: E402
-
 
 # ---------------------------------------------------------------- degradations (image, claimed mpp)
 
@@ -78,31 +78,18 @@ VARIANTS = {
 }
 
 
-# ---------------------------------------------------------------- metrics
-
-def roc_auc(scores, labels) -> float | None:
-    """Area under the ROC curve (Mann-Whitney U, ties count half); None without both classes."""
-    from scipy.stats import rankdata
-
-    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    if not n_pos or not n_neg:
-        return None
-    ranks = rankdata(np.nan_to_num(scores))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 # ---------------------------------------------------------------- patches of one tile
 
 def tile_patches(sample, variant: str, model, device, mpp_work: float, params, min_nuclei: int,
                  max_side: int = 3) -> list[dict]:
     """QC signals and true AJI/Dice of each patch of one (degraded) annotated tile."""
-    from nucseg.evaluate import instance_metrics, resample_to
-    from nucseg.instances import (InstanceParams, describe_instances, extract_instances, gate_unit_for, hematoxylin_gate,
-                                  hematoxylin_level)
+    from nucseg.instances import (InstanceParams, describe_instances, extract_instances, gate_unit_for,
+                                  hematoxylin_gate, hematoxylin_level)
+    from nucseg.metrics import instance_metrics
     from nucseg.model import predict
     from nucseg.qc import patch_signals, tta_predict
-    from nucseg.synth import hematoxylin_od
+    from nucseg.resample import resample_to
+    from nucseg.stain import hematoxylin_od
 
     image, claimed = VARIANTS[variant](sample.image, sample.mpp)
     # As the pipeline would: resample by the *claimed* µm/px to the working resolution.
@@ -152,7 +139,7 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
 
 def summarize(rows: list[dict], params, aji_threshold: float) -> dict:
     """Counts, ROC AUC per signal and of the combined score, confusion matrix at the shipped threshold."""
-    from nucseg.qc import SIGNALS
+    from nucseg.grading import SIGNALS
 
     truly_bad = np.array([r["aji"] < aji_threshold for r in rows], bool)
     flagged = np.array([bool(r["bad"]) for r in rows], bool)
@@ -209,8 +196,8 @@ def main() -> None:
 
     from nucseg.cli import default_weights
     from nucseg.evaluate import load_dataset
+    from nucseg.grading import QCParams
     from nucseg.model import load_weights, resolve_device
-    from nucseg.qc import QCParams
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None, help="model.pt (default: the shipped model)")

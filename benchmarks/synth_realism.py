@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nucseg.metrics import roc_auc
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 MPP = 0.25
@@ -163,16 +165,6 @@ def fixed_crops(images: list[np.ndarray], size: int, per_image: int, seed: int) 
     return np.concatenate([random_crop_batch([im], per_image, size, rng) for im in images])
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U over ranks; ties count half)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores)
-    pos = labels > 0
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def classifier_score(real_train, synth_train, real_test: np.ndarray, synth_test: np.ndarray, crop: int,
                      steps: int, seed: int, batch: int = 32) -> dict:
     """Train a fresh real-vs-synthetic CNN; balanced accuracy and AUC on the test crops."""
@@ -203,7 +195,7 @@ def classifier_score(real_train, synth_train, real_test: np.ndarray, synth_test:
     y = np.concatenate([np.ones(len(real_test)), np.zeros(len(synth_test))])
     pred = scores > 0
     balanced = 0.5 * (pred[y > 0].mean() + (~pred[y == 0]).mean())
-    return {"accuracy": round(float(balanced), 4), "auc": round(auc(scores, y), 4)}
+    return {"accuracy": round(float(balanced), 4), "auc": round(roc_auc(scores, y), 4)}
 
 
 def realism(real_train, real_test_crops, synth_train, synth_test_crops, args) -> dict:

@@ -111,7 +111,7 @@ def test_forced_mpp_outside_the_qc_range_is_planned(tmp_path):
 
 
 def _sections():
-    from nucseg.qc import QCParams
+    from nucseg.grading import QCParams
     from nucseg.refiner import RefinerParams
     from nucseg.segment import SegmentParams
     from nucseg.synth import SynthParams
@@ -227,7 +227,8 @@ def test_any_tissue_error_is_recorded_for_the_slide(tmp_path, demo_slide):
 def test_a_segment_error_is_recorded_in_an_empty_file_and_graded(tmp_path, demo_slide, demo_tissue, real_model):
     """The slide passed tissue detection, then its file breaks: segment records it, QC grades it."""
     from nucseg import io
-    from nucseg.qc import QCParams, slide_qc
+    from nucseg.grading import QCParams
+    from nucseg.qc import slide_qc
     from nucseg.segment import segment_slide
 
     broken = tmp_path / "broken.tiff"

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from nucseg.evaluate import (instance_metrics, instances_on_image, load_dataset, predict_classical, rasterize,
-                             read_aperio_xml)
+from nucseg.evaluate import instances_on_image, load_dataset, predict_classical, rasterize, read_aperio_xml
+from nucseg.metrics import instance_metrics, roc_auc
 
 from .conftest import MONUSEG, need
 
@@ -216,3 +216,10 @@ def test_bad_files_are_named_and_skipped_without_stopping_the_others(tmp_path, r
     assert main(["-q", "evaluate", "--dataset", str(root), "--method", "classical", "--mpp", "0.25",
                  "--out", str(tmp_path / "none.json")]) != 0
     assert not (tmp_path / "none.json").exists()
+
+
+def test_roc_auc_counts_ties_half_and_needs_both_classes():
+    # Positives 2, 3 against negatives 1, 2: three pairs won, one tied.
+    assert roc_auc([1, 2, 2, 3], [False, False, True, True]) == 0.875
+    assert roc_auc([np.nan, 1.0], [False, True]) == 1.0  # NaN scores count as 0
+    assert roc_auc([1, 2], [True, True]) is None

@@ -6,7 +6,7 @@ from skimage.draw import polygon as draw_polygon
 from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, gate_unit_for,
                               hematoxylin_gate, hematoxylin_level, instance_outlines, label_peaks, outline,
                               relabel, touching_labels)
-from nucseg.synth import hematoxylin_od
+from nucseg.stain import hematoxylin_od
 
 
 def disc(shape, cy, cx, r):

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nucseg.qc import QCParams, aggregate, grade, grade_summary, patch_verdict
+from nucseg.grading import QCParams, grade, grade_summary
+from nucseg.qc import aggregate, patch_verdict
 
 
 @pytest.mark.parametrize("pct, expected", [
@@ -65,7 +66,7 @@ def test_aggregate_types_and_summary(tmp_path):
 
 
 def test_grading_levels_apply_to_stored_signals():
-    from nucseg.qc import grade_patches, regrade
+    from nucseg.grading import grade_patches, regrade
 
     patches = pd.DataFrame({"disagreement": [0.2, 0.6, np.nan], "entropy": [0.1, 0.1, 0.1],
                             "missed": [0.0, 0.0, 0.8], "false": [0.0, 0.0, 0.0], "shape": [0.0, 0.0, 0.0]})
@@ -186,10 +187,11 @@ def test_signals_on_a_real_tile_flag_an_out_of_focus_copy(shipped_model):
     """MoNuSeg tile, shipped model: the patch's segmentation scores worse once the patch is blurred."""
     import cv2
 
-    from nucseg.evaluate import load_dataset, resample_to
+    from nucseg.evaluate import load_dataset
     from nucseg.instances import describe_instances, extract_instances
     from nucseg.model import predict
     from nucseg.qc import patch_signals, tta_predict
+    from nucseg.resample import resample_to
 
     from .conftest import MONUSEG, need
 
@@ -248,7 +250,7 @@ def test_workflow_splits_qc_config_by_the_same_levels():
     import ast
     import re
 
-    from nucseg.qc import LEVELS, QCParams
+    from nucseg.grading import LEVELS, QCParams
 
     from .conftest import REPO
 
@@ -262,7 +264,7 @@ def test_stain_floor_follows_a_faded_slide(rng):
 
     from nucseg.instances import hematoxylin_level
     from nucseg.qc import stain_floor
-    from nucseg.synth import hematoxylin_od
+    from nucseg.stain import hematoxylin_od
 
     params = QCParams()
     image, truth = patch_with_nuclei(rng, [(15, 15), (40, 45), (50, 15)])

@@ -12,7 +12,7 @@ import pytest
 
 from nucseg import report
 from nucseg.cli import main
-from nucseg.qc import grade
+from nucseg.grading import grade
 
 from .conftest import CMU, need
 
@@ -102,7 +102,7 @@ def test_overlay_of_a_real_slide_marks_bad_patches(tmp_path):
 
 
 def test_thumbnails_regrade_patches_with_the_given_levels(tmp_path):
-    from nucseg.qc import QCParams
+    from nucseg.grading import QCParams
 
     table = slides_table(4).assign(status="ok", grade="Good", width=1000)
     for r in table.itertuples():

@@ -125,7 +125,7 @@ def test_slide_hematoxylin_level_is_per_slide_and_splits_nuclei_from_the_rest(de
     from nucseg.instances import hematoxylin_level
     from nucseg.segment import load_tissue, slide_hematoxylin_level
     from nucseg.slides import open_slide
-    from nucseg.synth import hematoxylin_od
+    from nucseg.stain import hematoxylin_od
 
     tissue, _ = load_tissue(demo_tissue / "tissue.parquet")
     with open_slide(demo_slide, "tiffslide") as slide:

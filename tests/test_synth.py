@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from shapely.geometry import Point, Polygon
 
-from nucseg.synth import (SynthParams, boundary_map, draw_nuclei, generate_dataset, load_textures, make_patch,
-                          smooth_outline, star_polygon, texture_stats)
+from nucseg.instances import boundary_map
+from nucseg.synth import (SynthParams, draw_nuclei, generate_dataset, load_textures, make_patch, smooth_outline,
+                          star_polygon, texture_stats)
 
 
 def test_generator_defaults_are_the_shipped_recipe():
@@ -250,7 +251,7 @@ def test_masks_align_with_the_rendered_nuclei(rng):
     """Each labelled nucleus is darker in hematoxylin than the ring just outside its mask."""
     import cv2
 
-    from nucseg.synth import hematoxylin_od, nuclear_pixels
+    from nucseg.stain import hematoxylin_od, nuclear_pixels
 
     tex = texture(rng, 300)
     # At 40x, where the figures below were measured, and without crisp vesicular nuclei, whose cleared
@@ -302,7 +303,7 @@ _NUCLEI_ONLY = dict(distractors_per_patch=(0, 0), debris_per_patch=(0, 0), cytop
 def _nucleus_contrast(centre_only=False, seeds=range(4), **params):
     """Mean hematoxylin of each drawn nucleus (or of its centre) above its blank background, and the
     instance maps, for ``SynthParams(**_NUCLEI_ONLY, **params)``."""
-    from nucseg.synth import hematoxylin_od
+    from nucseg.stain import hematoxylin_od
 
     values, maps = [], []
     for seed in seeds:
@@ -334,7 +335,7 @@ def test_vesicular_clearing_pales_the_centres_only():
 
 def _rim_and_interior(**params):
     """Hematoxylin of each drawn nucleus's outer 1.5 px ring and of its interior beyond it, above the background."""
-    from nucseg.synth import hematoxylin_od
+    from nucseg.stain import hematoxylin_od
 
     rims, insides = [], []
     for seed in range(4):

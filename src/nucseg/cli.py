@@ -19,7 +19,7 @@ from .demo import make_demo_slide
 from .download import (GDC_API_URL, SEED_PROJECTS, DownloadError, build_cohort, cohort_from_manifest, fetch_slide,
                        parse_barcode, write_failure_record, write_sheet)
 from .download.gdc import query_note
-from .evaluate import evaluate, load_dataset
+from .evaluate import evaluate, images_mpp, load_dataset
 from .export import to_qupath, to_tcia
 from .grading import LEVELS, QCParams, grade_summary
 from .instances import SLIDE_TYPES, InstanceParams
@@ -28,8 +28,9 @@ from .refiner import RefinerParams, refine_dataset
 from .segment import SegmentParams, segment_slide
 from .synth import SynthParams, contact_sheet, generate_dataset, load_textures
 from .tissue import TissueParams, detect_tissue
+
 # The wrapper imports Lightning only when a model is trained (slow to import).
-from .train import TrainParams, train_model
+from .train import TrainParams, adapt_model, adapt_to_images, train_model
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -223,6 +224,18 @@ def _parser_aggregate(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _parser_adapt(sub) -> argparse.ArgumentParser:
+    """The ``adapt`` subcommand and its arguments."""
+    p = sub.add_parser("adapt", help="adapt a model to one cohort's own tissue, label-free (self-training, "
+                                     "importance-weighted synthetic patches)")
+    p.add_argument("--init", required=True, type=Path, help="the model to adapt (model.pt)")
+    p.add_argument("--synth", nargs="+", required=True, type=Path,
+                   help="synth output folder(s) drawn on the cohort's textures (their real.npz: its real patches)")
+    p.add_argument("--out-dir", required=True, type=Path, help="model folder (model.pt, model_card.json)")
+    _add_dataclass_flags(p, TrainParams, skip=("base", "depth", "mpp", "max_steps"))
+    return p
+
+
 def _parser_evaluate(sub) -> argparse.ArgumentParser:
     """The ``evaluate`` subcommand and its arguments."""
     p = sub.add_parser("evaluate", help="metrics (AJI, Dice, PQ, F1) on annotated tiles")
@@ -243,6 +256,10 @@ def _parser_evaluate(sub) -> argparse.ArgumentParser:
                         "auto: nucleus for FFPE (slide type DX), pixel otherwise")
     p.add_argument("--tta", type=int, default=1, metavar="N",
                    help="average the network's outputs over N of the 8 flips/quarter turns (as segment's tta)")
+    p.add_argument("--adapt", type=Path, default=None, metavar="DIR",
+                   help="first adapt the model to the dataset's images, label-free (annotations are opened only "
+                        "once the adapted model exists), into DIR; then score the adapted model")
+    p.add_argument("--adapt-steps", type=int, default=300, help="self-training steps of --adapt (default 300)")
     return p
 
 
@@ -453,8 +470,19 @@ def _cmd_aggregate(args, progress):
     print(summary.to_string())
 
 
+def _cmd_adapt(args, progress):
+    card = adapt_model(args.init, args.synth, args.out_dir, _dataclass_from_args(TrainParams, args),
+                       progress=progress, command=shlex.join(["nucseg", *sys.argv[1:]]))
+    print(json.dumps({k: card[k] for k in ("model_id", "phase_time_s", "this_run_s", "metrics")}))
+
+
 def _cmd_evaluate(args, progress):
     weights = None if args.method == "classical" else (args.checkpoint or default_weights())
+    adapted = None
+    if args.adapt is not None and weights is not None:
+        adapted = adapt_to_images(args.dataset / "images", images_mpp(args.dataset, args.mpp), weights, args.adapt,
+                                  params=TrainParams(self_training_steps=args.adapt_steps), progress=progress)
+        weights = args.adapt / "model" / "model.pt"
     skipped = []  # unreadable images or annotations: named in the log and the JSON, the rest still scored
     samples = load_dataset(args.dataset, args.mpp, skipped)
     if not samples:
@@ -463,6 +491,8 @@ def _cmd_evaluate(args, progress):
                       args.save_predictions, progress, InstanceParams(hematoxylin_gate=args.hematoxylin_gate),
                       args.tta, args.gate_unit)
     result["skipped"] = skipped
+    if adapted is not None:
+        result["adapted"] = {k: adapted[k] for k in ("model_id", "adapted_from", "phase_time_s", "this_run_s")}
     if args.out:
         io.write_json(args.out, result)
     print(json.dumps(result["mean"] if args.out else result, indent=None if args.out else 2))
@@ -500,6 +530,7 @@ _COMMANDS = {
     "qc": (_parser_qc, _cmd_qc),
     "report-figures": (_parser_report_figures, _cmd_report_figures),
     "aggregate": (_parser_aggregate, _cmd_aggregate),
+    "adapt": (_parser_adapt, _cmd_adapt),
     "evaluate": (_parser_evaluate, _cmd_evaluate),
     "export": (_parser_export, _cmd_export),
     "publish": (_parser_publish, _cmd_publish),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import tifffile
 
 from .io import atomic_path
 from .synth import SynthParams, draw_nuclei
@@ -89,8 +90,6 @@ def demo_slide_image(shape: tuple[int, int], mpp: float, seed: int) -> np.ndarra
 def write_pyramidal_tiff(path, image: np.ndarray, mpp: float, levels: int = 3, tile: int = 256,
                          quality: int = 90) -> None:
     """Write a tiled JPEG pyramidal TIFF (levels downsampled by 4) with µm/px in resolution tags."""
-    import tifffile
-
     res = (1e4 / mpp, 1e4 / mpp)  # pixels per centimetre
     with atomic_path(path, suffix=".tiff") as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=False) as tif:

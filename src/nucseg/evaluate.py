@@ -127,6 +127,17 @@ def _read_labels(path: Path) -> np.ndarray:
     return as_instance_ids(read_pixels(path))
 
 
+def images_mpp(root, default_mpp: float | None = None) -> float:
+    """The µm/px of a dataset's images from its ``manifest.csv`` (median), else ``default_mpp``; never from its
+    annotations, so a label-free step (``nucseg evaluate --adapt``) can run before any label is opened."""
+    manifest, _ = _read_manifest(Path(root))
+    if manifest:
+        return float(np.median(list(manifest.values())))
+    if default_mpp is None:
+        raise ValueError(f"{root}: no manifest.csv with µm/px: pass --mpp")
+    return default_mpp
+
+
 def _read_manifest(root: Path) -> tuple[dict, dict]:
     """Pixel sizes and slide types by id from ``manifest.csv`` (both empty without one)."""
     manifest, slide_types = {}, {}

@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.filters import threshold_otsu
 from skimage.measure import find_contours
 from skimage.segmentation import find_boundaries, watershed
 
@@ -43,8 +45,6 @@ def hematoxylin_level(hematoxylin: list[np.ndarray], mpp: float,
 
     None when there is no contrast to split (then :func:`hematoxylin_gate` gates nothing).
     """
-    from skimage.filters import threshold_otsu
-
     smoothed = [_smoothed(h, mpp) for h in hematoxylin]
     if masks is not None:
         smoothed = [s[m] for s, m in zip(smoothed, masks, strict=True)]
@@ -206,8 +206,6 @@ def label_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int) -> np.
     ``2 * min_distance + 1``. skimage spaces every label's candidates with a k-d tree; most cores have one
     candidate, which needs no spacing, so only labels with several are handed to skimage.
     """
-    from skimage.feature import peak_local_max
-
     threshold = image.min()  # peak_local_max's default threshold: the whole image's minimum
     size = 2 * min_distance + 1
     background = np.finfo(image.dtype).min if np.issubdtype(image.dtype, np.floating) else np.iinfo(image.dtype).min

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -74,8 +75,6 @@ def _create_exclusive(folder: Path, prefix: str, suffix: str) -> Path:
 
 def link_or_copy(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Place ``src`` at ``dest`` atomically: a hard link when on the same file system, else a copy."""
-    import shutil
-
     dest = Path(dest)
     tmp = temp_beside(dest)
     tmp.unlink()
@@ -115,7 +114,7 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write an 8/16-bit grey or RGB image as PNG atomically."""
-    import cv2
+    import cv2  # on use: every stage imports io, few need each format
 
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -146,7 +145,7 @@ def provenance(**facts: Any) -> dict[str, str]:
 
 def read_provenance(path: str | os.PathLike) -> dict[str, str]:
     """Return the ``nucseg.*`` key-value metadata of a Parquet file, prefix stripped."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # on use: every stage imports io, few need each format
 
     meta = pq.read_schema(path).metadata or {}
     out = {}
@@ -159,8 +158,8 @@ def read_provenance(path: str | os.PathLike) -> dict[str, str]:
 
 def write_table(path: str | os.PathLike, frame, metadata: Mapping[str, str] | None = None) -> None:
     """Write a pandas DataFrame to Parquet atomically with extra key-value metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # on use: every stage imports io, few need each format
+    import pyarrow.parquet as pq  # on use: every stage imports io, few need each format
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})})
@@ -170,7 +169,7 @@ def write_table(path: str | os.PathLike, frame, metadata: Mapping[str, str] | No
 
 def write_geoparquet(path: str | os.PathLike, gdf, metadata: Mapping[str, str] | None = None) -> None:
     """Write a GeoDataFrame as GeoParquet 1.1 (bbox covering column) atomically, with metadata."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # on use: every stage imports io, few need each format
 
     with atomic_path(path, suffix=".parquet") as tmp:
         gdf.to_parquet(tmp, schema_version="1.1.0", write_covering_bbox=True, index=False)
@@ -196,8 +195,8 @@ class GeoParquetWriter:
 
     def __init__(self, path, columns: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
                  row_group_size: int = 50_000):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # on use: every stage imports io, few need each format
+        import pyarrow.parquet as pq  # on use: every stage imports io, few need each format
 
         self.path = Path(path)
         self._tmp = temp_beside(self.path, ".parquet")
@@ -218,8 +217,8 @@ class GeoParquetWriter:
 
     def write(self, frame, geometries) -> None:
         """Append rows: a pandas DataFrame of the attribute columns and a matching array of shapely geometries."""
-        import pyarrow as pa
-        import shapely
+        import pyarrow as pa  # on use: every stage imports io, few need each format
+        import shapely  # on use: every stage imports io, few need each format
 
         geometries = np.asarray(geometries, dtype=object)
         if len(geometries) == 0:
@@ -239,7 +238,7 @@ class GeoParquetWriter:
             self._flush()
 
     def _flush(self) -> None:
-        import pyarrow as pa
+        import pyarrow as pa  # on use: every stage imports io, few need each format
 
         if self._pending:
             self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_size)
@@ -286,11 +285,11 @@ def read_pixels(path: str | os.PathLike) -> np.ndarray:
     2x2 JPEG subsampling. Bit depth and layout are kept (16-bit, grey, channel-first planes); OpenCV's
     BGR(A) becomes RGB.
     """
-    import cv2
+    import cv2  # on use: every stage imports io, few need each format
 
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+        import tifffile  # on use: every stage imports io, few need each format
 
         return tifffile.imread(path)
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

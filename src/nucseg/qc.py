@@ -34,12 +34,12 @@ import cv2
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import torch
 from shapely.geometry import box
 from skimage.filters import threshold_otsu
-import torch
 
 from . import __version__, io
-from .grading import QCParams, SIGNALS, as_float, grade, grade_patches, regrade
+from .grading import SIGNALS, QCParams, as_float, grade, grade_patches, regrade
 from .instances import GATE_UNITS, InstanceParams, extract_instances, hematoxylin_gate
 from .metrics import instance_metrics
 from .model import DIHEDRAL, load_weights, predict_views, resolve_device

@@ -75,11 +75,11 @@ class Slide:
             raise SlideError(f"{self.path}: file not found")
         try:
             if backend == "tiffslide":
-                import tiffslide
+                import tiffslide  # the chosen backend only: each reader is imported on use
 
                 self._slide = tiffslide.TiffSlide(str(self.path))
             else:
-                import openslide
+                import openslide  # the chosen backend only: it needs its native library
 
                 self._slide = openslide.OpenSlide(str(self.path))
             self.dimensions = tuple(int(v) for v in self._slide.dimensions)

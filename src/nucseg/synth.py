@@ -23,6 +23,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from . import io
 from .instances import boundary_map
@@ -403,8 +404,6 @@ def generate_dataset(textures: list[np.ndarray], out_dir, params: SynthParams,
         jobs.append((textures, start, count, params))
         start += count
     shards = []
-    from tqdm import tqdm
-
     bar = tqdm(total=params.n_patches, desc="synth", unit="patch", disable=not progress)
     with ProcessPoolExecutor(max_workers=max(1, params.workers)) if params.workers > 1 else _Serial() as pool:
         for k, shard in enumerate(pool.map(_make_shard, jobs)):

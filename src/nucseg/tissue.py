@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
@@ -386,8 +387,6 @@ def _preview(thumb: np.ndarray, mask: np.ndarray, ink: np.ndarray | None = None)
 
 
 def _write_outputs(out_dir: Path, slide_id, facts, polygons, tiles, preview, patches) -> None:
-    import geopandas as gpd
-
     mpp = facts["mpp"]
     meta = io.provenance(slide_id=slide_id, mpp=mpp, mpp_source=facts["mpp_source"], status=facts["status"])
     area = [p.area * mpp**2 / 1e6 for p in polygons] if mpp else [0.0] * len(polygons)

@@ -202,7 +202,14 @@ def slide_dir(cancer_type, slide_id):
 SHIPPED_WEIGHTS = str(Path(workflow.basedir) / "src" / "nucseg" / "weights" / "default.pt")
 
 
-def model_weights():
+def model_weights(cancer_type=None):
+    """The weights a cancer type's segment jobs use: its adapted model (model.adapt), else the base model."""
+    if config["model"]["adapt"]:
+        return f"results/models/adapted/{cancer_type}/model.pt"
+    return base_weights()
+
+
+def base_weights():
     """The shipped model, a configured checkpoint, or the model this workflow trains."""
     choice = config["model"]["checkpoint"]
     if choice == "shipped":

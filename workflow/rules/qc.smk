@@ -14,7 +14,7 @@ rule qc_cohort:
         # The sheet names the inputs: a cohort's paths would overflow the command line.
         samples=lambda wc: config["cohorts"][wc.cancer_type],
         levels=qc_args(measure=False),
-        config_hash=config_hash("qc", segment=SEGMENT_SETTINGS, weights=model_weights()),
+        config_hash=config_hash("qc", segment=SEGMENT_SETTINGS, weights=base_weights(), adapt=config["model"]["adapt"]),
     log:
         "logs/qc/{cancer_type}.log",
     conda:
@@ -33,7 +33,7 @@ rule qc_all:
         table="results/qc/slides.parquet",
         grades=report("results/qc/grades.tsv", category="Quality control"),
     params:
-        config_hash=config_hash("qc", segment=SEGMENT_SETTINGS, weights=model_weights()),
+        config_hash=config_hash("qc", segment=SEGMENT_SETTINGS, weights=base_weights(), adapt=config["model"]["adapt"]),
     log:
         "logs/qc/all.log",
     conda:

@@ -1,4 +1,4 @@
-SEGMENT_CONFIG_HASH = config_hash(segment=SEGMENT_SETTINGS, weights=model_weights())
+SEGMENT_CONFIG_HASH = config_hash(segment=SEGMENT_SETTINGS, weights=base_weights(), adapt=config["model"]["adapt"])
 
 
 def segment_params(wildcards):
@@ -20,7 +20,7 @@ rule segment:
         tissue="results/{cancer_type}/{slide_id}/tissue.parquet",
         tiles="results/{cancer_type}/{slide_id}/tiles.parquet",
         facts="results/{cancer_type}/{slide_id}/wsi.json",
-        weights=model_weights(),
+        weights=lambda wc: model_weights(wc.cancer_type),
     output:
         nuclei="results/{cancer_type}/{slide_id}/nuclei.parquet",
         row="results/{cancer_type}/{slide_id}/qc.json",

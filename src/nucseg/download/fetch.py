@@ -11,6 +11,10 @@ import shutil
 import time
 from pathlib import Path
 
+import requests
+
+from ..io import atomic_path
+
 log = logging.getLogger(__name__)
 
 GDC_API_URL = "https://api.gdc.cancer.gov"
@@ -40,8 +44,6 @@ def write_failure_record(path: str | os.PathLike, slide_id: str, source: str, re
     with this reason, so one bad download does not leave a hole in the cohort's tables. It is not a
     slide: every slide reader rejects it.
     """
-    from ..io import atomic_path
-
     record = {"nucseg_download_failure": {"slide_id": slide_id, "source": source, "reason": reason,
                                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     with atomic_path(path) as tmp:
@@ -161,8 +163,6 @@ def _place_local(source: str, dest: Path, slide_id: str, *, md5: str | None, siz
 def _stream_with_resume(url: str, part: Path, slide_id: str, *, md5: str | None = None,
                         size: int | None = None, retries: int, timeout: float, backoff: float) -> None:
     """Download ``url`` to ``part``, resuming what a sidecar vouches for; retry transient failures."""
-    import requests
-
     attempt = 0
     while True:
         have, record = _resume_offset(part, url, slide_id, md5=md5, size=size)
@@ -233,8 +233,6 @@ def _new_record(url: str, resp, md5: str | None) -> dict:
 
 
 def _write_sidecar(part: Path, record: dict) -> None:
-    from ..io import atomic_path
-
     # Atomic: a torn sidecar must read as "unknown", never as another file's record.
     with atomic_path(_sidecar(part)) as tmp:
         tmp.write_text(json.dumps(record) + "\n")
@@ -328,7 +326,7 @@ def _report(slide_id: str, have: int, total: int | None, received: int, started:
 def _fetch_s3(source: str, part: Path, slide_id: str) -> None:
     """Anonymous S3 download through fsspec/s3fs (optional extra: ``pip install nucseg[s3]``)."""
     try:
-        import fsspec
+        import fsspec  # optional extra (nucseg[s3]): only s3:// sources need it
     except ImportError as exc:
         raise DownloadError(f"slide {slide_id}: s3:// sources need fsspec and s3fs installed") from exc
     try:

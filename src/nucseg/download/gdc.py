@@ -10,7 +10,9 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import requests
 
+from ..io import atomic_path
 from .fetch import GDC_API_URL
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,6 @@ def files_query(project: str, slide_type: str = "diagnostic") -> dict:
 def query_files(project: str, slide_type: str = "diagnostic", api_url: str = GDC_API_URL,
                 page_size: int = 500, timeout: float = 60.0) -> list[dict]:
     """All hits of the files query, paging until the reported total is reached."""
-    import requests
-
     hits, start = [], 0
     while True:
         body = {"filters": files_query(project, slide_type), "fields": ",".join(FIELDS), "format": "JSON",
@@ -137,8 +137,6 @@ def cohort_from_manifest(path: str | os.PathLike, cancer_type: str) -> pd.DataFr
 
 def write_sheet(sheet: pd.DataFrame, out: str | os.PathLike, header_note: str = "") -> None:
     """Write a sample sheet (TSV) atomically, with an optional ``#`` comment line on top."""
-    from ..io import atomic_path
-
     with atomic_path(out, suffix=".tsv") as tmp:
         with open(tmp, "w", newline="") as fh:
             if header_note:

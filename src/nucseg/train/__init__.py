@@ -10,4 +10,18 @@ def train_model(*args, **kwargs):
     return _train_model(*args, **kwargs)
 
 
-__all__ = ["TrainParams", "train_model"]
+def adapt_model(*args, **kwargs):
+    """See :func:`nucseg.train.adapt.adapt_model` (imported lazily, as :func:`train_model`)."""
+    from .adapt import adapt_model as _adapt_model
+
+    return _adapt_model(*args, **kwargs)
+
+
+def adapt_to_images(*args, **kwargs):
+    """See :func:`nucseg.train.adapt.adapt_to_images` (imported lazily, as :func:`train_model`)."""
+    from .adapt import adapt_to_images as _adapt_to_images
+
+    return _adapt_to_images(*args, **kwargs)
+
+
+__all__ = ["TrainParams", "adapt_model", "adapt_to_images", "train_model"]

@@ -23,6 +23,7 @@ from .data import SynthDataModule, crowding, list_shards, read_shard_images
 from .modules import (DiscriminatorModule, SegmentationModule, TrainingClock, effective_sample_size,
                       importance_weights, stratified_weights)
 from .params import TrainParams
+from .pseudo import pseudo_label
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,6 @@ def self_train(net, real: np.ndarray, synth_dirs, weights: np.ndarray | None, pa
     Resumable like the synthetic training (``checkpoints/self_training/last.ckpt``, kept only under the same
     ``key``). Returns the card's summary: pseudo-label statistics, steps, final metrics.
     """
-    from .pseudo import pseudo_label
-
     device = next(net.parameters()).device
     targets = pseudo_label(net, real, params.mpp, params.pseudo_label_band, device=device)
     n_real = max(1, round(params.batch_size * params.self_training_share))
