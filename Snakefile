@@ -29,3 +29,14 @@ rule all:
     input:
         all_targets(),
     default_target: True
+
+
+# On-demand exports of every built slide (`snakemake export_qupath`); `export:` in the config adds them to `all`.
+rule export_qupath:
+    input:
+        export_targets("qupath"),
+
+
+rule export_tcia:
+    input:
+        export_targets("tcia"),

@@ -14,11 +14,6 @@ rule qupath_geojson:
         "nucseg --no-progress export {input:q} --format qupath --out {output:q} > {log:q} 2>&1"
 
 
-rule export_qupath:
-    input:
-        export_targets("qupath"),
-
-
 rule tcia_csv:
     """The TCIA release's per-tile CSVs (AreaInPixels, PhysicalSize, Polygon), one folder per slide."""
     input:
@@ -32,8 +27,3 @@ rule tcia_csv:
     shell:
         "nucseg --no-progress export {input:q} --format tcia --out {output:q} --slide-id={wildcards.slide_id:q} "
         "> {log:q} 2>&1"
-
-
-rule export_tcia:
-    input:
-        export_targets("tcia"),

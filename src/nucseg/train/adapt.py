@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 from .. import __version__, io
 from ..model import load_weights, save_weights
 from .data import list_shards
-from .fit import DISCRIMINATOR_FIELDS, _key, data_fingerprint, importance_weighting, self_train
+from .fit import DISCRIMINATOR_FIELDS, data_fingerprint, importance_weighting, self_train, settings_key
 from .params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,11 @@ def adapt_model(init_weights, synth_dirs: list[str | Path], out_dir: str | Path,
     shards = list_shards(synth_dirs)
     real = np.concatenate([np.load(Path(d) / "real.npz")["patches"] for d in synth_dirs])
     data_key = data_fingerprint(synth_dirs) + meta["model_id"]
-    weights, w_stats, disc_seconds = importance_weighting(real, shards, out_dir, params,
-                                                          _key(data_key, params, DISCRIMINATOR_FIELDS), progress)
+    disc_key = settings_key(data_key, params, DISCRIMINATOR_FIELDS)
+    weights, w_stats, disc_seconds = importance_weighting(real, shards, out_dir, params, disc_key, progress)
+    self_key = settings_key(data_key, params, [f for f in asdict(params) if f not in ("num_workers", "accelerator")])
     adapted = self_train(net.train(), real, synth_dirs, weights if params.weighted else None, params, out_dir,
-                         _key(data_key, params, [f for f in asdict(params) if f not in ("num_workers", "accelerator")]),
-                         progress)
+                         self_key, progress)
     card = {"name": out_dir.name, "nucseg_version": __version__, "architecture": "UNet", "mpp": params.mpp,
             "adapted_from": {"path": str(init_weights), "model_id": meta["model_id"]},
             "params": asdict(params), "command": command,

@@ -169,7 +169,7 @@ def data_fingerprint(synth_dirs: list[str | Path]) -> str:
     return digest.hexdigest()
 
 
-def _key(data: str, params: TrainParams, fields) -> str:
+def settings_key(data: str, params: TrainParams, fields) -> str:
     return hashlib.sha256(json.dumps([data, {f: getattr(params, f) for f in fields}], default=str).encode()).hexdigest()
 
 
@@ -235,9 +235,11 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
     # An earlier run's discriminator scores and checkpoint are reused only if made from the same data and
     # parameters: when snakemake reruns training because its inputs changed, nothing stale may carry over.
     data_key = data_fingerprint(synth_dirs)
-    net_key = _key(data_key, params, [f for f in asdict(params) if f not in RESUMABLE_CHANGES + SELF_TRAINING_FIELDS])
+    net_key = settings_key(data_key, params,
+                           [f for f in asdict(params) if f not in RESUMABLE_CHANGES + SELF_TRAINING_FIELDS])
     weights, w_stats, disc_seconds = importance_weighting(real, shards, out_dir, params,
-                                                          _key(data_key, params, DISCRIMINATOR_FIELDS), progress)
+                                                          settings_key(data_key, params, DISCRIMINATOR_FIELDS),
+                                                          progress)
     sample_weights = weights if params.weighted else None
     dm = SynthDataModule(synth_dirs, sample_weights, params.batch_size, params.num_workers, params.seed,
                          params.stain_jitter)
@@ -250,7 +252,8 @@ def train_model(synth_dirs: list[str | Path], out_dir: str | Path, params: Train
         "segmentation")
     self_training = None
     if params.self_training_steps > 0:
-        self_key = _key(data_key, params, [f for f in asdict(params) if f not in ("num_workers", "accelerator")])
+        self_key = settings_key(data_key, params,
+                                [f for f in asdict(params) if f not in ("num_workers", "accelerator")])
         self_training = self_train(module.net, real, synth_dirs, sample_weights, params, out_dir, self_key, progress)
         metrics = {**metrics, **self_training["metrics"]}
 
