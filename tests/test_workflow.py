@@ -105,7 +105,8 @@ def test_default_config_segments_with_the_shipped_model_and_trains_nothing(tmp_p
     assert all(f"--checkpoint {shipped}" in line for line in out.splitlines() if " segment " in line)
 
 
-TRAIN_OVERLAYS = sorted(p.name for p in (REPO / "config").glob("train*.yaml"))
+# The shipped recipe's overlay names the real slides of ../shared/data beside the repo, not beside a test folder.
+TRAIN_OVERLAYS = sorted(p.name for p in (REPO / "config").glob("train*.yaml") if p.name != "train_shipped_recipe.yaml")
 
 
 @pytest.mark.parametrize("overlay", TRAIN_OVERLAYS)

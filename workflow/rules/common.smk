@@ -80,8 +80,25 @@ def _config_problem(error):
     return f"{_config_origin(path)}: {'.'.join(path) or '(top level)'}: {what}"
 
 
+def _typed(value):
+    """Numbers and booleans given as text (``--config qc="{'n_patches': 10}"`` passes nested values as strings)."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, (bool, int, float)):
+            return parsed
+    return value
+
+
 def check_config(config):
     """Refuse a config whose keys, types or ranges the schema does not allow; every problem named."""
+    config.update(_typed(dict(config)))
     errors = sorted(_schema_validator("config.schema.yaml").iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise PlanningError("invalid configuration:\n  " + "\n  ".join(_config_problem(e) for e in errors))
