@@ -128,7 +128,6 @@ def load_sheet(cancer_type, path, mpp_range):
     validator = _schema_validator("samples.schema.yaml")
     problems = []
     for i, row in enumerate(sheet.to_dict("records")):
-        row = {k: v for k, v in row.items() if not (k in ("mpp", "mpp_force", "md5", "size") and v == "")}
         found = _row_problems(row, validator, mpp_range)
         if not found and row["cancer_type"] != cancer_type:
             found = [f"cancer_type: {row['cancer_type']!r} in the sheet of cohort {cancer_type!r}"]

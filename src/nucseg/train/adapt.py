@@ -54,10 +54,10 @@ def adapt_model(init_weights, synth_dirs: list[str | Path], out_dir: str | Path,
                      depth=net.depth)
     if params.self_training_steps < 1:
         raise ValueError("adaptation needs self_training_steps >= 1")
-    for d in synth_dirs:  # the network sees nuclei at its own scale only
-        synth_mpp = json.loads((Path(d) / "params.json").read_text())["params"]["mpp"]
-        if abs(synth_mpp - params.mpp) > 1e-6:
-            raise ValueError(f"{d}: synthetic patches at {synth_mpp} µm/px, but {init_weights} works at "
+    synth_params = [json.loads((Path(d) / "params.json").read_text())["params"] for d in synth_dirs]
+    for d, made in zip(synth_dirs, synth_params, strict=True):  # the network sees nuclei at its own scale only
+        if abs(made["mpp"] - params.mpp) > 1e-6:
+            raise ValueError(f"{d}: synthetic patches at {made['mpp']} µm/px, but {init_weights} works at "
                              f"{params.mpp} µm/px (set mpp_work to it)")
     pl.seed_everything(params.seed, workers=True, verbose=False)
     shards = list_shards(synth_dirs)
@@ -73,8 +73,7 @@ def adapt_model(init_weights, synth_dirs: list[str | Path], out_dir: str | Path,
             "params": asdict(params), "command": command,
             "training_data": {"synth_dirs": [str(d) for d in synth_dirs], "n_synthetic": int(len(weights)),
                               "n_real": int(len(real)), "manual_labels": 0,
-                              "synth_params": [json.loads((Path(d) / "params.json").read_text())["params"]
-                                               for d in synth_dirs]},
+                              "synth_params": synth_params},
             "importance_weights": w_stats, "self_training": adapted, "metrics": adapted["metrics"],
             "phase_time_s": {"discriminator": disc_seconds, "self_training": adapted["seconds"]},
             "this_run_s": round(time.monotonic() - started, 1)}
