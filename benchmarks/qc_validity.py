@@ -18,15 +18,17 @@ is labelled by the same AJI rule, never by the degradation it got.
 The annotations are used only here, to *measure* the detector: its levels and threshold are QCParams
 defaults chosen without them (nothing is fitted). The 9 MoNuSeg *training* tiles were looked at while the
 signals were designed (split ``dev``: e.g. foreground-mask Dice between augmentations was replaced by the
-instance-level AJI after it proved uninformative there); the 9 MoNuSeg *test* tiles and CryoNuSeg were not
-(split ``held_out``). Reported, overall, per split, for clean patches only and per variant: ROC AUC of each
-signal and of the combined score, the confusion matrix at the shipped threshold, counts, and seconds.
+instance-level AJI after it proved uninformative there); all other tiles were not (split ``held_out``).
+Reported, overall, per split, per source, for clean patches only and per variant: ROC AUC of each signal and of
+the combined score, the confusion matrix at the shipped threshold, counts, and seconds.
 
-Datasets: ``monuseg`` (18 tiles, ../shared/data/nuclei/monuseg) and ``cryonuseg`` (2 tiles, needs
-``roifile``). A full run takes ~25 min on 2 CPU cores; it can be run in parts and summarised:
+Sources: those of ``quality.py`` (MoNuSeg at 40x and 20x, CryoNuSeg, glioma_tcga36; absent ones skipped) and
+any ``--dataset NAME=DIR``; ``--sources`` picks some. Patches are segmented as the segment stage does by
+default. MoNuSeg with all variants takes ~25 min on 2 CPU cores; runs can be split and summarised:
 
     python benchmarks/qc_validity.py [--checkpoint model.pt] [--variants clean blur ...] [--out qc.json]
     python benchmarks/qc_validity.py --split held_out --variants clean blur --patches-out part1.csv
+    python benchmarks/qc_validity.py --sources glioma_tcga36 --dataset mine=DIR --variants clean --out q.json
     python benchmarks/qc_validity.py --summarize part1.csv part2.csv ... --out qc.json
 """
 
@@ -43,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nucseg.metrics import roc_auc  # noqa: E402
-from quality import DATA, cryonuseg_as_label_maps, print_json  # noqa: E402
+from quality import DATA, load_datasets, print_json  # noqa: E402
 
 # ---------------------------------------------------------------- degradations (image, claimed mpp)
 
@@ -83,12 +85,12 @@ VARIANTS = {
 def tile_patches(sample, variant: str, model, device, mpp_work: float, params, min_nuclei: int,
                  max_side: int = 3) -> list[dict]:
     """QC signals and true AJI/Dice of each patch of one (degraded) annotated tile."""
-    from nucseg.instances import (InstanceParams, describe_instances, extract_instances, gate_unit_for,
-                                  hematoxylin_gate, hematoxylin_level)
+    from nucseg.inference import segment_images, view_probabilities
+    from nucseg.instances import describe_instances, hematoxylin_level
     from nucseg.metrics import instance_metrics
-    from nucseg.model import predict
-    from nucseg.qc import patch_signals, tta_predict
+    from nucseg.qc import patch_signals
     from nucseg.resample import resample_to
+    from nucseg.segment import SegmentParams
     from nucseg.stain import hematoxylin_od
 
     image, claimed = VARIANTS[variant](sample.image, sample.mpp)
@@ -96,15 +98,14 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
     work = resample_to(image, claimed, mpp_work)
     truth = cv2.resize(sample.labels.astype(np.float32), (work.shape[1], work.shape[0]),
                        interpolation=cv2.INTER_NEAREST).astype(np.int32)
-    # Segment the whole tile (the segment stage sees context around every patch too), gated at the tile's
-    # hematoxylin level, in the unit for its slide type, as the segment stage gates at its slide's.
-    hema = hematoxylin_od(work)
-    level = hematoxylin_level([hema], mpp_work)
-    gate = None if level is None else hematoxylin_gate(hema, mpp_work, level)
-    unit = gate_unit_for(sample.slide_type)
-    prob = predict(model, work[None], device)[0]
-    inst_params = InstanceParams(gate_unit=unit)
-    labels = extract_instances(prob, mpp_work, inst_params, gate=gate)
+    # Segment the whole tile (the segment stage sees context around every patch too) with the segment
+    # stage's defaults; the tile's hematoxylin level stands for its slide's (the gate's, and QC's stain floor).
+    level = hematoxylin_level([hematoxylin_od(work)], mpp_work)
+    segment = SegmentParams()
+    inst_params = segment.instance_params(sample.slide_type)
+    unit = inst_params.gate_unit if segment.hematoxylin_gate else "off"
+    probs, maps = segment_images(model, work[None], device, mpp_work, inst_params, level=level)
+    prob, labels = probs[0], maps[0]
     _, feats = describe_instances(labels, score=prob[0], level=inst_params.foreground_threshold)
     areas = feats.area_px.to_numpy() * mpp_work**2
     size = max(8, round(params.patch_um / mpp_work))
@@ -118,7 +119,7 @@ def tile_patches(sample, variant: str, model, device, mpp_work: float, params, m
     if not boxes:
         return []
     crops = np.stack([padded[y:y + size + 2 * margin, x:x + size + 2 * margin] for y, x in boxes])
-    probs = tta_predict(model, crops, device, params.tta, params.batch_size)
+    probs = view_probabilities(model, crops, device, params.tta, params.batch_size)
     probs = probs[..., margin:margin + size, margin:margin + size]
     rows = []
     for (y, x), p in zip(boxes, probs, strict=True):
@@ -161,7 +162,7 @@ def _round(v):
 
 def split_of(dataset: str, tile: str, dev_ids: set) -> str:
     """``dev``: MoNuSeg training tiles, looked at while the signals were designed; ``held_out``: the rest."""
-    return "dev" if dataset == "monuseg" and tile in dev_ids else "held_out"
+    return "dev" if dataset in ("monuseg", "monuseg_20x") and tile in dev_ids else "held_out"
 
 
 def monuseg_dev_ids() -> set:
@@ -180,6 +181,12 @@ def report(rows: list[dict], params, aji_threshold: float, meta: dict) -> dict:
         if sub:
             result[split] = summarize(sub, params, aji_threshold)
     result["clean_only"] = summarize([r for r in rows if r["variant"] == "clean"], params, aji_threshold)
+    result["per_source"] = {}
+    for source in dict.fromkeys(r["dataset"] for r in rows):
+        sub = [r for r in rows if r["dataset"] == source]
+        result["per_source"][source] = {
+            "all": summarize(sub, params, aji_threshold),
+            "clean_only": summarize([r for r in sub if r["variant"] == "clean"], params, aji_threshold)}
     result["per_variant"] = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         sub = [r for r in rows if r["variant"] == variant]
@@ -195,7 +202,6 @@ def main() -> None:
     import torch
 
     from nucseg.cli import default_weights
-    from nucseg.evaluate import load_dataset
     from nucseg.grading import QCParams
     from nucseg.model import load_weights, resolve_device
 
@@ -203,7 +209,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="model.pt (default: the shipped model)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--split", choices=("all", "dev", "held_out"), default="all",
-                        help="dev: the 9 MoNuSeg training tiles; held_out: the 9 test tiles + CryoNuSeg")
+                        help="dev: the 9 MoNuSeg training tiles (at 40x and 20x); held_out: all other tiles")
+    parser.add_argument("--sources", nargs="+", default=None, metavar="NAME",
+                        help="only these sources (default: all, see quality.py; plus every --dataset)")
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=DIR",
+                        help="another annotated source (MoNuSeg or label-map layout)")
     parser.add_argument("--aji", type=float, default=0.3, help="a patch is truly bad below this AJI")
     parser.add_argument("--min-nuclei", type=int, default=3, help="skip patches with fewer annotated nuclei")
     parser.add_argument("--max-tiles", type=int, default=None, help="first N tiles per dataset (quick runs)")
@@ -232,12 +242,13 @@ def main() -> None:
         started = time.monotonic()
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            datasets = {"monuseg": load_dataset(DATA / "monuseg", default_mpp=0.25)}
-            if args.split != "dev":
-                cryo = cryonuseg_as_label_maps(Path(tmp) / "cryonuseg")
-                if cryo:
-                    datasets["cryonuseg"] = load_dataset(cryo)
+            datasets = load_datasets(Path(tmp), dict(d.split("=", 1) for d in args.dataset))
+            unknown = set(args.sources or ()) - set(datasets)
+            if unknown:
+                parser.error(f"--sources {' '.join(sorted(unknown))}: not available (have {', '.join(datasets)})")
             for name, samples in datasets.items():
+                if args.sources and name not in args.sources:
+                    continue
                 samples = [s for s in samples if args.split in ("all", split_of(name, s.id, dev_ids))]
                 for sample in samples[:args.max_tiles]:
                     for variant in args.variants:

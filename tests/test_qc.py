@@ -136,15 +136,15 @@ def test_shape_outliers():
 def test_dihedral_tta_maps_predictions_back(monkeypatch):
     """With a pixel-wise (hence equivariant) network every augmentation maps back onto the same output."""
     import nucseg.model
+    from nucseg.inference import view_probabilities
     from nucseg.model import DIHEDRAL
-    from nucseg.qc import tta_predict
 
     def pixelwise(model, images, device):
         return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255  # 3 outputs
 
     monkeypatch.setattr(nucseg.model, "_predict_once", pixelwise)
     images = np.random.default_rng(0).integers(0, 255, (3, 24, 24, 3), np.uint8)
-    probs = tta_predict(None, images, None, n_tta=len(DIHEDRAL), batch_size=2)
+    probs = view_probabilities(None, images, None, n_views=len(DIHEDRAL), batch_size=2)
     assert probs.shape == (3, 8, 3, 24, 24)
     expected = pixelwise(None, images, None)
     for k in range(len(DIHEDRAL)):
@@ -188,9 +188,9 @@ def test_signals_on_a_real_tile_flag_an_out_of_focus_copy(shipped_model):
     import cv2
 
     from nucseg.evaluate import load_dataset
-    from nucseg.instances import describe_instances, extract_instances
-    from nucseg.model import predict
-    from nucseg.qc import patch_signals, tta_predict
+    from nucseg.inference import segment_images, view_probabilities
+    from nucseg.instances import describe_instances
+    from nucseg.qc import patch_signals
     from nucseg.resample import resample_to
 
     from .conftest import MONUSEG, need
@@ -206,9 +206,9 @@ def test_signals_on_a_real_tile_flag_an_out_of_focus_copy(shipped_model):
     for image in (sample.image, cv2.GaussianBlur(sample.image, (0, 0), 3.0 / 0.25)):
         work = resample_to(image, sample.mpp, mpp)
         crop = np.ascontiguousarray(work[start:start + size + 2 * ctx, start:start + size + 2 * ctx])
-        labels = extract_instances(predict(model, crop[None], device)[0], mpp)[inner]
+        labels = segment_images(model, crop[None], device, mpp)[1][0][inner]
         _, feats = describe_instances(labels)
-        probs = tta_predict(model, crop[None], device, params.tta)[0][(...,) + inner]
+        probs = view_probabilities(model, crop[None], device, params.tta)[0][(...,) + inner]
         scores.append(patch_signals(crop[inner], probs, labels > 0, feats.area_px * mpp**2,
                                     feats.solidity, params))
     sharp, blurred = scores

@@ -119,3 +119,23 @@ def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
 def test_no_function_longer_than_the_limit():
     too_long = long_functions()
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(too_long)
+
+
+def callers_of(function: str) -> set[str]:
+    """Modules of the package whose code calls ``function`` by its bare or attribute name."""
+    found = set()
+    for name, (_, tree) in modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                f = node.func
+                if (f.id if isinstance(f, ast.Name) else getattr(f, "attr", None)) == function:
+                    found.add(name)
+    return found
+
+
+def test_one_inference_path_from_network_output_to_instances():
+    """Segment, evaluate, QC and the self-training reach the instance extraction only through
+    nucseg.inference, so the gate and the extraction cannot drift apart between them."""
+    assert callers_of("extract_instances") == {"nucseg.inference"}
+    users = callers_of("image_instances") | callers_of("segment_images")
+    assert {"nucseg.segment", "nucseg.evaluate", "nucseg.qc", "nucseg.train.pseudo"} <= users

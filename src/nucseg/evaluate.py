@@ -40,11 +40,12 @@ from skimage.segmentation import watershed
 from tqdm import tqdm
 
 from .download import parse_barcode
-from .instances import (SLIDE_TYPES, InstanceParams, extract_instances, gate_unit_for, hematoxylin_gate,
-                        hematoxylin_level, instance_outlines, relabel)
+from .inference import segment_images
+from .instances import (SLIDE_TYPES, InstanceParams, gate_unit_for, hematoxylin_gate, hematoxylin_level,
+                        instance_outlines, relabel)
 from .io import as_rgb8, read_pixels, write_png
 from .metrics import instance_metrics
-from .model import load_weights, predict, resolve_device
+from .model import load_weights, resolve_device
 from .resample import resample_to
 from .stain import hematoxylin_od
 
@@ -244,10 +245,8 @@ def predict_model(image: np.ndarray, mpp: float, model, device, mpp_work: float,
     """
     params = params or InstanceParams()
     work = resample_to(image, mpp, mpp_work)
-    prob = predict(model, work[None], device, tta)[0]
-    gate = hematoxylin_gate(hematoxylin_od(work), mpp_work) if params.hematoxylin_gate else None
-    labels = extract_instances(prob, mpp_work, params, gate=gate)
-    return instances_on_image(labels, prob[0], params.foreground_threshold, image.shape[:2])
+    probs, labels = segment_images(model, work[None], device, mpp_work, params, tta)
+    return instances_on_image(labels[0], probs[0, 0], params.foreground_threshold, image.shape[:2])
 
 
 def predict_classical(image: np.ndarray, mpp: float, min_area_um2: float = 6.0,

@@ -40,9 +40,10 @@ from skimage.filters import threshold_otsu
 
 from . import __version__, io
 from .grading import SIGNALS, QCParams, as_float, grade, grade_patches, regrade
-from .instances import GATE_UNITS, InstanceParams, extract_instances, hematoxylin_gate
+from .inference import image_instances, view_probabilities
+from .instances import GATE_UNITS, InstanceParams
 from .metrics import instance_metrics
-from .model import DIHEDRAL, load_weights, predict_views, resolve_device
+from .model import load_weights, resolve_device
 from .report import slide_overlay
 from .slides import SlideError, open_slide
 from .stain import hematoxylin_od
@@ -102,19 +103,22 @@ def patch_verdict(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams,
             "reason": "missed nuclei" if missed else ("nuclei on unstained tissue" if false else "")}
 
 
-def tta_disagreement(probs: np.ndarray, mpp_work: float, instance_params=None, gate=None) -> float:
+def tta_disagreement(probs: np.ndarray, mpp_work: float, instance_params: InstanceParams | None = None,
+                     image: np.ndarray | None = None, level: float | None = None) -> float:
     """1 − mean pairwise AJI of the instance maps of ``probs`` ``(K, C, H, W)`` (TTA predictions).
 
-    Instances are extracted exactly as the segment stage does (:func:`nucseg.instances.extract_instances`),
+    Instances are extracted exactly as the segment stage does (:func:`nucseg.inference.image_instances`),
     so the signal measures what the grade judges: whether the *nuclei* (not only the foreground) stay
     the same when the input is flipped or rotated. With one prediction there is nothing to compare, and
     with fewer than 3 nuclei in every prediction too little to judge (one speck found or not in glass
-    or stroma would swing AJI from 1 to 0): both give 0. ``gate``: the patch's
-    :func:`nucseg.instances.hematoxylin_gate` at the slide's level, as in the segment stage.
+    or stroma would swing AJI from 1 to 0): both give 0. ``image``, ``level``: the patch and the slide's
+    gate level, needed when ``instance_params.hematoxylin_gate``, as in the segment stage.
     """
     if len(probs) < 2:
         return 0.0
-    maps = [extract_instances(p, mpp_work, instance_params or InstanceParams(), gate) for p in probs]
+    params = instance_params or InstanceParams()
+    hema = hematoxylin_od(image) if params.hematoxylin_gate else None
+    maps = [image_instances(image, p, mpp_work, params, level, hematoxylin=hema) for p in probs]
     if max(int(m.max()) for m in maps) < 3:
         return 0.0
     ajis = [instance_metrics(maps[i], maps[j])["aji"] for i in range(len(maps)) for j in range(i + 1, len(maps))]
@@ -187,26 +191,11 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
         fg = probs[:, 0]
         region = (fg > 0.5).any(0) | stain_mask(image, floor)
         gated = hematoxylin_level is not None and gate_unit != "off"
-        gate = hematoxylin_gate(hematoxylin_od(image), mpp_work, hematoxylin_level) if gated else None
         inst = InstanceParams(hematoxylin_gate=gated, gate_unit=gate_unit if gated else "pixel")
-        out.update(disagreement=tta_disagreement(probs, mpp_work, inst, gate),
+        out.update(disagreement=tta_disagreement(probs, mpp_work, inst, image, hematoxylin_level),
                    entropy=foreground_entropy(fg, region))
     out.update(grade_patches(pd.DataFrame([out]), params).iloc[0][["score", "bad", "reason"]].to_dict())
     return out
-
-
-# ---------------------------------------------------------------- test-time augmentation
-
-def tta_predict(model, images: np.ndarray, device, n_tta: int = 4, batch_size: int = 8) -> np.ndarray:
-    """Probabilities of NHWC uint8 images under ``n_tta`` dihedral transforms, mapped back.
-
-    Returns
-    -------
-    ndarray (N, K, C, H, W) float32, C the model's outputs
-    """
-    n_tta = int(np.clip(n_tta, 1, len(DIHEDRAL)))
-    return np.concatenate([np.stack(list(predict_views(model, images[start:start + batch_size], device, n_tta)), axis=1)
-                           for start in range(0, len(images), batch_size)])
 
 
 # ---------------------------------------------------------------- one slide
@@ -255,7 +244,7 @@ def check_patches(slide_path, nuclei, tiles: pd.DataFrame, mpp: float, slide_id:
     images = np.stack(images)
     probs = None
     if model is not None:
-        probs = tta_predict(model, images, device, params.tta, params.batch_size)
+        probs = view_probabilities(model, images, device, params.tta, params.batch_size)
         probs = probs[..., margin:margin + size, margin:margin + size]
         images = images[:, margin:margin + size, margin:margin + size]
     rows = []

@@ -23,7 +23,7 @@ import multiprocessing
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import io
-from .instances import (InstanceParams, describe_instances, extract_instances, gate_unit_for, hematoxylin_gate,
-                        hematoxylin_level)
+from .inference import image_instances
+from .instances import InstanceParams, describe_instances, gate_unit_for, hematoxylin_level
 from .model import load_weights, predict, resolve_device
 from .slides import open_slide, resolve_mpp
 from .stain import hematoxylin_od, tissue_pixels
@@ -235,13 +235,15 @@ def _segment_into(writer, meta, slide_path, model, device, tissue, tissue_meta, 
         # Measured with or without the gate: QC lowers its stain floor to it on faded slides.
         level = slide_hematoxylin_level(slide, tissue, scale, mpp_work, seed_from(slide_id))
     meta.update(mpp=mpp, mpp_source=mpp_source, hematoxylin_level=level)
+    if level is None:  # no contrast on the slide: nothing to gate at
+        inst_params = replace(inst_params, hematoxylin_gate=False)
     margin = math.ceil(params.margin_um / mpp_work / 8) * 8
     core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
     blocks = plan_blocks(slide_size, scale, core, margin, tissue)
     reader = BlockReader(slide_path, backend, blocks, scale)
     seams = SeamFilter(scale, margin)
     for frame, geoms, owners in _segment_blocks(reader, model, device, mpp_work, params, inst_params,
-                                                tissue, level if params.hematoxylin_gate else None, progress):
+                                                tissue, level, progress):
         keep = seams.filter(geoms, [blocks[i] for i in owners])
         writer.write(frame.iloc[keep].reset_index(drop=True), [geoms[k] for k in keep])
     return {"n_blocks": len(blocks), "n_seam_duplicates": seams.n_dropped}
@@ -372,8 +374,7 @@ def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissu
     frames, polygons, owners = [], [], []
     for (i, image), prob, block in zip(batch, probs, blocks, strict=True):
         hema = hematoxylin_od(image)
-        gate = None if level is None else hematoxylin_gate(hema, mpp_work, level)
-        labels = extract_instances(prob, mpp_work, inst_params, gate=gate)
+        labels = image_instances(image, prob, mpp_work, inst_params, level, hematoxylin=hema)
         polys, feats = describe_instances(labels, hema, prob[0], inst_params.foreground_threshold)
         if feats.empty:
             continue

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..instances import InstanceParams, boundary_map, extract_instances, hematoxylin_gate
-from ..model import UNet, predict
-from ..stain import hematoxylin_od
+from ..inference import segment_images
+from ..instances import InstanceParams, boundary_map
+from ..model import UNet
 
 
 def pseudo_targets(prob: np.ndarray, labels: np.ndarray, band: tuple[float, float] = (0.3, 0.7)) -> np.ndarray:
@@ -39,7 +39,8 @@ def pseudo_label(net: UNet, patches: np.ndarray, mpp: float, band: tuple[float, 
                  tta: int = 8, params: InstanceParams = InstanceParams(hematoxylin_gate=True),
                  device: torch.device | str = "cpu") -> np.ndarray:
     """:func:`pseudo_targets` of every uint8 NHWC patch, from ``net``'s ``tta``-view average (the labels see
-    every symmetry of the patch, the training step one augmented view) and the shared instance extraction.
+    every symmetry of the patch, the training step one augmented view) through the shared inference path
+    (:func:`nucseg.inference.segment_images`).
 
     The pseudo-labels keep the hematoxylin gate (by pixel) that made the shipped model, although
     segmentation now runs without it: a confident label is worth more than a complete one here.
@@ -53,9 +54,7 @@ def pseudo_label(net: UNet, patches: np.ndarray, mpp: float, band: tuple[float, 
     net.eval()
     out = []
     for patch in patches:
-        prob = predict(net, patch[None], device, tta)[0]
-        gate = hematoxylin_gate(hematoxylin_od(patch), mpp) if params.hematoxylin_gate else None
-        labels = extract_instances(prob, mpp, params, gate=gate)
-        out.append(pseudo_targets(prob, labels, band))
+        probs, labels = segment_images(net, patch[None], device, mpp, params, tta)
+        out.append(pseudo_targets(probs[0], labels[0], band))
     net.train(mode)
     return np.stack(out)
