@@ -148,3 +148,10 @@ def test_config_reference_documents_every_key():
     assert not accepted - documented, f"config/README.md does not document {sorted(accepted - documented)}"
     assert not documented - accepted, f"config/README.md documents keys the schema refuses: " \
                                       f"{sorted(documented - accepted)}"
+
+
+def test_qc_signal_table_is_the_declarations():
+    """docs/qc.md lists the QC signals as nucseg.grading declares them (name, how measured, level)."""
+    from nucseg.grading import signals_table
+
+    assert signals_table() in (REPO / "docs" / "qc.md").read_text()

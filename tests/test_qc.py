@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nucseg.grading import QCParams, grade, grade_summary
-from nucseg.qc import aggregate, patch_verdict
+from nucseg.grading import SIGNALS, QCParams, grade, grade_summary
+from nucseg.qc import aggregate, patch_signals
 
 
 @pytest.mark.parametrize("pct, expected", [
@@ -31,17 +31,23 @@ def patch_with_nuclei(rng, centres, r=6):
     return np.clip(img, 0, 255).astype(np.uint8), mask
 
 
+def patch_verdict(image, nuclei_mask, params, hematoxylin_level=None):
+    """The stain-coverage and shape signals of a patch at the QC resolution, and its verdict."""
+    return patch_signals(image, None, nuclei_mask, [], [], params, params.mpp, hematoxylin_level)
+
+
 def test_patch_verdicts(rng):
     params = QCParams()
     image, truth = patch_with_nuclei(rng, [(15, 15), (40, 45), (50, 15)])
     good = patch_verdict(image, truth, params)
+    assert set(SIGNALS) <= set(good)    # every declared signal is measured
     assert not good["bad"] and good["recall"] > 0.8 and good["precision"] > 0.8
     missed = patch_verdict(image, np.zeros_like(truth), params)
     assert missed["bad"] and missed["reason"] == "missed nuclei"
     wrong = np.zeros_like(truth)
     wrong[20:35, 20:35] = True   # a "nucleus" on unstained tissue
     false = patch_verdict(image, wrong, params)
-    assert false["bad"]
+    assert false["bad"] and "nuclei on unstained tissue" in false["reason"]
 
 
 def test_aggregate_types_and_summary(tmp_path):
@@ -245,18 +251,15 @@ def test_slide_qc_end_to_end(demo_slide, demo_tissue, tmp_path):
 GRADES_OK = ("Best", "Good", "Adequate", "Problematic", "Unacceptable")
 
 
-def test_workflow_splits_qc_config_by_the_same_levels():
-    """common.smk cannot import the package at parse time (conda deployments), so it repeats LEVELS."""
-    import ast
-    import re
+def test_signal_declarations_name_real_levels():
+    """Each declared signal's level is a QCParams number; the grading levels are theirs plus bad_score
+    (the workflow reads the same declarations: tests/test_workflow.py re-grades on a level change)."""
+    from nucseg.grading import LEVELS, QC_SIGNALS
 
-    from nucseg.grading import LEVELS, QCParams
-
-    from .conftest import REPO
-
-    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
-    repeated = ast.literal_eval(re.search(r"^QC_LEVELS = (\(.*?\))$", text, re.M).group(1))
-    assert repeated == LEVELS and set(LEVELS) <= set(vars(QCParams()))
+    params = QCParams()
+    assert LEVELS == (*(s.level_key for s in QC_SIGNALS), "bad_score")
+    for signal in QC_SIGNALS:
+        assert isinstance(getattr(params, signal.level_key), float) and 0 < signal.level(params) <= 1
 
 
 def test_stain_floor_follows_a_faded_slide(rng):
@@ -275,10 +278,10 @@ def test_stain_floor_follows_a_faded_slide(rng):
     assert level < params.hema_threshold < hematoxylin_level([hematoxylin_od(image)], 0.5)
     # With the fixed floor the faded nuclei are "unstained", and their correct segmentation looks false.
     assert patch_verdict(faded, truth, params)["reason"] == "nuclei on unstained tissue"
-    lowered = patch_verdict(faded, truth, params, stain_floor(params, level))
+    lowered = patch_verdict(faded, truth, params, level)
     assert not lowered["bad"] and lowered["recall"] > 0.8 and lowered["precision"] > 0.8
     # Still a check: nuclei where there is no stain are false, and a well-stained slide keeps the floor.
     wrong = np.zeros_like(truth)
     wrong[20:35, 20:35] = True
-    assert patch_verdict(faded, wrong, params, stain_floor(params, level))["bad"]
+    assert patch_verdict(faded, wrong, params, level)["bad"]
     assert stain_floor(params, 0.09) == stain_floor(params, None) == params.hema_threshold

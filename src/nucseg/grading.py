@@ -13,9 +13,6 @@ import pandas as pd
 
 GRADES = ("Best", "Good", "Adequate", "Problematic", "Unacceptable")
 
-SIGNALS = ("disagreement", "entropy", "missed", "false", "shape")
-
-
 @dataclass(frozen=True)
 class QCParams:
     """What the qc stage measures (patches, resolution, TTA) and the levels it grades against (:data:`LEVELS`)."""
@@ -40,9 +37,68 @@ class QCParams:
     bad_score: float = 1.0           # a patch is bad when its score (largest signal/level ratio) exceeds this
 
 
+@dataclass(frozen=True)
+class Signal:
+    """A per-patch QC signal, declared once: everything else (the patch table's columns, the grading levels,
+    re-grading, the workflow's list of levels, the docs' table) is derived from :data:`QC_SIGNALS`.
+
+    Attributes
+    ----------
+    name : str
+        The ``qc_patches.parquet`` column (measured by :func:`nucseg.qc.patch_signals`).
+    level_key : str
+        The :class:`QCParams` field setting the level at which the signal alone marks a patch bad.
+    reason : str
+        What a patch bad by this signal is called (its ``reason``).
+    description : str
+        How the signal is measured (docs/qc.md's table).
+    complement : bool
+        The level is 1 − the field (the field is a minimum share, the signal the share missing).
+    """
+
+    name: str
+    level_key: str
+    reason: str
+    description: str
+    complement: bool = False
+
+    def level(self, params: QCParams) -> float:
+        """The signal's level under ``params``."""
+        value = float(getattr(params, self.level_key))
+        return 1 - value if self.complement else value
+
+
+QC_SIGNALS = (
+    Signal("disagreement", "max_disagreement", "unstable under augmentation",
+           "1 − mean pairwise AJI of the nucleus instances found under the augmentations (same instance "
+           "extraction as the segment stage; 0 when every map has < 3 nuclei)"),
+    Signal("entropy", "max_entropy", "uncertain foreground",
+           "mean binary entropy (bits) of the augmentation-averaged foreground probability over nucleus-ish "
+           "pixels (stained or predicted foreground)"),
+    Signal("missed", "min_recall", "missed nuclei",
+           "1 − share of the strongly hematoxylin-stained area covered by the segmented nuclei (patches with "
+           "≥ `min_stain_fraction` stain)", complement=True),
+    Signal("false", "min_precision", "nuclei on unstained tissue",
+           "1 − share of the segmented nucleus area that is stained", complement=True),
+    Signal("shape", "max_shape_outliers", "implausible nucleus size/shape",
+           "share of the patch's segmented nuclei with area outside `area_range_um2` or solidity < "
+           "`min_solidity`; 0 below 3 nuclei"),
+)
+SIGNALS = tuple(s.name for s in QC_SIGNALS)
+
 # The grading levels: applied to stored signals, so changing them re-grades slides at aggregation
 # without measuring anything again (the other QCParams fields decide what is measured).
-LEVELS = ("max_disagreement", "max_entropy", "min_recall", "min_precision", "max_shape_outliers", "bad_score")
+LEVELS = (*(s.level_key for s in QC_SIGNALS), "bad_score")
+
+
+def signals_table(params: QCParams = QCParams()) -> str:
+    """The signals as docs/qc.md's Markdown table (a test keeps the page equal to it)."""
+    rows = ["| signal (`qc_patches.parquet` column) | what | level |", "|---|---|---|"]
+    for s in QC_SIGNALS:
+        value = getattr(params, s.level_key)
+        level = f"1 − `{s.level_key}` = {s.level(params):.2f}" if s.complement else f"`{s.level_key}` {value}"
+        rows.append(f"| `{s.name}` | {s.description} | {level} |")
+    return "\n".join(rows)
 
 
 def grade(pct_bad: float | None, failed: bool = False) -> str:
@@ -60,25 +116,17 @@ def grade(pct_bad: float | None, failed: bool = False) -> str:
     return "Unacceptable"
 
 
-SIGNAL_REASONS = {"disagreement": "unstable under augmentation", "entropy": "uncertain foreground",
-                  "missed": "missed nuclei", "false": "nuclei on unstained tissue",
-                  "shape": "implausible nucleus size/shape"}
-
-
 def signal_ratios(signals: pd.DataFrame, params: QCParams) -> pd.DataFrame:
     """Each signal divided by the level at which it alone marks a patch bad (NaN signals count 0)."""
-    levels = {"disagreement": params.max_disagreement, "entropy": params.max_entropy,
-              "missed": 1 - params.min_recall, "false": 1 - params.min_precision,
-              "shape": params.max_shape_outliers}
-    return pd.DataFrame({k: pd.to_numeric(signals[k], errors="coerce").astype(float) / levels[k]
-                         for k in SIGNALS}, index=signals.index).fillna(0.0)
+    return pd.DataFrame({s.name: pd.to_numeric(signals[s.name], errors="coerce").astype(float) / s.level(params)
+                         for s in QC_SIGNALS}, index=signals.index).fillna(0.0)
 
 
 def grade_patches(patches: pd.DataFrame, params: QCParams) -> pd.DataFrame:
     """The patches with ``score``, ``bad`` and ``reason`` (re)computed from their signals and the levels."""
     ratios = signal_ratios(patches, params)
     over = ratios > params.bad_score
-    reasons = [", ".join(SIGNAL_REASONS[k] for k in SIGNALS if row[k]) for row in over.to_dict("records")]
+    reasons = [", ".join(s.reason for s in QC_SIGNALS if row[s.name]) for row in over.to_dict("records")]
     return patches.assign(score=ratios.max(axis=1) if len(ratios) else pd.Series(dtype=float),
                           bad=over.any(axis=1), reason=reasons)
 

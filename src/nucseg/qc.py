@@ -1,20 +1,11 @@
 """Segmentation QC per slide, slide grades, and aggregation into Parquet tables.
 
-Per-patch check (label-free). In ``n_patches`` patches sampled over the tissue, five signals are
-measured, each divided by the level at which it alone marks the patch bad (a :class:`QCParams` field):
-
-* ``disagreement``: 1 − mean pairwise AJI of the nucleus instances the network gives under test-time
-  augmentation (flips / 90° rotations). A model that is sure of its segmentation finds the same nuclei
-  in a rotated input; instability means the patch lies outside what it learnt. (The foreground-mask
-  Dice between augmentations was tried first: it stays near 1 even where nuclei are merged or split,
-  and did not separate good from bad patches.) Level: ``max_disagreement``.
-* ``entropy``: mean binary entropy (bits) of the augmentation-averaged foreground probability over
-  nucleus-ish pixels (stained or predicted foreground). Level: ``max_entropy``.
-* ``missed``: 1 − (share of the strongly hematoxylin-stained area covered by segmented nuclei), when the
-  patch has stain. Level: ``1 − min_recall``.
-* ``false``: 1 − (share of the segmented nucleus area that is stained). Level: ``1 − min_precision``.
-* ``shape``: share of the patch's nuclei whose area is outside ``area_range_um2`` or whose solidity is
-  below ``min_solidity`` (fragments, merged clumps). Level: ``max_shape_outliers``.
+Per-patch check (label-free). In ``n_patches`` patches sampled over the tissue, the signals declared in
+:data:`nucseg.grading.QC_SIGNALS` are measured (:func:`patch_signals`: agreement of the nucleus instances
+under test-time augmentation, foreground entropy, stained area missed, nuclei on unstained tissue,
+implausible shapes), each divided by the level at which it alone marks the patch bad (a :class:`QCParams`
+field). The instance-level agreement replaced the foreground-mask Dice between augmentations, which stays
+near 1 even where nuclei are merged or split.
 
 The patch's badness ``score`` is the largest of these ratios (the checks are OR-ed: any one beyond its
 level is enough), and the patch is *bad* when ``score > bad_score`` (1.0). Neither the levels nor the
@@ -84,23 +75,24 @@ def stain_floor(params: QCParams, hematoxylin_level: float | None = None) -> flo
     return min(params.hema_threshold, hematoxylin_level)
 
 
-def patch_verdict(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams,
-                  hema_floor: float | None = None) -> dict:
-    """Stain-coverage statistics of one patch and whether they alone make its segmentation look bad.
+def stain_coverage(image: np.ndarray, nuclei_mask: np.ndarray, params: QCParams,
+                   hema_floor: float | None = None) -> dict:
+    """How the segmented nuclei cover one patch's nuclear stain, and the ``missed`` and ``false`` signals.
 
     ``hema_floor``: the least OD counted as stain (:func:`stain_floor`; default ``params.hema_threshold``).
+    ``missed`` is 0 on a patch with less than ``min_stain_fraction`` stain, ``false`` on one whose nuclei
+    cover less than 0.5 % of it: too little to judge.
     """
     stain = stain_mask(image, params.hema_threshold if hema_floor is None else hema_floor)
     n_stain, n_nuc = int(stain.sum()), int(nuclei_mask.sum())
     both = int((stain & nuclei_mask).sum())
     recall = both / n_stain if n_stain else np.nan
     precision = both / n_nuc if n_nuc else np.nan
-    stain_fraction = n_stain / stain.size
-    missed = stain_fraction >= params.min_stain_fraction and recall < params.min_recall
-    false = n_nuc >= 0.005 * stain.size and precision < params.min_precision
-    return {"stain_fraction": stain_fraction, "nuclei_fraction": n_nuc / stain.size, "recall": recall,
-            "precision": precision, "bad": bool(missed or false),
-            "reason": "missed nuclei" if missed else ("nuclei on unstained tissue" if false else "")}
+    stain_fraction, nuclei_fraction = n_stain / stain.size, n_nuc / stain.size
+    missed = 1 - recall if stain_fraction >= params.min_stain_fraction else 0.0
+    false = 1 - precision if nuclei_fraction >= 0.005 else 0.0
+    return {"stain_fraction": stain_fraction, "nuclei_fraction": nuclei_fraction, "recall": recall,
+            "precision": precision, "missed": float(np.nan_to_num(missed)), "false": float(np.nan_to_num(false))}
 
 
 def tta_disagreement(probs: np.ndarray, mpp_work: float, instance_params: InstanceParams | None = None,
@@ -181,12 +173,8 @@ def patch_signals(image: np.ndarray, probs: np.ndarray | None, nuclei_mask: np.n
     """
     floor = stain_floor(params, hematoxylin_level)
     small, small_mask = _resize_to(image, nuclei_mask, mpp_work / params.mpp)
-    out = patch_verdict(small, small_mask, params, floor)
-    missed = (1 - out["recall"]) if out["stain_fraction"] >= params.min_stain_fraction else 0.0
-    nuclear = out["nuclei_fraction"] >= 0.005
-    false = (1 - out["precision"]) if nuclear else 0.0
-    out.update(missed=float(np.nan_to_num(missed)), false=float(np.nan_to_num(false)),
-               shape=shape_outliers(areas_um2, solidity, params), disagreement=np.nan, entropy=np.nan)
+    out = stain_coverage(small, small_mask, params, floor)
+    out.update(shape=shape_outliers(areas_um2, solidity, params), disagreement=np.nan, entropy=np.nan)
     if probs is not None:
         fg = probs[:, 0]
         region = (fg > 0.5).any(0) | stain_mask(image, floor)

@@ -3,8 +3,10 @@
 # Sheet and config values reach commands only as quoted arguments ({params.x:q}): they are data, never shell text.
 import gc
 import hashlib
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -192,7 +194,18 @@ def slide_path(cancer_type, slide_id):
     return f"resources/slides/{cancer_type}/{slide_id}.svs"
 
 
-QC_LEVELS = ("max_disagreement", "max_entropy", "min_recall", "min_precision", "max_shape_outliers", "bad_score")
+def _grading_module():
+    """src/nucseg/grading.py, where each QC signal and its level are declared, loaded by path: planning
+    needs no installed nucseg (with conda, only the jobs' environments have it)."""
+    spec = importlib.util.spec_from_file_location("_nucseg_grading", Path(workflow.basedir) / "src/nucseg/grading.py")
+    grading = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = grading  # dataclasses look their module up
+    spec.loader.exec_module(grading)
+    return grading
+
+
+# Grading levels re-grade at aggregation; every other qc key is measured by the per-slide job.
+QC_LEVELS = _grading_module().LEVELS
 
 
 def qc_args(measure):
