@@ -139,3 +139,16 @@ def test_one_inference_path_from_network_output_to_instances():
     assert callers_of("extract_instances") == {"nucseg.inference"}
     users = callers_of("image_instances") | callers_of("segment_images")
     assert {"nucseg.segment", "nucseg.evaluate", "nucseg.qc", "nucseg.train.pseudo"} <= users
+
+
+def test_local_imports_say_why():
+    """Imports sit at module top; one inside a function (a heavy or optional dependency) says why on its line."""
+    silent = []
+    for name, (path, tree) in modules().items():
+        lines = path.read_text().splitlines()
+        for func in ast.walk(tree):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(func):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) and "#" not in lines[node.lineno - 1]:
+                        silent.append(f"{name}:{node.lineno} {lines[node.lineno - 1].strip()}")
+    assert not silent, "function-local imports without a reason: " + "; ".join(silent)

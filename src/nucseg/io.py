@@ -16,7 +16,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+import tifffile
 
 from . import __version__
 
@@ -114,7 +119,6 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write an 8/16-bit grey or RGB image as PNG atomically."""
-    import cv2  # on use: every stage imports io, few need each format
 
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -145,7 +149,6 @@ def provenance(**facts: Any) -> dict[str, str]:
 
 def read_provenance(path: str | os.PathLike) -> dict[str, str]:
     """Return the ``nucseg.*`` key-value metadata of a Parquet file, prefix stripped."""
-    import pyarrow.parquet as pq  # on use: every stage imports io, few need each format
 
     meta = pq.read_schema(path).metadata or {}
     out = {}
@@ -158,8 +161,6 @@ def read_provenance(path: str | os.PathLike) -> dict[str, str]:
 
 def write_table(path: str | os.PathLike, frame, metadata: Mapping[str, str] | None = None) -> None:
     """Write a pandas DataFrame to Parquet atomically with extra key-value metadata."""
-    import pyarrow as pa  # on use: every stage imports io, few need each format
-    import pyarrow.parquet as pq  # on use: every stage imports io, few need each format
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})})
@@ -169,7 +170,6 @@ def write_table(path: str | os.PathLike, frame, metadata: Mapping[str, str] | No
 
 def write_geoparquet(path: str | os.PathLike, gdf, metadata: Mapping[str, str] | None = None) -> None:
     """Write a GeoDataFrame as GeoParquet 1.1 (bbox covering column) atomically, with metadata."""
-    import pyarrow.parquet as pq  # on use: every stage imports io, few need each format
 
     with atomic_path(path, suffix=".parquet") as tmp:
         gdf.to_parquet(tmp, schema_version="1.1.0", write_covering_bbox=True, index=False)
@@ -195,8 +195,6 @@ class GeoParquetWriter:
 
     def __init__(self, path, columns: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
                  row_group_size: int = 50_000):
-        import pyarrow as pa  # on use: every stage imports io, few need each format
-        import pyarrow.parquet as pq  # on use: every stage imports io, few need each format
 
         self.path = Path(path)
         self._tmp = temp_beside(self.path, ".parquet")
@@ -217,8 +215,6 @@ class GeoParquetWriter:
 
     def write(self, frame, geometries) -> None:
         """Append rows: a pandas DataFrame of the attribute columns and a matching array of shapely geometries."""
-        import pyarrow as pa  # on use: every stage imports io, few need each format
-        import shapely  # on use: every stage imports io, few need each format
 
         geometries = np.asarray(geometries, dtype=object)
         if len(geometries) == 0:
@@ -238,7 +234,6 @@ class GeoParquetWriter:
             self._flush()
 
     def _flush(self) -> None:
-        import pyarrow as pa  # on use: every stage imports io, few need each format
 
         if self._pending:
             self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_size)
@@ -285,12 +280,9 @@ def read_pixels(path: str | os.PathLike) -> np.ndarray:
     2x2 JPEG subsampling. Bit depth and layout are kept (16-bit, grey, channel-first planes); OpenCV's
     BGR(A) becomes RGB.
     """
-    import cv2  # on use: every stage imports io, few need each format
 
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile  # on use: every stage imports io, few need each format
-
         return tifffile.imread(path)
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:

@@ -24,9 +24,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from . import io
+from .model import resolve_device
 from .stain import nuclear_pixels
 from .synth import contact_sheet
 
@@ -62,8 +67,6 @@ class RefinerParams:
 
 def _nets():
     """Network classes, built on first use (keeps ``import nucseg.refiner`` free of torch for the CLI)."""
-    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
-    from torch import nn
 
     class ResBlock(nn.Module):
         def __init__(self, ch: int):
@@ -133,7 +136,6 @@ def to_input(images_uint8, targets=None):
 
 def to_uint8(x):
     """Inverse of :func:`to_input` for images: float NCHW in [-1, 1] to uint8 NHWC."""
-    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
@@ -146,7 +148,6 @@ H_SCALE = 0.05  # typical hematoxylin OD contrast of a nucleus over its backgrou
 
 def hematoxylin(x):
     """Differentiable hematoxylin OD ``(N, H, W)`` of refiner-space images (NCHW in [-1, 1])."""
-    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     od = torch.log(((x.float() + 1) / 2).clamp_min(1e-6)) / math.log(1e-6)
     return torch.einsum("nchw,c->nhw", od, od.new_tensor(HED_FROM_RGB_H)).clamp_min(0)
@@ -159,7 +160,6 @@ def stain_consistency(refined, synthetic, foreground):
     any one synthetic patch; without this term the refiner paints nucleus-like dots on the background,
     and the masks would miss them.
     """
-    from torch.nn import functional as F
 
     dh = (hematoxylin(refined) - hematoxylin(synthetic)) / H_SCALE
     fg = foreground.to(dh.dtype)
@@ -177,7 +177,6 @@ def save_refiner(net, path, meta: dict) -> str:
     The network is small (tens of kB), so float32 is kept: refined shards written from the in-memory
     network and those from the reloaded file are the same.
     """
-    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     state = {k: v.detach().cpu().float() for k, v in net.state_dict().items()}
     payload = {"state_dict": state, "arch": json.dumps(net.arch()), "meta": json.dumps(meta, default=str)}
@@ -188,7 +187,6 @@ def save_refiner(net, path, meta: dict) -> str:
 
 def load_refiner(path, device="cpu"):
     """Load a refiner saved by :func:`save_refiner` (``weights_only=True``): ``(net in eval mode, meta)``."""
-    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     payload = torch.load(Path(path), map_location=device, weights_only=True)
     net = build_refiner(**json.loads(payload["arch"]))
@@ -260,7 +258,6 @@ def mix_history(history, fake, size: int, generator):
     Returns ``(crops for the discriminator, updated buffer)``: the new crops are added to ``history``
     (at most ``size`` crops), replacing random old ones once it is full. ``size`` 0: no buffer.
     """
-    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     if size <= 0:
         return fake, history
@@ -281,8 +278,6 @@ def mix_history(history, fake, size: int, generator):
 
 def _module_class():
     import pytorch_lightning as pl  # heavy (Lightning, torch): imported on use
-    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
-    from torch.nn import functional as F
 
     _, PatchDiscriminator = _nets()
 
@@ -362,7 +357,6 @@ class _CropStream:
         self.cfg = params
 
     def __iter__(self):
-        import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
         rng = np.random.default_rng([self.cfg.seed, 17])
         p = self.cfg
@@ -380,10 +374,7 @@ def train_refiner(synth_images: list[np.ndarray], synth_targets: list[np.ndarray
     ``params.device`` resolves to a GPU.
     """
     import pytorch_lightning as pl  # heavy (Lightning, torch): imported on use
-    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
-    from torch.utils.data import DataLoader, IterableDataset
 
-    from .model import resolve_device  # heavy (torch): imported on use
 
     if not real:
         raise ValueError("no real tissue images for the refiner's discriminator")
@@ -424,7 +415,6 @@ def train_refiner(synth_images: list[np.ndarray], synth_targets: list[np.ndarray
 def refine_images(net, images: np.ndarray, instances: np.ndarray, boundary: np.ndarray,
                   device="cpu", batch: int = 16) -> np.ndarray:
     """Refined uint8 NHWC images for uint8 NHWC ``images`` and their targets (same shape and dtype)."""
-    import torch  # heavy: imported on use, so `import nucseg.refiner` stays light
 
     device = torch.device(device)
     net = net.to(device).eval()
@@ -482,7 +472,6 @@ def refine_dataset(synth_dir, out_dir, real: list[np.ndarray], params: RefinerPa
     dict
         What ``refiner.json`` holds.
     """
-    from .model import resolve_device  # heavy (torch): imported on use
     from .train.data import list_shards  # heavy (Lightning): imported on use
 
     synth_dir, out_dir = Path(synth_dir), Path(out_dir)

@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 
 from .. import __version__, io
 from ..model import load_weights, save_weights
+from ..synth import SynthParams, generate_dataset, load_textures
 from .data import list_shards
 from .fit import DISCRIMINATOR_FIELDS, data_fingerprint, importance_weighting, self_train, settings_key
 from .params import TrainParams
@@ -93,8 +94,6 @@ def adapt_to_images(images_dir, mpp: float, init_weights, out_dir, *, n_patches:
     self-training; nothing outside ``images_dir`` is read (annotations beside it stay closed). Writes
     ``out_dir/synth`` and ``out_dir/model`` (``model.pt``, ``model_card.json``).
     """
-    from ..synth import SynthParams, generate_dataset, load_textures
-
     _, meta = load_weights(init_weights)
     model_mpp = float(meta.get("mpp", 0.5))
     textures = load_textures([], [{"path": str(images_dir), "mpp": mpp}], model_mpp)
