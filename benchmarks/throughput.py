@@ -6,8 +6,10 @@ measures, every rate with its pixels named (``level0``: slide pixels at 0.25 µm
 model's resolution, 0.5 µm/px for the shipped model, a quarter as many):
   * read-only: reading every block through the DataLoader, no network;
   * network-only: the U-Net on in-memory batches;
-  * post-processing per core: gate, instance extraction, outlines and features on real network outputs of
-    the largest slide's blocks, one thread;
+  * post-processing per core (``postprocess_working_mpx_per_s_per_core``): ``nucseg.segment.postprocess_blocks``
+    (gate, instance extraction, ownership, outlines, features, polygons) on real network outputs of 24 blocks of
+    the largest slide, one thread in a fresh process; ``--baseline-src`` times another checkout's code on the same
+    blocks, alternating with this one (``--rounds``), and reports the speed-up;
   * end-to-end: ``nucseg segment`` (read + network + post-processing + GeoParquet), per slide size, with its
     peak RSS in a fresh process (memory must not grow with the slide);
   * the fixed per-slide cost (model load, gate level, worker start): the intercept of end-to-end seconds
@@ -15,6 +17,8 @@ model's resolution, 0.5 µm/px for the shipped model, a quarter as many):
   * slides per hour for a TCGA 40x slide with 2.4 gigapixels of tissue, from that fit.
 
     python benchmarks/throughput.py --sizes 4000 8000 [--checkpoint model.pt] [--tta 8] [--out t.json]
+    git worktree add /tmp/base HEAD~1 && python benchmarks/throughput.py --postprocess-only --sizes 8000 \
+        --baseline-src /tmp/base/src --rounds 3       # before/after of a post-processing change
     python benchmarks/throughput.py --device cuda --sizes 8000 40000 --workers 4 --postprocess-workers 12 \
         --batch-size 16        # the GPU recipe (docs/cluster.md): one H100/H200 node with 16 cores
 
@@ -144,16 +148,38 @@ def _sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def postprocess_per_core(slide: Path, checkpoint: Path, tile: int, device: str, n_blocks: int = 24) -> dict:
-    """Working-resolution Mpx/s of one thread's post-processing (gate, extraction, outlines, features) on the
-    network's real outputs for ``n_blocks`` blocks from the middle of ``slide``; with and without the gate."""
+POSTPROCESS_TIMER = """
+import json, sys, time
+import cv2, numpy as np, torch
+torch.set_num_threads(1)
+cv2.setNumThreads(1)
+from nucseg import segment
+data = np.load(sys.argv[1])
+blocks = [segment.Block(*map(int, b)) for b in data["blocks"]]
+batch, probs = list(enumerate(data["images"])), data["probs"]
+scale, mpp_work, level = float(data["scale"]), float(data["mpp_work"]), float(data["level"])
+level = None if np.isnan(level) else level
+# The public entry point; checkouts from before it was public (a --baseline-src) had it private.
+postprocess = getattr(segment, "postprocess_blocks", None) or segment._postprocess_batch
+out = {}
+for name, gated in (("no_gate", False), ("gate", True)):
+    params = segment.SegmentParams(hematoxylin_gate=gated).instance_params("DX")
+    started = time.perf_counter()
+    frame, _, _ = postprocess(batch, probs, blocks, scale, mpp_work, params, None, level if gated else None)
+    seconds = time.perf_counter() - started
+    out[name] = {"postprocess_working_mpx_per_s_per_core": len(blocks) * int(data["tile"]) ** 2 / 1e6 / seconds,
+                 "n_nuclei": len(frame)}
+print(json.dumps(out))
+"""
+
+
+def postprocess_inputs(slide: Path, checkpoint: Path, tile: int, device: str, out: Path, n_blocks: int = 24) -> None:
+    """Save to ``out`` (npz) ``n_blocks`` blocks from the middle of ``slide``, read as ``nucseg segment`` reads
+    them, the network's probabilities on them and the slide's hematoxylin level."""
     import math
 
-    import cv2
-    import torch
-
     from nucseg.model import predict
-    from nucseg.segment import BlockReader, SegmentParams, _postprocess_batch, plan_blocks, slide_hematoxylin_level
+    from nucseg.segment import BlockReader, SegmentParams, plan_blocks, slide_hematoxylin_level
     from nucseg.slides import open_slide
 
     model, dev, mpp_work = _model(checkpoint, device)
@@ -166,20 +192,50 @@ def postprocess_per_core(slide: Path, checkpoint: Path, tile: int, device: str, 
     mid = max(0, len(blocks) // 2 - n_blocks // 2)
     blocks = blocks[mid:mid + n_blocks]
     reader = BlockReader(slide, "tiffslide", blocks, scale)
-    batch = [reader[i] for i in range(len(blocks))]
-    probs = np.concatenate([predict(model, np.stack([im for _, im in batch[k:k + 4]]), dev)
-                            for k in range(0, len(batch), 4)])
-    batch = [(k, im) for k, (_, im) in enumerate(batch)]
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    out = {}
-    for name, gated in (("no_gate", False), ("gate", True)):
-        params = SegmentParams(hematoxylin_gate=gated).instance_params("DX")
-        started = time.perf_counter()
-        frame, _, _ = _postprocess_batch(batch, probs, blocks, scale, mpp_work, params, None, level if gated else None)
-        seconds = time.perf_counter() - started
-        out[name] = {"postprocess_working_mpx_per_s_per_core": round(len(blocks) * tile * tile / 1e6 / seconds, 3),
-                     "n_nuclei": len(frame)}
+    images = np.stack([reader[i][1] for i in range(len(blocks))])
+    probs = np.concatenate([predict(model, images[k:k + 4], dev) for k in range(0, len(images), 4)])
+    np.savez(out, images=images, probs=probs, blocks=np.array([(b.cx, b.cy, b.core, b.margin) for b in blocks]),
+             scale=scale, mpp_work=mpp_work, level=np.nan if level is None else level, tile=tile)
+
+
+def _time_postprocess(inputs: Path, src: Path | None) -> dict:
+    """One fresh single-threaded process's post-processing rates on ``inputs`` (``nucseg`` from ``src``, a
+    checkout's ``src`` folder, when given)."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", POSTPROCESS_TIMER, str(inputs)], capture_output=True, text=True,
+                          check=True, env=env)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def postprocess_per_core(slide: Path, checkpoint: Path, tile: int, device: str, work: Path, n_blocks: int = 24,
+                         baseline_src: Path | None = None, rounds: int = 1) -> dict:
+    """Working-resolution Mpx/s (core pixels) of one core's post-processing (``nucseg.segment.postprocess_blocks``:
+    gate, extraction, ownership, outlines, features, polygons) on the network's real outputs for ``n_blocks``
+    blocks from the middle of ``slide``; with and without the gate; the median of ``rounds`` fresh processes.
+
+    With ``baseline_src`` (another checkout's ``src``) the same blocks go through that code too, the two
+    alternating round by round (the machine's load drifts), and the ratio of the medians is reported.
+    """
+    inputs = work / "postprocess_inputs.npz"
+    postprocess_inputs(slide, checkpoint, tile, device, inputs, n_blocks)
+    runs = {"current": [], "baseline": []}
+    for _ in range(rounds):
+        runs["current"].append(_time_postprocess(inputs, None))
+        if baseline_src is not None:
+            runs["baseline"].append(_time_postprocess(inputs, baseline_src))
+    key = "postprocess_working_mpx_per_s_per_core"
+
+    def summary(results: list[dict]) -> dict:
+        return {name: {key: round(float(np.median([r[name][key] for r in results])), 3),
+                       "n_nuclei": results[0][name]["n_nuclei"]} for name in results[0]}
+
+    out = {"n_blocks": n_blocks, "rounds": rounds, **summary(runs["current"])}
+    if baseline_src is not None:
+        out["baseline"] = {"src": str(baseline_src), **summary(runs["baseline"])}
+        out["speedup_over_baseline"] = {name: round(out[name][key] / out["baseline"][name][key], 2)
+                                        for name in ("no_gate", "gate")}
     return out
 
 
@@ -217,6 +273,23 @@ def fixed_cost(slides: list[dict]) -> dict:
             "tcga_2p4_gpx_tissue_slides_per_hour": round(3600 / float(per_slide_s), 2)}
 
 
+def slide_entry(size: int, tmp: Path, checkpoint: Path, args, working_per_level0: float) -> dict:
+    """Build a ``size``-px mosaic slide in ``tmp`` and segment it end to end: seconds, rates and peak RSS."""
+    slide = tmp / f"mosaic_{size}.tiff"
+    started = time.perf_counter()
+    build_slide(slide, size)
+    side = -(-size // 512) * 512  # the mosaic is made of whole 512-px tiles
+    entry = {"side_level0_px": side, "level0_mpx": side * side / 1e6,
+             "build_s": round(time.perf_counter() - started, 1)}
+    e2e = end_to_end(slide, checkpoint, args, tmp / f"n_{size}.parquet")
+    entry.update(seconds=round(e2e["seconds"], 2), n_nuclei=e2e["n_nuclei"], n_blocks=e2e["n_blocks"],
+                 peak_rss_mb=round(e2e["peak_rss_mb"], 1),
+                 end_to_end_level0_mpx_per_s=round(entry["level0_mpx"] / e2e["seconds"], 3),
+                 end_to_end_working_mpx_per_s=round(entry["level0_mpx"] * working_per_level0 / e2e["seconds"], 3),
+                 nuclei_per_s=round(e2e["n_nuclei"] / e2e["seconds"], 1))
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4000, 8000], help="slide sides (px at 0.25 µm/px)")
@@ -228,6 +301,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--tta", type=int, default=1, help="test-time augmentations (SegmentParams.tta)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="another checkout's src folder: its post-processing is timed on the same blocks too")
+    parser.add_argument("--rounds", type=int, default=1, help="post-processing timings (alternating with the "
+                        "baseline's), the median reported")
+    parser.add_argument("--postprocess-only", action="store_true",
+                        help="only the per-core post-processing (one slide of the largest size, no end-to-end)")
     args = parser.parse_args()
     checkpoint = args.checkpoint or default_checkpoint()
     _, dev, mpp_work = _model(checkpoint, args.device)
@@ -236,31 +315,25 @@ def main() -> None:
               **{k: getattr(args, k) for k in ("tile_size", "workers", "postprocess_workers", "batch_size", "tta")},
               "slides": []}
     with tempfile.TemporaryDirectory(dir=REPO.parent if os.access(REPO.parent, os.W_OK) else None) as tmp:
-        for size in sorted(args.sizes):
-            slide = Path(tmp) / f"mosaic_{size}.tiff"
-            started = time.perf_counter()
-            build_slide(slide, size)
-            side = -(-size // 512) * 512  # the mosaic is made of whole 512-px tiles
-            entry = {"side_level0_px": side, "level0_mpx": side * side / 1e6,
-                     "build_s": round(time.perf_counter() - started, 1)}
-            e2e = end_to_end(slide, checkpoint, args, Path(tmp) / f"n_{size}.parquet")
-            entry.update(seconds=round(e2e["seconds"], 2), n_nuclei=e2e["n_nuclei"], n_blocks=e2e["n_blocks"],
-                         peak_rss_mb=round(e2e["peak_rss_mb"], 1),
-                         end_to_end_level0_mpx_per_s=round(entry["level0_mpx"] / e2e["seconds"], 3),
-                         end_to_end_working_mpx_per_s=round(entry["level0_mpx"] * working_per_level0
-                                                            / e2e["seconds"], 3),
-                         nuclei_per_s=round(e2e["n_nuclei"] / e2e["seconds"], 1))
-            result["slides"].append(entry)
         largest = Path(tmp) / f"mosaic_{max(args.sizes)}.tiff"
-        result["read_only_level0_mpx_per_s"] = round(read_only(largest, args.tile_size, args.workers), 3)
-        result["network_only_working_mpx_per_s"] = round(network_only(checkpoint, args.tile_size, args.device,
-                                                                      args.tta, args.batch_size), 3)
-        result["postprocess"] = postprocess_per_core(largest, checkpoint, args.tile_size, args.device)
-    rss = [s["peak_rss_mb"] for s in result["slides"]]
-    result["peak_rss_ratio_largest_to_smallest"] = round(rss[-1] / rss[0], 3)
-    result["end_to_end_over_network_only_working"] = round(result["slides"][-1]["end_to_end_working_mpx_per_s"]
-                                                           / result["network_only_working_mpx_per_s"], 3)
-    result.update(fixed_cost(result["slides"]))
+        if args.postprocess_only:
+            build_slide(largest, max(args.sizes))
+        else:
+            result["slides"] = [slide_entry(size, Path(tmp), checkpoint, args, working_per_level0)
+                                for size in sorted(args.sizes)]
+            result["read_only_level0_mpx_per_s"] = round(read_only(largest, args.tile_size, args.workers), 3)
+            result["network_only_working_mpx_per_s"] = round(network_only(checkpoint, args.tile_size, args.device,
+                                                                          args.tta, args.batch_size), 3)
+        result["postprocess"] = postprocess_per_core(largest, checkpoint, args.tile_size, args.device, Path(tmp),
+                                                     baseline_src=args.baseline_src, rounds=args.rounds)
+        result["postprocess_working_mpx_per_s_per_core"] = \
+            result["postprocess"]["no_gate"]["postprocess_working_mpx_per_s_per_core"]
+    if result["slides"]:
+        rss = [s["peak_rss_mb"] for s in result["slides"]]
+        result["peak_rss_ratio_largest_to_smallest"] = round(rss[-1] / rss[0], 3)
+        result["end_to_end_over_network_only_working"] = round(
+            result["slides"][-1]["end_to_end_working_mpx_per_s"] / result["network_only_working_mpx_per_s"], 3)
+        result.update(fixed_cost(result["slides"]))
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from skimage.draw import polygon as draw_polygon
 
-from nucseg.instances import (InstanceParams, center_map, describe_instances, extract_instances, gate_unit_for,
-                              hematoxylin_gate, hematoxylin_level, instance_outlines, label_peaks, outline,
-                              relabel, touching_labels)
+from nucseg.instances import (FEATURE_COLUMNS, InstanceParams, center_map, describe_instances, extract_instances,
+                              gate_unit_for, hematoxylin_gate, hematoxylin_level, instance_outlines, label_peaks,
+                              outline, relabel, touching_labels)
 from nucseg.stain import hematoxylin_od
 
 
@@ -247,3 +247,101 @@ def test_label_peaks_are_skimages_per_label_peaks(rng, min_distance):
         expected = peak_local_max(image, min_distance=min_distance, labels=labels, exclude_border=False)
         assert n > 3 and len(expected) >= n
         np.testing.assert_array_equal(label_peaks(image, labels, min_distance), expected)
+
+
+def _reference_features(labels, hema, score, level=0.5):
+    """describe_instances as it was written per instance: outline() and OpenCV on each instance's window."""
+    import cv2
+    from scipy import ndimage as ndi
+
+    polygons, rows = [], []
+    for label, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        y0, x0 = max(sl[0].start - 1, 0), max(sl[1].start - 1, 0)
+        window = (slice(y0, sl[0].stop + 1), slice(x0, sl[1].stop + 1))
+        inside = labels[window] == label
+        points = outline(inside, score[window], level) + (x0, y0)
+        m = cv2.moments(inside.astype(np.uint8), binaryImage=True)
+        polygons.append(points)
+        rows.append((label, m["m10"] / m["m00"] + x0 + 0.5, m["m01"] / m["m00"] + y0 + 0.5,
+                     float(hema[window][inside].mean()), float(score[window][inside].mean())))
+    return polygons, np.array(rows)
+
+
+def _awkward_labels(rng, shape=(70, 90)):
+    """Touching blobs, nuclei with holes, on the map's edges, and parts that touch only at a corner."""
+    from scipy import ndimage as ndi
+
+    labels, _ = ndi.label(ndi.gaussian_filter(rng.random(shape), 2) > 0.5)
+    labels[labels % 4 == 0] += 1                        # merge some into their neighbours' labels
+    labels[10:16, 10:16] = 50
+    labels[12:14, 12:14] = 0                            # a hole
+    labels[0:3, 30:40] = 51                             # on the top edge
+    labels[40, 85:90] = 52                              # on the right edge
+    labels[60, 60] = labels[61, 61] = labels[62, 62] = 53   # only corners touch: three outlines, one kept
+    labels[64:66, 70:72] = labels[66:68, 72:74] = 54
+    return labels
+
+
+def test_outlines_and_features_are_those_traced_one_instance_at_a_time(rng):
+    """All instances are outlined at once; each outline is outline()'s of the instance alone, to the bit
+    (vertex order and start included), and the pixel features are OpenCV's per instance."""
+    for _ in range(6):
+        labels = _awkward_labels(rng)
+        score = rng.random(labels.shape).astype(np.float32)
+        hema = rng.random(labels.shape).astype(np.float32)
+        expected, rows = _reference_features(labels, hema, score)
+        polys, feats = describe_instances(labels, hema, score)
+        assert feats.label.tolist() == rows[:, 0].astype(int).tolist()
+        for a, b in zip(expected, polys, strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(feats[["centroid_x", "centroid_y", "mean_hematoxylin_od", "score"]].to_numpy(),
+                                      rows[:, 1:])
+        outlines = instance_outlines(labels, score)
+        assert [k for k, _ in outlines] == feats.label.tolist()
+        for (_, a), b in zip(outlines, polys, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_describing_some_instances_and_their_centroids(rng):
+    from nucseg.instances import instance_centroids
+
+    labels = _awkward_labels(rng)
+    hema = rng.random(labels.shape).astype(np.float32)
+    polys, feats = describe_instances(labels, hema)
+    ids, cx, cy = instance_centroids(labels)
+    assert ids.tolist() == feats.label.tolist()
+    np.testing.assert_array_equal(cx, feats.centroid_x.to_numpy())  # the same numbers: ownership decides on them
+    np.testing.assert_array_equal(cy, feats.centroid_y.to_numpy())
+    some = ids[::3]
+    sub_polys, sub = describe_instances(labels, hema, only=np.r_[some, 10_000])  # absent labels are skipped
+    assert sub.label.tolist() == some.tolist()
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(sub.reset_index(drop=True),
+                                  feats[feats.label.isin(some)].reset_index(drop=True))
+    for a, b in zip(sub_polys, [p for p, k in zip(polys, feats.label, strict=True) if k in set(some)], strict=True):
+        np.testing.assert_array_equal(a, b)
+    empty_polys, empty = describe_instances(labels, only=[])
+    assert empty_polys == [] and empty.empty and list(empty.columns) == ["label", *FEATURE_COLUMNS]
+
+
+def test_fast_mask_operations_are_scipys(rng):
+    from scipy import ndimage as ndi
+
+    from nucseg.instances import distance_to_background, fill_holes
+
+    for trial in range(20):
+        mask = ndi.gaussian_filter(rng.random((60 + trial, 80)), 1 + trial % 5) > 0.5 - 0.01 * trial
+        np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+        np.testing.assert_array_equal(distance_to_background(mask), ndi.distance_transform_edt(mask).astype(np.float32))
+    full = np.ones((30, 40), bool)
+    np.testing.assert_array_equal(distance_to_background(full), ndi.distance_transform_edt(full).astype(np.float32))
+
+
+def test_hematoxylin_od_is_skimages(rng):
+    from skimage.color import rgb2hed
+
+    rgb = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 254, 3]]
+    np.testing.assert_array_equal(hematoxylin_od(rgb), np.clip(rgb2hed(rgb)[..., 0], 0, None).astype(np.float32))

@@ -6,7 +6,8 @@ import pytest
 import shapely
 
 from nucseg import io
-from nucseg.segment import Block, SeamFilter, SegmentParams, plan_blocks, segment_slide
+from nucseg.segment import (NUCLEI_SCHEMA, Block, SeamFilter, SegmentParams, plan_blocks, postprocess_blocks,
+                            segment_slide)
 
 from .conftest import CMU, MONUSEG, TCGA_TS, need
 
@@ -36,6 +37,41 @@ def test_seam_filter_drops_a_nucleus_kept_twice_across_a_block_border():
               box(700, 700, 720, 720)]  # a far block: compared with nothing
     owners = [right, right, right, below_right, far]
     assert list(seams.filter(second, owners)) == [1, 2, 4] and seams.n_dropped == 2
+
+
+def test_postprocessing_describes_only_the_nuclei_a_block_owns(rng):
+    """Owned first, then outlined: the same nuclei, polygons and features as describing every nucleus of
+    the read region and keeping those whose centroid is in the core and on tissue."""
+    from nucseg.instances import describe_instances, extract_instances
+    from nucseg.stain import hematoxylin_od
+
+    block, scale, mpp = Block(cx=200, cy=100, core=96, margin=32), 0.5, 0.5
+    side = block.read_size
+    yy, xx = np.mgrid[:side, :side]
+    fg = np.zeros((side, side), np.float32)
+    for cy, cx in rng.uniform(4, side - 4, (60, 2)):
+        fg = np.maximum(fg, np.clip(1.2 - np.hypot(yy - cy, xx - cx) / 5, 0, 1))
+    prob = np.stack([fg, np.zeros_like(fg)])[None]
+    image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    tissue = shapely.box(0, 0, (block.cx + 60) / scale, 1e4)  # cuts the core
+    params = SegmentParams().instance_params()
+    frame, polygons, owners = postprocess_blocks([(7, image)], prob, [block], scale, mpp, params, tissue, None)
+
+    labels = extract_instances(prob[0], mpp, params)
+    polys, feats = describe_instances(labels, hematoxylin_od(image), fg, params.foreground_threshold)
+    rx, ry = block.read_origin
+    lx, ly = feats.centroid_x.to_numpy() + rx, feats.centroid_y.to_numpy() + ry
+    own = ((lx >= block.cx) & (lx < block.cx + block.core) & (ly >= block.cy) & (ly < block.cy + block.core)
+           & shapely.contains_xy(tissue, lx / scale, ly / scale))
+    assert 5 < own.sum() < len(own) and owners == [7] * own.sum() and len(frame) == own.sum()
+    np.testing.assert_array_equal(frame.centroid_x, lx[own] / scale)
+    np.testing.assert_allclose(frame.area_um2, feats.area_px[own] * mpp**2)
+    np.testing.assert_array_equal(frame.solidity, feats.solidity[own])
+    for polygon, k in zip(polygons, np.flatnonzero(own), strict=True):
+        np.testing.assert_array_equal(shapely.get_coordinates(polygon)[:-1], (polys[k] + (rx, ry)) / scale)
+    assert list(frame.columns) == list(NUCLEI_SCHEMA) and frame.tile_x.dtype == np.int64
+    empty, none, nobody = postprocess_blocks([(0, image)], np.zeros_like(prob), [block], scale, mpp, params, None, None)
+    assert empty.empty and list(empty.columns) == list(NUCLEI_SCHEMA) and none == [] and nobody == []
 
 
 @pytest.fixture(scope="module")

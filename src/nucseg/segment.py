@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import io
 from .inference import image_instances
-from .instances import InstanceParams, describe_instances, gate_unit_for, hematoxylin_level
+from .instances import InstanceParams, describe_instances, gate_unit_for, hematoxylin_level, instance_centroids
 from .model import load_weights, predict, resolve_device
 from .slides import open_slide, resolve_mpp
 from .stain import hematoxylin_od, tissue_pixels
@@ -319,7 +319,7 @@ def _postprocess_pool(workers: int, context: dict):
         if context["tissue"] is not None:
             shapely.prepare(context["tissue"])
         with ThreadPoolExecutor(max_workers=1) as pool:
-            yield pool, functools.partial(_postprocess_batch, **context)
+            yield pool, functools.partial(postprocess_blocks, **context)
         return
     # spawn, not fork: forking a process that runs torch's thread pools can deadlock the children.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -339,7 +339,7 @@ def _init_postprocess_worker(context: dict) -> None:
 
 
 def _postprocess_in_worker(batch, probs, blocks):
-    return _postprocess_batch(batch, probs, blocks, **_WORKER_CONTEXT)
+    return postprocess_blocks(batch, probs, blocks, **_WORKER_CONTEXT)
 
 
 def _release_freed_memory() -> None:
@@ -368,37 +368,87 @@ def _collate(items):
     return items
 
 
-def _postprocess_batch(batch, probs, blocks, scale, mpp_work, inst_params, tissue, level):
-    """Instances, ownership, polygons (level-0), features and owning block index of one batch of blocks
-    (``blocks``: the batch's, in its order)."""
-    frames, polygons, owners = [], [], []
+def postprocess_blocks(batch, probs, blocks, scale: float, mpp_work: float, inst_params: InstanceParams,
+                       tissue, level: float | None) -> tuple[pd.DataFrame, list[Polygon], list[int]]:
+    """The nuclei a batch of blocks owns, from the network's outputs on their read regions: instances
+    (:func:`nucseg.inference.image_instances`), ownership, then outlines and features of the owned ones only.
+
+    A nucleus belongs to the block whose core holds its centroid (and, with ``tissue``, only when that
+    centroid is on tissue); the others, most of them in the read margin, are neither outlined nor measured.
+
+    Parameters
+    ----------
+    batch : list of (int, ndarray (H, W, 3) uint8)
+        Each block's index and its read region at the working resolution.
+    probs : ndarray (N, C, H, W) float32
+        The network's probabilities on the read regions, in the batch's order.
+    blocks : list of Block
+        The batch's blocks, in its order.
+    scale : float
+        Working px per level-0 px.
+    mpp_work : float
+        The working resolution (µm/px).
+    inst_params : InstanceParams
+    tissue : shapely geometry or None
+        Level-0 tissue (prepared, for speed); None: everywhere.
+    level : float or None
+        The slide's hematoxylin level for the gate (:func:`slide_hematoxylin_level`).
+
+    Returns
+    -------
+    frame : DataFrame
+        One row per nucleus, the columns of :data:`NUCLEI_SCHEMA` (level-0 px and µm).
+    polygons : list of Polygon
+        The nuclei's valid outlines, level-0 px.
+    owners : list of int
+        The block index (from ``batch``) of each nucleus.
+    """
+    columns, rings, owners = [], [], []
     for (i, image), prob, block in zip(batch, probs, blocks, strict=True):
         hema = hematoxylin_od(image)
         labels = image_instances(image, prob, mpp_work, inst_params, level, hematoxylin=hema)
-        polys, feats = describe_instances(labels, hema, prob[0], inst_params.foreground_threshold)
-        if feats.empty:
+        owned = _owned_labels(labels, block, scale, tissue)
+        if not len(owned):
             continue
+        polys, feats = describe_instances(labels, hema, prob[0], inst_params.foreground_threshold, only=owned)
         rx, ry = block.read_origin
-        # Ownership: the centroid must fall in this block's core (and on tissue).
-        lx, ly = feats.centroid_x.to_numpy() + rx, feats.centroid_y.to_numpy() + ry
-        own = (lx >= block.cx) & (lx < block.cx + block.core) & (ly >= block.cy) & (ly < block.cy + block.core)
-        cx0, cy0 = lx / scale, ly / scale
-        if tissue is not None:
-            own &= shapely.contains_xy(tissue, cx0, cy0)
-        keep = np.flatnonzero(own)
-        if not len(keep):
-            continue
-        f = feats.iloc[keep]
-        frames.append(pd.DataFrame({
-            "centroid_x": cx0[keep], "centroid_y": cy0[keep], "area_um2": f.area_px.to_numpy() * mpp_work**2,
-            "perimeter_um": f.perimeter_px.to_numpy() * mpp_work, "eccentricity": f.eccentricity.to_numpy(),
-            "solidity": f.solidity.to_numpy(), "mean_hematoxylin_od": f.mean_hematoxylin_od.to_numpy(),
-            "tile_x": np.full(len(keep), round(block.cx / scale), np.int64),
-            "tile_y": np.full(len(keep), round(block.cy / scale), np.int64), "score": f.score.to_numpy()}))
-        polygons.extend(_valid_polygon((polys[k] + (rx, ry)) / scale) for k in keep)
-        owners.extend([i] * len(keep))
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(NUCLEI_SCHEMA))
-    return frame, polygons, owners
+        columns.append({
+            "centroid_x": (feats.centroid_x.to_numpy() + rx) / scale,
+            "centroid_y": (feats.centroid_y.to_numpy() + ry) / scale,
+            "area_um2": feats.area_px.to_numpy() * mpp_work**2,
+            "perimeter_um": feats.perimeter_px.to_numpy() * mpp_work, "eccentricity": feats.eccentricity.to_numpy(),
+            "solidity": feats.solidity.to_numpy(), "mean_hematoxylin_od": feats.mean_hematoxylin_od.to_numpy(),
+            "tile_x": np.full(len(feats), round(block.cx / scale), np.int64),
+            "tile_y": np.full(len(feats), round(block.cy / scale), np.int64), "score": feats.score.to_numpy()})
+        rings.extend((points + (rx, ry)) / scale for points in polys)
+        owners.extend([i] * len(feats))
+    if not columns:
+        return pd.DataFrame(columns=list(NUCLEI_SCHEMA)), [], []
+    frame = pd.DataFrame({name: np.concatenate([c[name] for c in columns]) for name in NUCLEI_SCHEMA})
+    return frame, _valid_polygons(rings), owners
+
+
+def _owned_labels(labels: np.ndarray, block: Block, scale: float, tissue) -> np.ndarray:
+    """The labels of the instances of ``block``'s read region whose centroid lies in its core (and on
+    ``tissue``, level-0, when given)."""
+    ids, cx, cy = instance_centroids(labels)
+    rx, ry = block.read_origin
+    lx, ly = cx + rx, cy + ry
+    own = (lx >= block.cx) & (lx < block.cx + block.core) & (ly >= block.cy) & (ly < block.cy + block.core)
+    if tissue is not None and own.any():
+        own[own] = shapely.contains_xy(tissue, lx[own] / scale, ly[own] / scale)
+    return ids[own]
+
+
+def _valid_polygons(rings: list[np.ndarray]) -> list[Polygon]:
+    """:func:`_valid_polygon` of each ring, built and checked all at once (most rings are valid)."""
+    if not rings:
+        return []
+    index = np.repeat(np.arange(len(rings)), [len(r) for r in rings])
+    polygons = shapely.polygons(shapely.linearrings(np.concatenate(rings), indices=index))
+    for k in np.flatnonzero(~shapely.is_valid(polygons)):
+        polygons[k] = _valid_polygon(rings[k])
+    return list(polygons)
 
 
 class SeamFilter:
