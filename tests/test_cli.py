@@ -36,7 +36,7 @@ def test_parameter_flags_come_from_the_dataclasses():
 
 def test_console_script_errors_name_the_stage_and_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nucseg.cli", "download", "--source", str(tmp_path / "x.svs"),
-                           "--out", str(tmp_path / "y.svs"), "--slide-id", "S1"], capture_output=True, text=True)
+                           "--out-dir", str(tmp_path / "y"), "--slide-id", "S1"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert "download failed" in proc.stderr and "slide S1" in proc.stderr and "x.svs" in proc.stderr
 

@@ -163,3 +163,59 @@ def test_without_validators_resumes_only_when_md5_checks(tmp_path, demo_slide, w
     assert [r["range"] for r in server.requests] == [f"bytes={have}-" if with_md5 else None]
     assert server.requests[0]["if_range"] is None
     assert dest.read_bytes() == demo_slide.read_bytes()
+
+
+def test_cache_folder_keeps_the_sources_own_name(tmp_path, demo_slide):
+    """nucseg download --out-dir: the slide keeps its name and extension, hostile characters dropped."""
+    from nucseg.download import cache_name, fetch_into
+
+    assert cache_name(UUID, "S1") == "S1.svs"
+    assert cache_name(UUID, "S1", "TCGA-XX.uuid.svs") == "TCGA-XX.uuid.svs"
+    assert cache_name("https://h/a/slide%201.ndpi?sig=x", "S1") == "slide_1.ndpi"
+    assert cache_name("/data/it's $(id) `x`.mrxs", "S1") == "it_s_id_x_.mrxs"
+    assert cache_name("https://h/", "S1") == "S1.svs"
+    weird = tmp_path / "src" / "it's $(touch INJECTED).tiff"
+    weird.parent.mkdir()
+    weird.symlink_to(demo_slide)
+    out = fetch_into(str(weird), tmp_path / "cache" / "S1", "S1", md5=md5(demo_slide))
+    assert out.parent == tmp_path / "cache" / "S1" and out.suffix == ".tiff" and out.resolve() == demo_slide
+    with open_slide(out.parent) as slide:       # the folder opens as its slide
+        assert slide.dimensions == (1536, 1280)
+    assert not list(tmp_path.rglob("INJECTED*")) and [p.name for p in (tmp_path / "cache").iterdir()] == ["S1"]
+
+
+def test_multi_file_slides_bring_their_folders_and_removal_never_follows_links(tmp_path, demo_slide):
+    """A MIRAX-like file keeps its companion folder; a folder source (e.g. DICOM) is linked whole; a
+    rerun replaces the cache folder without touching the sources it links to."""
+    from nucseg.download import fetch_into
+
+    src = tmp_path / "src"
+    (src / "slide").mkdir(parents=True)
+    (src / "slide.mrxs").write_bytes(demo_slide.read_bytes())
+    (src / "slide" / "Data0000.dat").write_bytes(b"data")
+    out = fetch_into(str(src / "slide.mrxs"), tmp_path / "cache" / "M1", "M1")
+    assert out.name == "slide.mrxs" and (out.parent / "slide" / "Data0000.dat").read_bytes() == b"data"
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "level0.dcm").write_bytes(demo_slide.read_bytes())
+    linked = fetch_into(str(series), tmp_path / "cache" / "D1", "D1")
+    with open_slide(linked.parent) as slide:   # the folder's only entry is the series: its slide file
+        assert slide.path.name == "level0.dcm"
+    copied = fetch_into(str(series), tmp_path / "cache" / "D1", "D1", link=False)  # a rerun replaces it
+    assert not copied.is_symlink() and (copied / "level0.dcm").is_file()
+    assert (series / "level0.dcm").is_file() and (src / "slide" / "Data0000.dat").is_file()
+    with pytest.raises(DownloadError, match="cannot verify the folder"):
+        fetch_into(str(series), tmp_path / "cache" / "D2", "D2", md5="0" * 32)
+    assert not (tmp_path / "cache" / "D2").exists() and not (tmp_path / "cache" / ".D2.tmp").exists()
+
+
+def test_remote_slide_named_after_the_url_and_resumed_beside_its_folder(tmp_path, demo_slide):
+    from nucseg.download import fetch_into
+
+    with FileServer({"slide.tiff": demo_slide}) as server:
+        server.drop_after = 200_000
+        out = fetch_into(f"{server.url}/files/slide.tiff", tmp_path / "S1", "S1", md5=md5(demo_slide), backoff=0.01)
+        ranges = [r["range"] for r in server.requests]
+    assert out == tmp_path / "S1" / "slide.tiff" and out.read_bytes() == demo_slide.read_bytes()
+    assert ranges[0] is None and ranges[1].startswith("bytes=")   # resumed from the .part beside the folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["S1"]

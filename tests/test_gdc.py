@@ -111,13 +111,13 @@ def test_cli_cohort_and_failure_record(tmp_path):
         subprocess.run(["nucseg", "cohort", "--project", "TCGA-LUAD", "--api-url", server.url,
                         "--out", str(tmp_path / "LUAD.tsv")], check=True, env=env, capture_output=True)
         server.corrupt.add(IDS[5])
-        proc = subprocess.run(["nucseg", "download", "--source", IDS[5], "--out", str(tmp_path / "s.svs"),
+        proc = subprocess.run(["nucseg", "download", "--source", IDS[5], "--out-dir", str(tmp_path / "s"),
                                "--slide-id", "S5", "--md5", hits[5]["md5sum"], "--api-url", server.url,
                                "--on-failure", "record"], env=env, capture_output=True, text=True)
     sheet = pd.read_csv(tmp_path / "LUAD.tsv", sep="\t", comment="#", dtype=str)
     assert sorted(sheet.source) == IDS[5:7]
     assert proc.returncode == 0 and "md5 mismatch" in proc.stderr
-    record = read_failure_record(tmp_path / "s.svs")
+    record = read_failure_record(tmp_path / "s")
     assert record["slide_id"] == "S5" and "md5 mismatch" in record["reason"]
 
 

@@ -76,3 +76,69 @@ def test_read_grid_is_tiling_independent(demo_slide, scale):
         assert np.abs(ref.astype(int) - a.astype(int)).mean() < 12
         edge = slide.read_grid((-20, -10), (60, 40), scale)
         assert (edge[:10] == 255).all() and (edge[:, :20] == 255).all()
+
+
+def test_reader_is_picked_by_content_not_by_name(tmp_path, demo_slide):
+    from nucseg.slides import pick_reader
+
+    renamed = tmp_path / "scan.bin"
+    renamed.write_bytes(demo_slide.read_bytes())
+    assert pick_reader(renamed).name == "tiffslide"
+    with open_slide(renamed) as slide:
+        assert slide.backend == "tiffslide" and slide.dimensions == (1536, 1280)
+    fake = tmp_path / "fake.svs"
+    fake.write_text("not a slide")
+    with pytest.raises(SlideError, match="not a readable slide .no reader recognises it"):
+        open_slide(fake)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SlideError, match="no slide file in this folder"):
+        open_slide(tmp_path / "empty")
+
+
+def test_a_new_format_is_one_registered_reader(tmp_path, monkeypatch):
+    """A reader for PNG files, registered once, is picked for a PNG by its content and read like a slide."""
+    from PIL import Image
+
+    import nucseg.slides
+    from nucseg.slides import Reader, register_reader
+
+    class PngSlide:
+        def __init__(self, path):
+            self.image = np.asarray(Image.open(path).convert("RGB"))
+            self.dimensions = (self.image.shape[1], self.image.shape[0])
+            self.level_dimensions, self.level_downsamples = [self.dimensions], [1.0]
+            self.properties = {"png.mpp-x": "0.5", "png.mpp-y": "0.5"}
+
+        def read_region(self, location, level, size):
+            (x, y), (w, h) = location, size
+            out = np.full((h, w, 3), 255, np.uint8)
+            crop = self.image[y:y + h, x:x + w]
+            out[:crop.shape[0], :crop.shape[1]] = crop
+            return Image.fromarray(out)
+
+        def close(self):
+            pass
+
+    def is_png(path):
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    monkeypatch.setattr(nucseg.slides, "READERS", dict(nucseg.slides.READERS))
+    monkeypatch.setattr(nucseg.slides, "BACKENDS", (*nucseg.slides.BACKENDS, "png"))
+    register_reader(Reader("png", is_png, PngSlide))
+    image = np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)
+    Image.fromarray(image).save(tmp_path / "tile.dat", format="PNG")
+    with open_slide(tmp_path / "tile.dat") as slide:
+        assert slide.backend == "png" and slide.dimensions == (60, 40) and slide.mpp == 0.5
+        assert np.array_equal(slide.read_region((0, 0), 0, (60, 40)), image)
+
+
+def test_config_schema_offers_every_registered_reader():
+    import yaml
+
+    from nucseg.slides import BACKENDS
+
+    from .conftest import REPO
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert tuple(schema["properties"]["slide_backend"]["enum"]) == BACKENDS

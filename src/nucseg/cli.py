@@ -16,8 +16,8 @@ import pandas as pd
 
 from . import __version__, io, report
 from .demo import make_demo_slide
-from .download import (GDC_API_URL, SEED_PROJECTS, DownloadError, build_cohort, cohort_from_manifest, fetch_slide,
-                       parse_barcode, write_failure_record, write_sheet)
+from .download import (FAILURE_RECORD_NAME, GDC_API_URL, SEED_PROJECTS, DownloadError, build_cohort,
+                       cohort_from_manifest, fetch_into, parse_barcode, write_failure_record, write_sheet)
 from .download.gdc import query_note
 from .evaluate import evaluate, images_mpp, load_dataset
 from .export import to_qupath, to_tcia
@@ -26,6 +26,7 @@ from .instances import SLIDE_TYPES, InstanceParams
 from .qc import aggregate, slide_qc
 from .refiner import RefinerParams, refine_dataset
 from .segment import SegmentParams, segment_slide
+from .slides import BACKENDS
 from .synth import SynthParams, contact_sheet, generate_dataset, load_textures
 from .tissue import TissueParams, detect_tissue
 
@@ -77,8 +78,10 @@ def _parser_download(sub) -> argparse.ArgumentParser:
     """The ``download`` subcommand and its arguments."""
     p = sub.add_parser("download", help="fetch one slide (GDC UUID, http(s) URL or local path), verified")
     p.add_argument("--source", required=True, help="GDC file UUID, http(s) URL or local path")
-    p.add_argument("--out", required=True, type=Path, help="destination slide file")
+    p.add_argument("--out-dir", required=True, type=Path,
+                   help="the slide's folder: the slide keeps its own name in it (with a MIRAX companion folder)")
     p.add_argument("--slide-id", required=True)
+    p.add_argument("--file-name", default=None, help="the slide's file name (GDC sheets; default: the source's)")
     p.add_argument("--md5", default=None, help="expected md5 (verified when given)")
     p.add_argument("--size", type=int, default=None, help="expected size in bytes (verified when given)")
     p.add_argument("--api-url", default=None, help="GDC API base URL (default: the public GDC)")
@@ -86,7 +89,7 @@ def _parser_download(sub) -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=5)
     p.add_argument("--on-failure", choices=("record", "fail"), default="fail",
                    help="record: a permanent failure (wrong md5/size, HTTP 4xx, missing file) leaves a failure "
-                        "record at --out, so QC grades the slide 'failed WSI QC', and exits 0; transient "
+                        "record in --out-dir, so QC grades the slide 'failed WSI QC', and exits 0; transient "
                         "failures always exit 1 (default: fail)")
     return p
 
@@ -184,7 +187,7 @@ def _parser_qc(sub) -> argparse.ArgumentParser:
     p.add_argument("--cancer-type", required=True)
     p.add_argument("--source", default="")
     p.add_argument("--config-hash", default="")
-    p.add_argument("--backend", default="tiffslide", choices=("tiffslide", "openslide"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="slide reader (auto: by content)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="model.pt for the model-based signals (default: the shipped model)")
     p.add_argument("--tissue", type=Path, default=None, help="tissue.parquet (outline in the overlay)")
@@ -317,7 +320,7 @@ def _inputs(args, given: list[Path], required: bool = True) -> list[Path]:
 
 
 def _add_backend_mpp(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="tiffslide", choices=("tiffslide", "openslide"), help="slide reader")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="slide reader (auto: by content)")
     p.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px")
     p.add_argument("--mpp-fallback", type=float, default=None,
                    help="µm/px used (and recorded as fallback) when the slide has none")
@@ -350,16 +353,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cmd_download(args, progress):
     try:
-        fetch_slide(args.source, args.out, args.slide_id, md5=args.md5, size=args.size,
-                    api_url=args.api_url or GDC_API_URL, link=not args.copy, retries=args.retries)
+        path = fetch_into(args.source, args.out_dir, args.slide_id, file_name=args.file_name, md5=args.md5,
+                          size=args.size, link=not args.copy, api_url=args.api_url or GDC_API_URL,
+                          retries=args.retries)
     except DownloadError as exc:
         if args.on_failure != "record" or not exc.permanent:
             raise
-        logging.getLogger("nucseg").error("%s; recorded for QC (failure record at %s)", exc, args.out)
-        write_failure_record(args.out, args.slide_id, args.source, str(exc))
+        record = args.out_dir / FAILURE_RECORD_NAME
+        logging.getLogger("nucseg").error("%s; recorded for QC (failure record %s)", exc, record)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        write_failure_record(record, args.slide_id, args.source, str(exc))
         print(json.dumps({"slide_id": args.slide_id, "status": "failed", "reason": str(exc)}))
         return 0
-    print(json.dumps({"slide_id": args.slide_id, "status": "ok", "path": str(args.out)}))
+    print(json.dumps({"slide_id": args.slide_id, "status": "ok", "path": str(path)}))
 
 
 def _cmd_cohort(args, progress):

@@ -248,7 +248,7 @@ def _box(x, y, side):
 
 
 def slide_qc(wsi_json, nuclei_path, tiles_path, slide_path, out_json, out_patches, *, cancer_type: str,
-             source: str = "", config_hash: str = "", backend: str = "tiffslide",
+             source: str = "", config_hash: str = "", backend: str = "auto",
              params: QCParams = QCParams(), weights=None, tissue_path=None, out_overlay=None) -> dict:
     """Grade one slide; write its row (``qc.json``) and patch verdicts (``qc_patches.parquet``).
 

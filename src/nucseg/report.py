@@ -41,7 +41,7 @@ def _put(img, text, org, scale=0.5, colour=(0, 0, 0), thickness=1):
 # ---------------------------------------------------------------- per-slide overlay (written by the qc stage)
 
 def slide_overlay(slide_path, nuclei=None, patches: pd.DataFrame | None = None, tissue_path=None,
-                  backend: str = "tiffslide", max_side: int = 1024) -> np.ndarray:
+                  backend: str = "auto", max_side: int = 1024) -> np.ndarray:
     """Thumbnail of a slide with its tissue outline (green), nuclei (yellow) and checked patches (cyan).
 
     Verdicts are not drawn here: they depend on the grading levels applied at aggregation, so

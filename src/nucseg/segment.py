@@ -161,7 +161,7 @@ def load_tissue(path) -> tuple[shapely.Geometry | None, dict]:
 
 def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: str | None = None,
                   mpp_override: float | None = None, mpp_fallback: float | None = None,
-                  backend: str = "tiffslide", params: SegmentParams = SegmentParams(), slide_type: str = "",
+                  backend: str = "auto", params: SegmentParams = SegmentParams(), slide_type: str = "",
                   extra_metadata: dict | None = None, progress: bool = True) -> dict:
     """Segment every nucleus of a slide's tissue and write a GeoParquet 1.1 file.
 

@@ -1,19 +1,21 @@
-"""Whole-slide image access: one small interface over tiffslide (default) and openslide.
+"""Whole-slide image access: one small interface over the slide readers of :data:`READERS`.
 
-All coordinates are level-0 pixels. Reads at a physical resolution (µm/px) pick the pyramid level
-closest to (and not coarser than) the requested resolution and resample from there.
+A slide is a file, or a folder holding one (multi-file formats: MIRAX's ``.mrxs`` beside its data folder,
+DICOM series). The reader is picked by the file's content (:func:`pick_reader`), not its name; a format is
+added in one place, :func:`register_reader`. All coordinates are level-0 pixels. Reads at a physical
+resolution (µm/px) pick the pyramid level closest to (and not coarser than) the requested resolution and
+resample from there.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-
-BACKENDS = ("tiffslide", "openslide")
 
 # Pixel sizes outside this range are not plausible for a brightfield scan (e.g. the 72-dpi default
 # resolution tag of generic TIFFs gives ~353 µm/px); they are treated as missing.
@@ -56,32 +58,133 @@ def _isnan(value) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Reader:
+    """A slide-reading library: how to recognise a file it reads and how to open it.
+
+    Attributes
+    ----------
+    name : str
+        The ``--backend`` / ``slide_backend`` value that forces this reader.
+    recognises : callable
+        ``recognises(path) -> bool`` from the file's content (it must not raise for foreign files).
+    open : callable
+        ``open(path) -> handle`` with OpenSlide's interface (``dimensions``, ``level_dimensions``,
+        ``level_downsamples``, ``properties``, ``read_region``, ``close``).
+    """
+
+    name: str
+    recognises: Callable[[Path], bool]
+    open: Callable[[Path], object]
+
+
+READERS: dict[str, Reader] = {}
+
+
+def register_reader(reader: Reader) -> None:
+    """Add a slide reader; :func:`pick_reader` tries readers in the order they were registered."""
+    READERS[reader.name] = reader
+
+
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, both byte orders
+
+
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) in TIFF_MAGIC
+
+
+def _open_tiffslide(path: Path):
+    import tiffslide  # imported on use, as each reader
+
+    return tiffslide.TiffSlide(str(path))
+
+
+def _openslide_recognises(path: Path) -> bool:
+    try:
+        import openslide  # needs its native library (openslide-bin)
+    except ImportError:
+        return False
+    return openslide.OpenSlide.detect_format(str(path)) is not None
+
+
+def _open_openslide(path: Path):
+    import openslide  # needs its native library: imported only when used
+
+    return openslide.OpenSlide(str(path))
+
+
+# TIFF-based files (SVS, NDPI, generic tiled TIFF, ...) go to tiffslide (pure Python); everything else
+# OpenSlide knows (MIRAX, DICOM, VMS, ...) to OpenSlide.
+register_reader(Reader("tiffslide", _is_tiff, _open_tiffslide))
+register_reader(Reader("openslide", _openslide_recognises, _open_openslide))
+BACKENDS = ("auto", *READERS)
+
+
+def slide_file(path: Path) -> Path:
+    """The file to open for ``path``: the path itself, or for a folder the first file in it (by name;
+    else in its only subfolder) that a reader recognises (else its first file, which then fails to open).
+
+    Raises
+    ------
+    SlideError
+        When ``path`` does not exist or the folder holds no slide.
+    """
+    if not path.exists():
+        raise SlideError(f"{path}: file not found")
+    if not path.is_dir():
+        return path
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
+    for candidate in files:
+        if pick_reader(candidate, quiet=True) is not None:
+            return candidate
+    if not files and len(entries) == 1:  # a linked folder (e.g. a DICOM series)
+        return slide_file(entries[0])
+    if files:  # none is a slide: opening the first says why
+        return files[0]
+    raise SlideError(f"{path}: no slide file in this folder")
+
+
+def pick_reader(path: Path, quiet: bool = False) -> Reader | None:
+    """The first registered reader that recognises ``path`` by its content.
+
+    Raises
+    ------
+    SlideError
+        When none does (unless ``quiet``: then None).
+    """
+    for reader in READERS.values():
+        try:
+            if reader.recognises(path):
+                return reader
+        except OSError:
+            continue
+    if quiet:
+        return None
+    raise SlideError(f"{path}: not a readable slide (no reader recognises it: {', '.join(READERS)})")
+
+
 class Slide:
-    """A whole-slide image opened with tiffslide or openslide.
+    """A whole-slide image opened with a reader of :data:`READERS`.
 
     Parameters
     ----------
     path : path-like
-        Slide file (SVS, generic tiled TIFF, anything the backend reads).
-    backend : {"tiffslide", "openslide"}
+        Slide file (SVS, generic tiled TIFF, anything a reader reads), or a folder holding one
+        (:func:`slide_file`).
+    backend : str
+        ``auto`` (the reader is picked by the file's content, :func:`pick_reader`) or a reader's name.
     """
 
-    def __init__(self, path, backend: str = "tiffslide"):
-        self.path = Path(path)
+    def __init__(self, path, backend: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"unknown slide backend {backend!r}; choose one of {BACKENDS}")
-        self.backend = backend
-        if not self.path.exists():
-            raise SlideError(f"{self.path}: file not found")
+        self.path = slide_file(Path(path))
+        reader = pick_reader(self.path) if backend == "auto" else READERS[backend]
+        self.backend = reader.name
         try:
-            if backend == "tiffslide":
-                import tiffslide  # the chosen backend only: each reader is imported on use
-
-                self._slide = tiffslide.TiffSlide(str(self.path))
-            else:
-                import openslide  # the chosen backend only: it needs its native library
-
-                self._slide = openslide.OpenSlide(str(self.path))
+            self._slide = reader.open(self.path)
             self.dimensions = tuple(int(v) for v in self._slide.dimensions)
             self.level_dimensions = [tuple(int(v) for v in d) for d in self._slide.level_dimensions]
             self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
@@ -109,7 +212,7 @@ class Slide:
         props = self._slide.properties
         values = []
         for axis in ("x", "y"):
-            raw = props.get(f"{self.backend}.mpp-{axis}")
+            raw = props.get(f"{self.backend}.mpp-{axis}", props.get(f"openslide.mpp-{axis}"))
             try:
                 values.append(float(raw))
             except (TypeError, ValueError):
@@ -218,6 +321,6 @@ class Slide:
         return image, out[0] / w
 
 
-def open_slide(path, backend: str = "tiffslide") -> Slide:
+def open_slide(path, backend: str = "auto") -> Slide:
     """Open a slide, raising :class:`SlideError` with the file name and reason on failure."""
     return Slide(path, backend=backend)

@@ -294,7 +294,7 @@ def slide_tissue(slide, mpp: float, params: TissueParams = TissueParams()):
 
 def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
                   mpp_override: float | None = None, mpp_fallback: float | None = None,
-                  backend: str = "tiffslide", params: TissueParams = TissueParams()) -> dict:
+                  backend: str = "auto", params: TissueParams = TissueParams()) -> dict:
     """Run tissue detection and WSI QC for one slide and write its outputs to ``out_dir``.
 
     Never raises for a bad slide: the failure is recorded in ``wsi.json`` (``status: failed``, the

@@ -191,7 +191,8 @@ def config_hash(*sections, **values):
 
 
 def slide_path(cancer_type, slide_id):
-    return f"resources/slides/{cancer_type}/{slide_id}.svs"
+    """The slide's cache folder: the slide in it keeps its own name (nucseg download --out-dir)."""
+    return f"resources/slides/{cancer_type}/{slide_id}"
 
 
 def _grading_module():

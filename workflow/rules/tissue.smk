@@ -13,6 +13,8 @@ def _is_uuid(text):
 def download_args(row):
     args = [f"--api-url={config['gdc']['api_url']}", f"--retries={config['download']['retries']}",
             f"--on-failure={config['download']['on_failure']}"]
+    if row.get("file_name"):
+        args.append(f"--file-name={row['file_name']}")
     if row.get("md5"):
         args.append(f"--md5={row['md5']}")
     if row.get("size"):
@@ -37,7 +39,7 @@ rule tissue:
     input:
         download_input,
     output:
-        slide=slide_path("{cancer_type}", "{slide_id}") if config["keep_slides"] else temp(slide_path("{cancer_type}", "{slide_id}")),
+        slide=directory(slide_path("{cancer_type}", "{slide_id}")) if config["keep_slides"] else temp(directory(slide_path("{cancer_type}", "{slide_id}"))),
         polygons="results/{cancer_type}/{slide_id}/tissue.parquet",
         preview="results/{cancer_type}/{slide_id}/tissue.png",
         tiles="results/{cancer_type}/{slide_id}/tiles.parquet",
@@ -55,7 +57,7 @@ rule tissue:
     conda:
         "../../envs/nucseg.yaml"
     shell:
-        "(nucseg --no-progress download {params.slide[source]:q} --out {output.slide:q} "
+        "(nucseg --no-progress download {params.slide[source]:q} --out-dir {output.slide:q} "
         "--slide-id={wildcards.slide_id:q} {params.slide[download]:q} && "
         "nucseg --no-progress tissue {output.slide:q} --out-dir {params.out_dir:q} "
         "--slide-id={wildcards.slide_id:q} {params.slide[mpp]:q} {params.args:q}) "

@@ -10,6 +10,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import requests
 
@@ -24,6 +25,8 @@ STREAM_CHUNK = 1 << 16  # small: a dropped connection loses at most this much of
 
 
 FAILURE_MAGIC = b'{"nucseg_download_failure"'
+FAILURE_RECORD_NAME = "download_failure.json"  # in a slide's cache folder (:func:`fetch_into`)
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class DownloadError(RuntimeError):
@@ -51,7 +54,9 @@ def write_failure_record(path: str | os.PathLike, slide_id: str, source: str, re
 
 
 def read_failure_record(path: str | os.PathLike) -> dict | None:
-    """The failure record written in place of a slide, or None if ``path`` is not one."""
+    """The failure record written in place of a slide (or in its cache folder), or None if there is none."""
+    if Path(path).is_dir():
+        path = Path(path) / FAILURE_RECORD_NAME
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(FAILURE_MAGIC))
@@ -139,6 +144,93 @@ def fetch_slide(source: str, dest: str | os.PathLike, slide_id: str, *, md5: str
     os.replace(part, dest)
     _sidecar(part).unlink(missing_ok=True)
     return dest
+
+
+def cache_name(source: str, slide_id: str, file_name: str | None = None) -> str:
+    """The slide's file name in its cache folder: the source's own name (``file_name`` of a GDC sheet, else
+    the last part of the URL or local path), so its extension and, for multi-file formats, its companion
+    files keep working; only letters, digits, ``.``, ``_`` and ``-`` are kept. ``{slide_id}.svs`` for a GDC
+    UUID without a file name."""
+    if file_name:
+        name = file_name
+    elif source_kind(source) == "gdc":
+        name = f"{slide_id}.svs"
+    elif source_kind(source) == "local":
+        name = Path(source.strip()).expanduser().name
+    else:
+        name = unquote(urlparse(source.strip()).path).rsplit("/", 1)[-1]
+    name = _UNSAFE_NAME_CHARS.sub("_", name.replace("\\", "/").rsplit("/", 1)[-1]).lstrip(".")
+    return name if name and name != FAILURE_RECORD_NAME else f"{slide_id}.svs"
+
+
+def fetch_into(source: str, out_dir: str | os.PathLike, slide_id: str, *, file_name: str | None = None,
+               md5: str | None = None, size: int | None = None, link: bool = True, **remote) -> Path:
+    """Materialise a slide in the folder ``out_dir`` under its own name (:func:`cache_name`).
+
+    A local file is linked (``link``) or copied with its companion folder when it has one (MIRAX:
+    ``x.mrxs`` beside ``x/``); a local folder (e.g. a DICOM series) is linked or copied whole. Remote
+    files are fetched with :func:`fetch_slide` (``remote``: ``api_url``, ``retries``, ``timeout``,
+    ``backoff``) to a hidden file beside ``out_dir``, so a partial transfer outlives a rerun that empties
+    the folder. ``out_dir`` appears only once complete.
+
+    Returns
+    -------
+    Path
+        The slide inside ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    name = cache_name(source, slide_id, file_name)
+    staging = out_dir.with_name(f".{out_dir.name}.tmp")
+    _remove(staging)
+    staging.mkdir(parents=True)
+    try:
+        if source_kind(source) == "local":
+            _place_local_into(source, staging, name, slide_id, md5=md5, size=size, link=link)
+        else:
+            fetched = fetch_slide(source, out_dir.with_name(f".{out_dir.name}.{name}"), slide_id, md5=md5,
+                                  size=size, **remote)
+            os.replace(fetched, staging / name)
+        _remove(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        _remove(staging)
+    return out_dir / name
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a folder (links inside are removed, never followed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _place_local_into(source: str, folder: Path, name: str, slide_id: str, *, md5: str | None,
+                      size: int | None, link: bool) -> None:
+    """Link or copy a verified local slide (file, with its companion folder, or folder) into ``folder``."""
+    src = Path(source).expanduser().resolve()
+    if src.is_dir():
+        if md5 or size:
+            raise DownloadError(f"slide {slide_id}: md5/size cannot verify the folder {src}")
+        _link_or_copy(src, folder / name, link)
+        return
+    if not src.is_file():
+        raise DownloadError(f"slide {slide_id}: local source {src} does not exist")
+    verify(src, slide_id, md5, size)
+    _link_or_copy(src, folder / name, link)
+    companion = src.with_suffix("")
+    if companion.is_dir():
+        _link_or_copy(companion, folder / Path(name).stem, link)
+    log.info("slide %s: %s %s -> %s", slide_id, "linked" if link else "copied", src, folder / name)
+
+
+def _link_or_copy(src: Path, dest: Path, link: bool) -> None:
+    if link:
+        dest.symlink_to(src, target_is_directory=src.is_dir())
+    elif src.is_dir():
+        shutil.copytree(src, dest)
+    else:
+        shutil.copyfile(src, dest)
 
 
 def _place_local(source: str, dest: Path, slide_id: str, *, md5: str | None, size: int | None,
