@@ -24,16 +24,19 @@ def test_source_kinds():
 
 
 def test_local_source_linked_and_verified(tmp_path, demo_slide):
-    out = fetch_slide(str(demo_slide), tmp_path / "s.svs", "s1", md5=md5(demo_slide),
-                      size=demo_slide.stat().st_size)
+    from nucseg.download import fetch_into
+
+    out = fetch_into(str(demo_slide), tmp_path / "s", "s1", md5=md5(demo_slide), size=demo_slide.stat().st_size)
     assert out.is_symlink() and out.resolve() == demo_slide.resolve()
-    copied = fetch_slide(str(demo_slide), tmp_path / "c.svs", "s1", link=False)
+    copied = fetch_into(str(demo_slide), tmp_path / "c", "s1", link=False)
     assert not copied.is_symlink() and copied.read_bytes() == demo_slide.read_bytes()
     with pytest.raises(DownloadError, match="slide s2: md5 mismatch"):
-        fetch_slide(str(demo_slide), tmp_path / "bad.svs", "s2", md5="0" * 32)
-    assert not (tmp_path / "bad.svs").exists()
+        fetch_into(str(demo_slide), tmp_path / "bad", "s2", md5="0" * 32)
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(DownloadError, match="does not exist"):
-        fetch_slide(str(tmp_path / "nope.svs"), tmp_path / "n.svs", "s3")
+        fetch_into(str(tmp_path / "nope.svs"), tmp_path / "n", "s3")
+    with pytest.raises(ValueError, match="fetch_into"):
+        fetch_slide(str(demo_slide), tmp_path / "x.svs", "s4")
 
 
 def test_gdc_download_resumes_after_drop_and_retries_5xx(tmp_path, demo_slide):

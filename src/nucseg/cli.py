@@ -31,7 +31,7 @@ from .synth import SynthParams, contact_sheet, generate_dataset, load_textures
 from .tissue import TissueParams, detect_tissue
 
 # The wrapper imports Lightning only when a model is trained (slow to import).
-from .train import TrainParams, adapt_model, adapt_to_images, train_model
+from .train import ADAPT_STEPS, TrainParams, adapt_model, adapt_to_images, train_model
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -262,7 +262,8 @@ def _parser_evaluate(sub) -> argparse.ArgumentParser:
     p.add_argument("--adapt", type=Path, default=None, metavar="DIR",
                    help="first adapt the model to the dataset's images, label-free (annotations are opened only "
                         "once the adapted model exists), into DIR; then score the adapted model")
-    p.add_argument("--adapt-steps", type=int, default=300, help="self-training steps of --adapt (default 300)")
+    p.add_argument("--adapt-steps", type=int, default=ADAPT_STEPS,
+                   help=f"self-training steps of --adapt (default {ADAPT_STEPS})")
     return p
 
 

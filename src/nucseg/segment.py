@@ -184,23 +184,19 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
     """
     started = time.monotonic()
     slide_id = slide_id or Path(slide_path).stem
-    # The model and the device are the run's, not the slide's: an error here fails the job.
-    device = resolve_device(params.device)
-    model, model_meta = load_weights(weights, device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU
-    mpp_work = float(model_meta.get("mpp", 0.25))
+    net = _Network.load(weights, params, slide_type)  # the run's, not the slide's: an error fails the job
     tissue, tissue_meta = (load_tissue(tissue_path) if tissue_path else (None, {}))
-    inst_params = params.instance_params(slide_type)
-    meta = {"slide_id": slide_id, "model_id": model_meta["model_id"], "mpp_work": mpp_work,
+    meta = {"slide_id": slide_id, "model_id": net.model_id, "mpp_work": net.mpp,
             "status": tissue_meta.get("status", "ok"),
-            "gate_unit": inst_params.gate_unit if params.hematoxylin_gate else "off", **(extra_metadata or {})}
+            "gate_unit": net.instances.gate_unit if params.hematoxylin_gate else "off", **(extra_metadata or {})}
     counts = {"n_blocks": 0, "n_seam_duplicates": 0}
     writer = io.GeoParquetWriter(out_path, NUCLEI_SCHEMA, row_group_size=params.row_group_size)
     try:
         if meta["status"] == "ok":
-            counts = _segment_into(writer, meta, slide_path, model, device, tissue, tissue_meta, slide_id,
-                                   mpp_override, mpp_fallback, backend, params, inst_params, progress)
+            with open_slide(slide_path, backend) as slide:
+                facts = _slide_facts(slide, net.mpp, tissue, tissue_meta, slide_id, mpp_override, mpp_fallback)
+            meta.update(mpp=facts["mpp"], mpp_source=facts["mpp_source"], hematoxylin_level=facts["level"])
+            counts = _segment_into(writer, slide_path, backend, net, facts, progress)
     except Exception as exc:  # this slide's problem: recorded in an empty file's metadata, graded by QC
         writer.abort()
         reason = f"{type(exc).__name__}: {exc}"
@@ -212,38 +208,61 @@ def segment_slide(slide_path, out_path, weights, *, tissue_path=None, slide_id: 
         raise
     meta["seconds"] = round(time.monotonic() - started, 2)
     writer.close(io.provenance(**meta))
-    summary = {"n_nuclei": writer.n_rows, **counts, "device": device.type, **meta}
+    summary = {"n_nuclei": writer.n_rows, **counts, "device": net.device.type, **meta}
     log.info("slide %s: %d nuclei in %d blocks (%d seam duplicates dropped), %.1f s on %s", slide_id,
-             writer.n_rows, counts["n_blocks"], counts["n_seam_duplicates"], meta["seconds"], device.type)
+             writer.n_rows, counts["n_blocks"], counts["n_seam_duplicates"], meta["seconds"], net.device.type)
     return summary
 
 
-def _segment_into(writer, meta, slide_path, model, device, tissue, tissue_meta, slide_id, mpp_override,
-                  mpp_fallback, backend, params, inst_params, progress) -> dict:
-    """Segment the slide's tissue block by block into ``writer``; record mpp and gate level in ``meta``."""
-    mpp_work = meta["mpp_work"]
-    with open_slide(slide_path, backend) as slide:
-        if "mpp" in tissue_meta and mpp_override is None:
-            mpp, mpp_source = float(tissue_meta["mpp"]), tissue_meta.get("mpp_source", "slide")
-        else:
-            info = resolve_mpp(slide.mpp, mpp_override, mpp_fallback)
-            mpp, mpp_source = info.mpp, info.source
-        if tissue is None:
-            tissue = _detect_tissue(slide, mpp)
-        slide_size = slide.dimensions
-        scale = mpp / mpp_work
-        # Measured with or without the gate: QC lowers its stain floor to it on faded slides.
-        level = slide_hematoxylin_level(slide, tissue, scale, mpp_work, seed_from(slide_id))
-    meta.update(mpp=mpp, mpp_source=mpp_source, hematoxylin_level=level)
-    if level is None:  # no contrast on the slide: nothing to gate at
-        inst_params = replace(inst_params, hematoxylin_gate=False)
-    margin = math.ceil(params.margin_um / mpp_work / 8) * 8
-    core = max(model.multiple, params.tile_size // model.multiple * model.multiple)
-    blocks = plan_blocks(slide_size, scale, core, margin, tissue)
-    reader = BlockReader(slide_path, backend, blocks, scale)
-    seams = SeamFilter(scale, margin)
-    for frame, geoms, owners in _segment_blocks(reader, model, device, mpp_work, params, inst_params,
-                                                tissue, level, progress):
+@dataclass(frozen=True)
+class _Network:
+    """The run's model, where it runs, its working resolution (µm/px) and how its output becomes nuclei."""
+
+    model: torch.nn.Module
+    device: torch.device
+    mpp: float
+    model_id: str
+    params: SegmentParams
+    instances: InstanceParams
+
+    @classmethod
+    def load(cls, weights, params: SegmentParams, slide_type: str = "") -> _Network:
+        device = resolve_device(params.device)
+        model, meta = load_weights(weights, device)
+        if device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU
+        return cls(model, device, float(meta.get("mpp", 0.25)), meta["model_id"], params,
+                   params.instance_params(slide_type))
+
+
+def _slide_facts(slide, mpp_work: float, tissue, tissue_meta: dict, slide_id: str, mpp_override: float | None,
+                 mpp_fallback: float | None) -> dict:
+    """The slide's µm/px and its source, size, ``scale`` (working px per level-0 px), tissue (detected here
+    without a tissue file) and hematoxylin ``level``."""
+    if "mpp" in tissue_meta and mpp_override is None:
+        mpp, mpp_source = float(tissue_meta["mpp"]), tissue_meta.get("mpp_source", "slide")
+    else:
+        info = resolve_mpp(slide.mpp, mpp_override, mpp_fallback)
+        mpp, mpp_source = info.mpp, info.source
+    if tissue is None:
+        tissue = _detect_tissue(slide, mpp)
+    scale = mpp / mpp_work
+    # Measured with or without the gate: QC lowers its stain floor to it on faded slides.
+    level = slide_hematoxylin_level(slide, tissue, scale, mpp_work, seed_from(slide_id))
+    return {"mpp": mpp, "mpp_source": mpp_source, "size": slide.dimensions, "scale": scale, "tissue": tissue,
+            "level": level}
+
+
+def _segment_into(writer, slide_path, backend: str, net: _Network, facts: dict, progress: bool) -> dict:
+    """Segment the slide's tissue (:func:`_slide_facts`) block by block into ``writer``."""
+    margin = math.ceil(net.params.margin_um / net.mpp / 8) * 8
+    core = max(net.model.multiple, net.params.tile_size // net.model.multiple * net.model.multiple)
+    blocks = plan_blocks(facts["size"], facts["scale"], core, margin, facts["tissue"])
+    reader = BlockReader(slide_path, backend, blocks, facts["scale"])
+    if facts["level"] is None:  # no contrast on the slide: nothing to gate at
+        net = replace(net, instances=replace(net.instances, hematoxylin_gate=False))
+    seams = SeamFilter(facts["scale"], margin)
+    for frame, geoms, owners in _segment_blocks(reader, net, facts["tissue"], facts["level"], progress):
         keep = seams.filter(geoms, [blocks[i] for i in owners])
         writer.write(frame.iloc[keep].reset_index(drop=True), [geoms[k] for k in keep])
     return {"n_blocks": len(blocks), "n_seam_duplicates": seams.n_dropped}
@@ -284,25 +303,25 @@ def _detect_tissue(slide, mpp: float):
     return shapely.union_all(mask_to_polygons(mask, scale))
 
 
-def _segment_blocks(reader: BlockReader, model, device, mpp_work: float, params: SegmentParams,
-                    inst_params: InstanceParams, tissue, level: float | None, progress: bool):
+def _segment_blocks(reader: BlockReader, net: _Network, tissue, level: float | None, progress: bool):
     """Yield ``(features frame, polygons, block index of each nucleus)`` per batch of blocks, in block order.
 
     Tiles are read in DataLoader workers; instance extraction and features of a batch run in a thread (or
     ``params.postprocess_workers`` processes) while the network processes the next ones. At most
     ``postprocess_workers + 1`` batches are in flight, so memory stays bounded.
     """
+    params = net.params
     loader = DataLoader(reader, batch_size=params.batch_size, num_workers=params.workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+                        collate_fn=_collate, pin_memory=net.device.type == "cuda")
     if tissue is not None and tissue.is_empty:
         tissue = None
-    context = {"scale": reader.scale, "mpp_work": mpp_work, "inst_params": inst_params,
+    context = {"scale": reader.scale, "mpp_work": net.mpp, "inst_params": net.instances,
                "tissue": tissue, "level": level}
     workers = max(1, params.postprocess_workers)
     pending = deque()
     with _postprocess_pool(workers, context) as (pool, postprocess):
         for batch in tqdm(loader, desc="segment", unit="batch", disable=not progress):
-            probs = predict(model, np.stack([img for _, img in batch]), device, params.tta)
+            probs = predict(net.model, np.stack([img for _, img in batch]), net.device, params.tta)
             pending.append(pool.submit(postprocess, batch, probs, [reader.blocks[i] for i, _ in batch]))
             while len(pending) > workers:
                 yield pending.popleft().result()

@@ -113,22 +113,22 @@ def verify(path: Path, slide_id: str, md5: str | None = None, size: int | None =
 
 
 def fetch_slide(source: str, dest: str | os.PathLike, slide_id: str, *, md5: str | None = None,
-                size: int | None = None, api_url: str = GDC_API_URL, link: bool = True,
-                retries: int = 5, timeout: float = 60.0, backoff: float = 1.0) -> Path:
-    """Materialise a slide at ``dest`` from a GDC UUID, http(s) URL or local path.
+                size: int | None = None, api_url: str = GDC_API_URL, retries: int = 5, timeout: float = 60.0,
+                backoff: float = 1.0) -> Path:
+    """Download a remote slide (GDC UUID, http(s) or s3 URL) to the file ``dest`` (:func:`fetch_into` places
+    any source in a slide's cache folder).
 
-    Remote files stream to ``dest + ".part"``, retry with exponential backoff (``backoff * 2**k`` seconds)
-    on 5xx and network errors, are verified against ``md5``/``size`` and renamed into place. A dropped
+    The file streams to ``dest + ".part"``, retries with exponential backoff (``backoff * 2**k`` seconds)
+    on 5xx and network errors, is verified against ``md5``/``size`` and renamed into place. A dropped
     transfer resumes with an HTTP Range request, but only from a ``.part`` known to hold the start of the
-    same file: see :func:`_resume_offset`. A local file is symlinked (``link=True``) or copied, and
-    verified too. A file failing verification is removed and :class:`DownloadError` raised.
+    same file: see :func:`_resume_offset`. A file failing verification is removed and :class:`DownloadError`
+    raised.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     kind = source_kind(source)
     if kind == "local":
-        return _place_local(source, dest, slide_id, md5=md5, size=size, link=link)
-
+        raise ValueError(f"{source}: a local path; place it with fetch_into")
     part = dest.with_name(dest.name + ".part")
     try:
         if kind == "s3":
@@ -231,25 +231,6 @@ def _link_or_copy(src: Path, dest: Path, link: bool) -> None:
         shutil.copytree(src, dest)
     else:
         shutil.copyfile(src, dest)
-
-
-def _place_local(source: str, dest: Path, slide_id: str, *, md5: str | None, size: int | None,
-                 link: bool) -> Path:
-    """Symlink or copy a verified local slide to ``dest`` through a ``.part`` name."""
-    src = Path(source).expanduser().resolve()
-    if not src.is_file():
-        raise DownloadError(f"slide {slide_id}: local source {src} does not exist")
-    verify(src, slide_id, md5, size)
-    tmp = dest.with_name(dest.name + ".part")
-    if tmp.exists() or tmp.is_symlink():
-        tmp.unlink()
-    if link:
-        tmp.symlink_to(src)
-    else:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-    log.info("slide %s: %s %s -> %s", slide_id, "linked" if link else "copied", src, dest)
-    return dest
 
 
 def _stream_with_resume(url: str, part: Path, slide_id: str, *, md5: str | None = None,

@@ -1,6 +1,6 @@
 """Training stage: discriminator-based importance weights and the weighted segmentation network."""
 
-from .params import TrainParams
+from .params import ADAPT_STEPS, TrainParams
 
 
 def train_model(*args, **kwargs):
@@ -24,4 +24,4 @@ def adapt_to_images(*args, **kwargs):
     return _adapt_to_images(*args, **kwargs)
 
 
-__all__ = ["TrainParams", "adapt_model", "adapt_to_images", "train_model"]
+__all__ = ["ADAPT_STEPS", "TrainParams", "adapt_model", "adapt_to_images", "train_model"]

@@ -22,7 +22,7 @@ from ..model import load_weights, save_weights
 from ..synth import SynthParams, generate_dataset, load_textures
 from .data import list_shards
 from .fit import DISCRIMINATOR_FIELDS, data_fingerprint, importance_weighting, self_train, settings_key
-from .params import TrainParams
+from .params import ADAPT_STEPS, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def adapt_model(init_weights, synth_dirs: list[str | Path], out_dir: str | Path,
 
 
 def adapt_to_images(images_dir, mpp: float, init_weights, out_dir, *, n_patches: int = 1024,
-                    params: TrainParams = TrainParams(self_training_steps=300), progress: bool = True) -> dict:
+                    params: TrainParams = TrainParams(self_training_steps=ADAPT_STEPS), progress: bool = True) -> dict:
     """Adapt ``init_weights`` to a folder of unlabelled images (the cohort), label-free; return the card.
 
     The images are the textures of the synthetic patches and the real class of both the discriminator and the

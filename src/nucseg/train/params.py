@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Self-training steps of ``nucseg evaluate --adapt`` (an adaptation to a folder of images): about 9 min for 36
+# tiles of 512² on 2 CPU cores (docs/model.md, "Adaptation").
+ADAPT_STEPS = 200
+
 
 @dataclass(frozen=True)
 class TrainParams:
