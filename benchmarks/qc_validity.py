@@ -242,12 +242,13 @@ def main() -> None:
         started = time.monotonic()
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            datasets = load_datasets(Path(tmp), dict(d.split("=", 1) for d in args.dataset))
+            extra = dict(d.split("=", 1) for d in args.dataset)
+            datasets = load_datasets(Path(tmp), extra)
             unknown = set(args.sources or ()) - set(datasets)
             if unknown:
                 parser.error(f"--sources {' '.join(sorted(unknown))}: not available (have {', '.join(datasets)})")
             for name, samples in datasets.items():
-                if args.sources and name not in args.sources:
+                if args.sources and name not in args.sources and name not in extra:
                     continue
                 samples = [s for s in samples if args.split in ("all", split_of(name, s.id, dev_ids))]
                 for sample in samples[:args.max_tiles]:
