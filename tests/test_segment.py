@@ -394,3 +394,12 @@ def test_tiny_and_shipped_models_still_load(tmp_path):
     assert (tiny.depth, tiny.head.out_channels, meta["mpp"]) == (2, 2, 0.5)
     shipped, meta = load_weights(default_weights())
     assert shipped.depth == 4 and shipped.down[0][0].out_channels == 16 and len(meta["model_id"]) == 64
+
+
+def test_batches_hold_the_same_pixels_whatever_the_tile_size():
+    from nucseg.segment import Block, blocks_per_batch
+
+    assert blocks_per_batch(4, [Block(0, 0, 512, 64)]) == 4
+    assert blocks_per_batch(4, [Block(0, 0, 1024, 64)]) == 1
+    assert blocks_per_batch(4, [Block(0, 0, 256, 64)]) == 16
+    assert blocks_per_batch(1, [Block(0, 0, 2048, 64)]) == 1 and blocks_per_batch(4, []) == 4
