@@ -124,13 +124,16 @@ def test_a_new_format_is_one_registered_reader(tmp_path, monkeypatch):
             return fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
     monkeypatch.setattr(nucseg.slides, "READERS", dict(nucseg.slides.READERS))
-    monkeypatch.setattr(nucseg.slides, "BACKENDS", (*nucseg.slides.BACKENDS, "png"))
     register_reader(Reader("png", is_png, PngSlide))
     image = np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)
     Image.fromarray(image).save(tmp_path / "tile.dat", format="PNG")
     with open_slide(tmp_path / "tile.dat") as slide:
         assert slide.backend == "png" and slide.dimensions == (60, 40) and slide.mpp == 0.5
         assert np.array_equal(slide.read_region((0, 0), 0, (60, 40)), image)
+    with open_slide(tmp_path / "tile.dat", "png") as slide:   # or forced by its name
+        assert slide.backend == "png"
+    with pytest.raises(ValueError, match="unknown slide backend"):
+        open_slide(tmp_path / "tile.dat", "nosuchreader")
 
 
 def test_config_schema_offers_every_registered_reader():

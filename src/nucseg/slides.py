@@ -118,7 +118,7 @@ def _open_openslide(path: Path):
 # OpenSlide knows (MIRAX, DICOM, VMS, ...) to OpenSlide.
 register_reader(Reader("tiffslide", _is_tiff, _open_tiffslide))
 register_reader(Reader("openslide", _openslide_recognises, _open_openslide))
-BACKENDS = ("auto", *READERS)
+BACKENDS = ("auto", *READERS)  # the CLI's and the config's choices
 
 
 def slide_file(path: Path) -> Path:
@@ -178,8 +178,8 @@ class Slide:
     """
 
     def __init__(self, path, backend: str = "auto"):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown slide backend {backend!r}; choose one of {BACKENDS}")
+        if backend != "auto" and backend not in READERS:
+            raise ValueError(f"unknown slide backend {backend!r}; choose auto or one of {tuple(READERS)}")
         self.path = slide_file(Path(path))
         reader = pick_reader(self.path) if backend == "auto" else READERS[backend]
         self.backend = reader.name
