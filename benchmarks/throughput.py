@@ -122,14 +122,13 @@ def _model(checkpoint: Path, device: str):
 
 def network_only(checkpoint: Path, tile: int, device: str, tta: int = 1, batch: int = 4, batches: int = 6) -> float:
     """Working-resolution Mpx/s (core pixels, as end-to-end counts them) of the network on in-memory batches."""
-    import math
-
     from nucseg.model import predict
-    from nucseg.segment import SegmentParams
+    from nucseg.segment import Block, SegmentParams, blocks_per_batch
 
     model, dev, mpp_work = _model(checkpoint, device)
-    # The same read size as `nucseg segment`: core plus the margin on both sides.
-    margin = math.ceil(SegmentParams().margin_um / mpp_work / 8) * 8
+    # The same read size and blocks per batch as `nucseg segment`: core plus the margin on both sides.
+    margin = SegmentParams().margin_px(mpp_work)
+    batch = blocks_per_batch(batch, [Block(0, 0, tile, margin)])
     images = np.random.default_rng(0).integers(0, 255, (batch, tile + 2 * margin, tile + 2 * margin, 3),
                                                dtype=np.uint8)
     predict(model, images, dev)  # warm-up
@@ -176,8 +175,6 @@ print(json.dumps(out))
 def postprocess_inputs(slide: Path, checkpoint: Path, tile: int, device: str, out: Path, n_blocks: int = 24) -> None:
     """Save to ``out`` (npz) ``n_blocks`` blocks from the middle of ``slide``, read as ``nucseg segment`` reads
     them, the network's probabilities on them and the slide's hematoxylin level."""
-    import math
-
     from nucseg.model import predict
     from nucseg.segment import BlockReader, SegmentParams, plan_blocks, slide_hematoxylin_level
     from nucseg.slides import open_slide
@@ -187,7 +184,7 @@ def postprocess_inputs(slide: Path, checkpoint: Path, tile: int, device: str, ou
         dims, mpp = s.dimensions, s.mpp
         scale = mpp / mpp_work
         level = slide_hematoxylin_level(s, None, scale, mpp_work, seed=0)
-    margin = math.ceil(SegmentParams().margin_um / mpp_work / 8) * 8
+    margin = SegmentParams().margin_px(mpp_work)
     blocks = plan_blocks(dims, scale, tile, margin, None)
     mid = max(0, len(blocks) // 2 - n_blocks // 2)
     blocks = blocks[mid:mid + n_blocks]

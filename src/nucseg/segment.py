@@ -84,6 +84,10 @@ class SegmentParams:
     # Costs tta x the network's time; at 8, AJI +0.009 on MoNuSeg, -0.010 on CryoNuSeg (docs/experiments.md).
     tta: int = 1
 
+    def margin_px(self, mpp_work: float) -> int:
+        """The read margin in working px, rounded up to a multiple of 8."""
+        return math.ceil(self.margin_um / mpp_work / 8) * 8
+
     def instance_params(self, slide_type: str = "") -> InstanceParams:
         """Instance extraction parameters for a slide of ``slide_type`` (DX, TS, BS, MS or "")."""
         unit = gate_unit_for(slide_type, self.gate_unit)
@@ -255,7 +259,7 @@ def _slide_facts(slide, mpp_work: float, tissue, tissue_meta: dict, slide_id: st
 
 def _segment_into(writer, slide_path, backend: str, net: _Network, facts: dict, progress: bool) -> dict:
     """Segment the slide's tissue (:func:`_slide_facts`) block by block into ``writer``."""
-    margin = math.ceil(net.params.margin_um / net.mpp / 8) * 8
+    margin = net.params.margin_px(net.mpp)
     core = max(net.model.multiple, net.params.tile_size // net.model.multiple * net.model.multiple)
     blocks = plan_blocks(facts["size"], facts["scale"], core, margin, facts["tissue"])
     reader = BlockReader(slide_path, backend, blocks, facts["scale"])
