@@ -264,7 +264,11 @@ def _reference_features(labels, hema, score, level=0.5):
         points = outline(inside, score[window], level) + (x0, y0)
         m = cv2.moments(inside.astype(np.uint8), binaryImage=True)
         polygons.append(points)
+        mu20, mu02, mu11 = m["mu20"] / m["m00"], m["mu02"] / m["m00"], m["mu11"] / m["m00"]
+        common = np.sqrt(4 * mu11**2 + (mu20 - mu02) ** 2)
+        l1, l2 = (mu20 + mu02 + common) / 2, (mu20 + mu02 - common) / 2
         rows.append((label, m["m10"] / m["m00"] + x0 + 0.5, m["m01"] / m["m00"] + y0 + 0.5,
+                     np.sqrt(1 - l2 / l1) if l1 > 0 else 0.0,
                      float(hema[window][inside].mean()), float(score[window][inside].mean())))
     return polygons, np.array(rows)
 
@@ -286,7 +290,7 @@ def _awkward_labels(rng, shape=(70, 90)):
 
 def test_outlines_and_features_are_those_traced_one_instance_at_a_time(rng):
     """All instances are outlined at once; each outline is outline()'s of the instance alone, to the bit
-    (vertex order and start included), and the pixel features are OpenCV's per instance."""
+    (vertex order and start included), and the pixel features are OpenCV's moments per instance."""
     for _ in range(6):
         labels = _awkward_labels(rng)
         score = rng.random(labels.shape).astype(np.float32)
@@ -296,8 +300,9 @@ def test_outlines_and_features_are_those_traced_one_instance_at_a_time(rng):
         assert feats.label.tolist() == rows[:, 0].astype(int).tolist()
         for a, b in zip(expected, polys, strict=True):
             np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(feats[["centroid_x", "centroid_y", "mean_hematoxylin_od", "score"]].to_numpy(),
-                                      rows[:, 1:])
+        np.testing.assert_array_equal(feats[["centroid_x", "centroid_y", "eccentricity"]].to_numpy(), rows[:, 1:4])
+        # Means are summed in float64 over all instances at once, numpy's per-instance means in float32.
+        np.testing.assert_allclose(feats[["mean_hematoxylin_od", "score"]].to_numpy(), rows[:, 4:], rtol=1e-6)
         outlines = instance_outlines(labels, score)
         assert [k for k, _ in outlines] == feats.label.tolist()
         for (_, a), b in zip(outlines, polys, strict=True):
@@ -345,3 +350,22 @@ def test_hematoxylin_od_is_skimages(rng):
     rgb = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
     rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 254, 3]]
     np.testing.assert_array_equal(hematoxylin_od(rgb), np.clip(rgb2hed(rgb)[..., 0], 0, None).astype(np.float32))
+
+
+def test_flooding_only_crowded_components_is_the_watershed(rng):
+    """flood_markers labels single-marker components directly and floods the others; the result is
+    skimage's watershed over the whole mask, pixel for pixel (no marker, one, several; a label in two
+    components; markers at the map's edge)."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    from nucseg.instances import flood_markers
+
+    for _ in range(8):
+        mask = ndi.gaussian_filter(rng.random((80, 90)), 2) > 0.48
+        relief = ndi.gaussian_filter(rng.random(mask.shape), 1).astype(np.float32)
+        markers = np.where(mask & (rng.random(mask.shape) < 0.01), rng.integers(1, 12, mask.shape), 0)
+        markers[0, mask[0]] = 12
+        expected = watershed(relief, markers, mask=mask)
+        assert np.unique(expected).size > 3
+        np.testing.assert_array_equal(flood_markers(relief, markers, mask), expected)

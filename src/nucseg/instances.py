@@ -158,12 +158,47 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
         markers = _split_cores(core_labels, n, mpp, params) if core_labels.max() else core_labels
     if markers.max() == 0:
         return np.zeros(fg.shape, np.int32)
-    labels = watershed(relief, markers, mask=mask | (core_labels > 0)).astype(np.int32, copy=False)
+    labels = flood_markers(relief, markers, mask | (core_labels > 0))
     areas = np.bincount(labels.ravel())
     bad = (areas < params.min_area_um2 / mpp**2) | (areas > params.max_area_um2 / mpp**2)
     if gate is not None and params.gate_unit == "nucleus":
         bad |= np.bincount(labels.ravel(), weights=gate.ravel(), minlength=len(areas)) < 0.5 * areas
     return _renumbered(labels, (areas > 0) & ~bad)
+
+
+def flood_markers(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``skimage.segmentation.watershed(relief, markers, mask=mask)`` as int32, faster: the flooding runs only
+    where it has a choice to make.
+
+    A 4-connected component of ``mask`` holding the pixels of one marker label is all that label's (and one
+    without a marker stays 0), whatever the relief; most nuclei are such components. The watershed floods
+    only the components with two or more markers, cropped to their bounding box. Within a component the
+    flooding order does not depend on the pixels outside it, so the labels are the watershed's to the pixel.
+
+    Parameters
+    ----------
+    relief : ndarray (H, W) float
+    markers : ndarray (H, W) int, 0 = no marker; nonzero only inside ``mask``
+    mask : ndarray (H, W) bool
+    """
+    n, components = cv2.connectedComponents(mask.view(np.uint8), connectivity=4)
+    marked = np.flatnonzero(markers)
+    span = int(markers.max()) + 1
+    component, label = np.divmod(np.unique(components.ravel()[marked].astype(np.int64) * span
+                                           + markers.ravel()[marked]), span)  # distinct (component, label)
+    n_labels = np.bincount(component, minlength=n)
+    single = n_labels[component] == 1
+    lut = np.zeros(n, np.int32)
+    lut[component[single]] = label[single]
+    out = lut[components]
+    crowded = n_labels > 1
+    if crowded.any():
+        region = crowded[components]
+        box = ndi.find_objects(region.view(np.uint8))[0]
+        region = region[box]
+        flooded = watershed(relief[box], np.where(region, markers[box], 0), mask=region)
+        out[box][region] = flooded[region]
+    return out
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -617,32 +652,47 @@ def instance_centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray,
                     hematoxylin: np.ndarray | None, score: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Centroid, eccentricity, solidity and mean hematoxylin and score of the pixels of each of ``ids``."""
-    moments, solidity, means = [], [], []
-    images = [image for image in (hematoxylin, score) if image is not None]
-    origin = origins.tolist()
-    for label in ids.tolist():
-        rows, cols = objects[label - 1]
-        x0, y0 = origin[label]
-        window = (slice(y0, rows.stop + 1), slice(x0, cols.stop + 1))
-        inside = labels[window] == label
-        crop = inside.view(np.uint8)
-        m = cv2.moments(crop, binaryImage=True)
-        moments.append((m["m00"], m["m10"], m["m01"], m["mu20"], m["mu02"], m["mu11"]))
-        solidity.append(_pixel_solidity(crop))
-        means.append([float(np.add.reduce(image[window][inside]) / m["m00"]) for image in images])
-    m00, m10, m01, mu20, mu02, mu11 = np.array(moments, np.float64).reshape(-1, 6).T
-    mu20, mu02, mu11 = mu20 / m00, mu02 / m00, mu11 / m00
+    """Centroid, eccentricity, solidity and mean hematoxylin and score of the pixels of each of ``ids``.
+
+    The moments are sums over all instances' pixels at once, as ``cv2.moments`` of each one's window
+    computes them (integer sums in window coordinates, then its central-moment formulas), so centroids and
+    eccentricities equal the per-window values to the bit; the means are float64 sums.
+    """
+    keep = np.zeros(len(origins), bool)
+    keep[ids] = True
+    flat = labels.ravel()
+    pixels = np.flatnonzero(keep[flat])
+    owner = flat[pixels]
+    rows, cols = np.divmod(pixels, labels.shape[1])
+    x, y = cols - origins[owner, 0], rows - origins[owner, 1]
+
+    def sums(values=None):
+        return np.bincount(owner, weights=values, minlength=len(origins))[ids].astype(np.float64)
+
+    m00, m10, m01 = sums(), sums(x), sums(y)
+    m20, m02, m11 = sums(x * x), sums(y * y), sums(x * y)
+    cx, cy = m10 * (1.0 / m00), m01 * (1.0 / m00)
+    mu20, mu02, mu11 = (m20 - m10 * cx) / m00, (m02 - m01 * cy) / m00, (m11 - m10 * cy) / m00
     common = np.sqrt(4 * mu11**2 + (mu20 - mu02) ** 2)
     l1, l2 = (mu20 + mu02 + common) / 2, (mu20 + mu02 - common) / 2
     with np.errstate(divide="ignore", invalid="ignore"):
         eccentricity = np.where(l1 > 0, np.sqrt(1 - l2 / l1), 0.0)
-    means = np.array(means, np.float64).reshape(len(ids), -1).T.tolist()
     nan = np.full(len(ids), np.nan)
     return {"centroid_x": m10 / m00 + origins[ids, 0] + 0.5, "centroid_y": m01 / m00 + origins[ids, 1] + 0.5,
-            "eccentricity": eccentricity, "solidity": np.array(solidity, np.float64),
-            "mean_hematoxylin_od": np.array(means.pop(0)) if hematoxylin is not None else nan,
-            "score": np.array(means.pop(0)) if score is not None else nan}
+            "eccentricity": eccentricity, "solidity": _solidities(labels, ids, objects, origins),
+            "mean_hematoxylin_od": nan if hematoxylin is None else sums(hematoxylin.ravel()[pixels]) / m00,
+            "score": nan if score is None else sums(score.ravel()[pixels]) / m00}
+
+
+def _solidities(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray) -> np.ndarray:
+    """:func:`_pixel_solidity` of each of ``ids``, on its window."""
+    out = np.empty(len(ids))
+    origin = origins.tolist()
+    for k, label in enumerate(ids.tolist()):
+        rows, cols = objects[label - 1]
+        x0, y0 = origin[label]
+        out[k] = _pixel_solidity((labels[y0:rows.stop + 1, x0:cols.stop + 1] == label).view(np.uint8))
+    return out
 
 
 def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None,
