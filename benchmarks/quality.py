@@ -19,6 +19,7 @@ when that mean improves and no source drops by more than 0.01 AJI (docs/model.md
 
     python benchmarks/quality.py [--model NAME=PATH ...] [--gates off pixel nucleus] [--tta N]
                                  [--dataset NAME=DIR ...] [--out quality.json]
+    python benchmarks/quality.py --export sources/     # each source as a folder for `nucseg evaluate --dataset`
 """
 
 from __future__ import annotations
@@ -45,21 +46,17 @@ def cryonuseg_as_label_maps(out: Path) -> Path | None:
         return None
     import tifffile
 
-    from nucseg.evaluate import rasterize
+    from nucseg.evaluate import Sample, rasterize
 
-    (out / "images").mkdir(parents=True)
-    (out / "labels").mkdir()
-    rows = ["id,mpp"]
+    samples = []
     for folder in sorted((DATA / "cryonuseg_samples").iterdir()):
         image = tifffile.imread(next(folder.glob("*.tif")))[..., :3]
         rois = ImagejRoi.fromfile(folder / "RoiSet.zip")
         polygons = [np.asarray(r.coordinates()) for r in rois if r.coordinates() is not None]
         # ImageJ coordinates are pixel corners: shift to the pixel-centre convention of rasterize().
         labels = rasterize([p - 0.5 for p in polygons if len(p) >= 3], image.shape[:2])
-        tifffile.imwrite(out / "images" / f"{folder.name}.tif", image)
-        np.save(out / "labels" / f"{folder.name}.npy", labels)
-        rows.append(f"{folder.name},0.25")
-    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+        samples.append(Sample(folder.name, image, labels, 0.25))
+    write_label_maps(samples, out)
     return out
 
 
@@ -73,6 +70,20 @@ def downsampled(samples, factor: float):
         labels = cv2.resize(s.labels.astype(np.float32), size, interpolation=cv2.INTER_NEAREST).astype(np.int32)
         out.append(Sample(s.id, image, labels, s.mpp * factor, s.slide_type))
     return out
+
+
+def write_label_maps(samples, out: Path) -> None:
+    """Write ``samples`` in the label-map layout ``nucseg evaluate --dataset`` reads (images/, labels/, manifest)."""
+    import tifffile
+
+    (out / "images").mkdir(parents=True)
+    (out / "labels").mkdir()
+    rows = ["id,mpp"]
+    for s in samples:
+        tifffile.imwrite(out / "images" / f"{s.id}.tif", s.image)
+        np.save(out / "labels" / f"{s.id}.npy", s.labels)
+        rows.append(f"{s.id},{s.mpp}")
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
 
 
 def print_json(result: dict, out: Path | None) -> None:
@@ -145,6 +156,9 @@ def main() -> None:
                         help="also each model under these hematoxylin gates (rows NAME_gate_G)")
     parser.add_argument("--tta", type=int, default=1, metavar="N", help="test-time augmentations of the models")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="only write each source to DIR/NAME in the label-map layout (e.g. for "
+                        "`nucseg evaluate --dataset DIR/monuseg_20x --adapt OUT`), then exit")
     args = parser.parse_args()
     models = dict(m.split("=", 1) for m in args.model)
     if not models:
@@ -155,6 +169,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         datasets = load_datasets(Path(tmp), dict(d.split("=", 1) for d in args.dataset))
+        if args.export:
+            for name, samples in datasets.items():
+                write_label_maps(samples, args.export / name)
+            return
         result = {"models": models, "tta": args.tta, "datasets": {}}
         for name, samples in datasets.items():
             result["datasets"][name] = score_source(samples, models, args.gates, args.tta)
