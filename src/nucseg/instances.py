@@ -603,6 +603,11 @@ def _ring_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.add.reduceat(values, starts) if len(values) else np.zeros(0)
 
 
+def _present_labels(objects: list) -> np.ndarray:
+    """The labels that occur in the map ``ndi.find_objects`` gave ``objects`` for, in order."""
+    return np.array([label for label, sl in enumerate(objects, start=1) if sl is not None], np.int64)
+
+
 def _window_origins(objects: list) -> np.ndarray:
     """Per label (row 0: background), (x0, y0) of its bounding box (``ndi.find_objects``) grown by a pixel of
     context, clipped to the map."""
@@ -621,7 +626,7 @@ def instance_outlines(labels: np.ndarray, score: np.ndarray | None = None, level
     skipped.
     """
     objects = ndi.find_objects(labels)
-    ids = np.array([label for label, sl in enumerate(objects, start=1) if sl is not None], np.int64)
+    ids = _present_labels(objects)
     vertices, starts = _outline_rings(labels, ids, _window_origins(objects), score, level)
     return list(zip(ids.tolist(), np.split(vertices, starts[1:]), strict=True))
 
@@ -637,17 +642,22 @@ def instance_centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     """
     objects = ndi.find_objects(labels)
     origins = _window_origins(objects)
+    ids = _present_labels(objects)
+    _, owner, x, y = _window_pixels(labels, ids, origins)
+    m00, m10, m01 = (np.bincount(owner, weights=v, minlength=len(origins))[ids] for v in (None, x, y))
+    return ids, m10 / m00 + origins[ids, 0] + 0.5, m01 / m00 + origins[ids, 1] + 0.5
+
+
+def _window_pixels(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Flat index, label and (x, y) in its label's window (``origins``, :func:`_window_origins`) of every
+    pixel of the instances ``ids``: the terms of ``cv2.moments`` of each window, for all windows at once."""
+    keep = np.zeros(len(origins), bool)
+    keep[ids] = True
     flat = labels.ravel()
-    pixels = np.flatnonzero(flat)
+    pixels = np.flatnonzero(keep[flat])
     owner = flat[pixels]
     rows, cols = np.divmod(pixels, labels.shape[1])
-    count = np.bincount(owner, minlength=len(origins))
-    ids = np.flatnonzero(count[1:]) + 1
-    n = count[ids].astype(np.float64)
-    # cv2.moments' m10/m00 of the label's window, then shifted by the window's origin (describe_instances).
-    sums = [np.bincount(owner, weights=v, minlength=len(origins))[ids] for v in (cols, rows)]
-    x0, y0 = origins[ids, 0], origins[ids, 1]
-    return ids, (sums[0] - n * x0) / n + x0 + 0.5, (sums[1] - n * y0) / n + y0 + 0.5
+    return pixels, owner, cols - origins[owner, 0], rows - origins[owner, 1]
 
 
 def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray,
@@ -658,13 +668,7 @@ def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins:
     computes them (integer sums in window coordinates, then its central-moment formulas), so centroids and
     eccentricities equal the per-window values to the bit; the means are float64 sums.
     """
-    keep = np.zeros(len(origins), bool)
-    keep[ids] = True
-    flat = labels.ravel()
-    pixels = np.flatnonzero(keep[flat])
-    owner = flat[pixels]
-    rows, cols = np.divmod(pixels, labels.shape[1])
-    x, y = cols - origins[owner, 0], rows - origins[owner, 1]
+    pixels, owner, x, y = _window_pixels(labels, ids, origins)
 
     def sums(values=None):
         return np.bincount(owner, weights=values, minlength=len(origins))[ids].astype(np.float64)
@@ -716,7 +720,7 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
     features : DataFrame with :data:`FEATURE_COLUMNS` plus ``label``, in label order
     """
     objects = ndi.find_objects(labels)
-    present = np.array([label for label, sl in enumerate(objects, start=1) if sl is not None], np.int64)
+    present = _present_labels(objects)
     ids = present if only is None else np.intersect1d(present, np.asarray(only, np.int64))
     if not len(ids):
         return [], pd.DataFrame(columns=["label"] + FEATURE_COLUMNS)

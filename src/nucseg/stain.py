@@ -21,8 +21,8 @@ def hematoxylin_od(rgb: np.ndarray) -> np.ndarray:
     """Hematoxylin optical density (colour deconvolution, Ruifrok & Johnston), float32 >= 0.
 
     ``skimage.color.rgb2hed(rgb)[..., 0]`` clipped at 0; for 8-bit images the same arithmetic, for the
-    hematoxylin channel only, on looked-up optical densities (about ten times faster than rgb2hed; identical values for
-    all 2^24 colours).
+    hematoxylin channel only, on looked-up optical densities (about ten times faster than rgb2hed;
+    identical values for all 2^24 colours).
     """
     if rgb.dtype == np.uint8 and rgb.ndim >= 2 and rgb.shape[-1] == 3:
         hema = _OD_OF_BYTE[rgb] @ hed_from_rgb[:, 0]
