@@ -78,11 +78,11 @@ def write_label_maps(samples, out: Path) -> None:
 
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
-    rows = ["id,mpp"]
+    rows = ["id,mpp,slide_type"]
     for s in samples:
         tifffile.imwrite(out / "images" / f"{s.id}.tif", s.image)
         np.save(out / "labels" / f"{s.id}.npy", s.labels)
-        rows.append(f"{s.id},{s.mpp}")
+        rows.append(f"{s.id},{s.mpp},{s.slide_type}")
     (out / "manifest.csv").write_text("\n".join(rows) + "\n")
 
 
