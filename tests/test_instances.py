@@ -267,8 +267,12 @@ def _reference_features(labels, hema, score, level=0.5):
         mu20, mu02, mu11 = m["mu20"] / m["m00"], m["mu02"] / m["m00"], m["mu11"] / m["m00"]
         common = np.sqrt(4 * mu11**2 + (mu20 - mu02) ** 2)
         l1, l2 = (mu20 + mu02 + common) / 2, (mu20 + mu02 - common) / 2
+        contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        contour = max(contours, key=cv2.contourArea)
+        hull = cv2.contourArea(cv2.convexHull(contour))
+        solidity = min(1.0, cv2.contourArea(contour) / hull) if hull else 1.0
         rows.append((label, m["m10"] / m["m00"] + x0 + 0.5, m["m01"] / m["m00"] + y0 + 0.5,
-                     np.sqrt(1 - l2 / l1) if l1 > 0 else 0.0,
+                     np.sqrt(1 - l2 / l1) if l1 > 0 else 0.0, solidity,
                      float(hema[window][inside].mean()), float(score[window][inside].mean())))
     return polygons, np.array(rows)
 
@@ -300,34 +304,37 @@ def test_outlines_and_features_are_those_traced_one_instance_at_a_time(rng):
         assert feats.label.tolist() == rows[:, 0].astype(int).tolist()
         for a, b in zip(expected, polys, strict=True):
             np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(feats[["centroid_x", "centroid_y", "eccentricity"]].to_numpy(), rows[:, 1:4])
+        np.testing.assert_array_equal(feats[["centroid_x", "centroid_y", "eccentricity", "solidity"]].to_numpy(),
+                                      rows[:, 1:5])
         # Means are summed in float64 over all instances at once, numpy's per-instance means in float32.
-        np.testing.assert_allclose(feats[["mean_hematoxylin_od", "score"]].to_numpy(), rows[:, 4:], rtol=1e-6)
+        np.testing.assert_allclose(feats[["mean_hematoxylin_od", "score"]].to_numpy(), rows[:, 5:], rtol=1e-6)
         outlines = instance_outlines(labels, score)
         assert [k for k, _ in outlines] == feats.label.tolist()
         for (_, a), b in zip(outlines, polys, strict=True):
             np.testing.assert_array_equal(a, b)
 
 
-def test_describing_some_instances_and_their_centroids(rng):
-    from nucseg.instances import instance_centroids
-
+def test_describing_the_instances_a_caller_selects_by_centroid(rng):
     labels = _awkward_labels(rng)
     hema = rng.random(labels.shape).astype(np.float32)
     polys, feats = describe_instances(labels, hema)
-    ids, cx, cy = instance_centroids(labels)
-    assert ids.tolist() == feats.label.tolist()
-    np.testing.assert_array_equal(cx, feats.centroid_x.to_numpy())  # the same numbers: ownership decides on them
-    np.testing.assert_array_equal(cy, feats.centroid_y.to_numpy())
-    some = ids[::3]
-    sub_polys, sub = describe_instances(labels, hema, only=np.r_[some, 10_000])  # absent labels are skipped
-    assert sub.label.tolist() == some.tolist()
+    seen = {}
+
+    def select(ids, cx, cy):
+        seen.update(ids=ids, cx=cx, cy=cy)
+        return cx < 45  # the left half, as a tile owns the nuclei whose centroid is in its core
+
+    sub_polys, sub = describe_instances(labels, hema, select=select)
+    assert seen["ids"].tolist() == feats.label.tolist()
+    np.testing.assert_array_equal(seen["cx"], feats.centroid_x.to_numpy())  # the same numbers as described
+    np.testing.assert_array_equal(seen["cy"], feats.centroid_y.to_numpy())
+    left = feats.centroid_x.to_numpy() < 45
+    assert 0 < left.sum() < len(feats) and sub.label.tolist() == feats.label[left].tolist()
     pd_testing = pytest.importorskip("pandas.testing")
-    pd_testing.assert_frame_equal(sub.reset_index(drop=True),
-                                  feats[feats.label.isin(some)].reset_index(drop=True))
-    for a, b in zip(sub_polys, [p for p, k in zip(polys, feats.label, strict=True) if k in set(some)], strict=True):
+    pd_testing.assert_frame_equal(sub.reset_index(drop=True), feats[left].reset_index(drop=True))
+    for a, b in zip(sub_polys, [p for p, k in zip(polys, left, strict=True) if k], strict=True):
         np.testing.assert_array_equal(a, b)
-    empty_polys, empty = describe_instances(labels, only=[])
+    empty_polys, empty = describe_instances(labels, select=lambda ids, cx, cy: np.zeros(len(ids), bool))
     assert empty_polys == [] and empty.empty and list(empty.columns) == ["label", *FEATURE_COLUMNS]
 
 

@@ -8,6 +8,7 @@ image. All size parameters are in µm / µm².
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -477,9 +478,11 @@ def _cell_segments(padded: np.ndarray) -> tuple[np.ndarray, ...]:
 
     Returns
     -------
-    cell, label, k, from_edge, to_edge : ndarray
+    cell, label, k, case, from_edge, to_edge : ndarray
         Per segment: its cell (flat, row-major over the ``(H - 1) x (W - 1)`` cells, a cell named by its
-        upper-left pixel), its label, its rank in the cell (0, or 1 for a saddle's second), and its edges.
+        upper-left pixel), its label, its rank in the cell (0, or 1 for a saddle's second), the cell's case
+        for the label (bits 1, 2, 4, 8: its upper left, upper right, lower left, lower right corner) and the
+        segment's edges.
     """
     corners = [padded[:-1, :-1], padded[:-1, 1:], padded[1:, :-1], padded[1:, 1:]]
     cells = np.flatnonzero((corners[0] != corners[1]) | (corners[0] != corners[2]) | (corners[0] != corners[3]))
@@ -497,8 +500,9 @@ def _cell_segments(padded: np.ndarray) -> tuple[np.ndarray, ...]:
     saddle = _SEGMENT_TABLE[case, 1, 0] >= 0
     cell, label = np.r_[cell, cell[saddle]], np.r_[label, label[saddle]]
     k = np.r_[np.zeros(len(case), np.intp), np.ones(int(saddle.sum()), np.intp)]
-    edges = _SEGMENT_TABLE[np.r_[case, case[saddle]], k]
-    return cell, label, k, edges[:, 0], edges[:, 1]
+    case = np.r_[case, case[saddle]]
+    edges = _SEGMENT_TABLE[case, k]
+    return cell, label, k, case, edges[:, 0], edges[:, 1]
 
 
 def _crossings(cell: np.ndarray, label: np.ndarray, edge: np.ndarray, padded: np.ndarray, inside: np.ndarray,
@@ -556,12 +560,12 @@ def _ring_positions(from_key: np.ndarray, to_key: np.ndarray, emitted: np.ndarra
 
 
 def _outline_rings(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray, score: np.ndarray | None,
-                   level: float, min_margin: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+                   level: float, min_margin: float = 0.05) -> tuple[np.ndarray, np.ndarray, _Boundary]:
     """:func:`outline` of each instance of ``ids`` (sorted), all at once, to the bit.
 
     ``origins`` ``(n_labels + 1, 2)``: per label, the (x0, y0) of the window :func:`outline` would be
     called on (its bounding box with one pixel of context). Returns the vertices ``(k, 2)`` (x, y), instance
-    after instance, and where each instance's start.
+    after instance, where each instance's start, and the instances' boundary cells.
     """
     keep = np.zeros(len(origins), bool)
     keep[ids] = True
@@ -569,7 +573,7 @@ def _outline_rings(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray, sco
     margin = 0.5 if score is None else np.maximum(np.abs(score - level), min_margin)
     inside = _padded(np.broadcast_to(level + margin, labels.shape), 1, dtype=np.float64).ravel()
     outside = _padded(np.broadcast_to(level - margin, labels.shape), 1, level - 1.0, np.float64).ravel()
-    cell, label, k, from_edge, to_edge = _cell_segments(padded)
+    cell, label, k, case, from_edge, to_edge = _cell_segments(padded)
     key, row, col, vertical, fraction = _crossings(cell, label, from_edge, padded, inside, outside, level)
     to_key = _crossings(cell, label, to_edge, padded, inside, outside, level)[0]
     ring, position = _ring_positions(key, to_key, (cell * 2 + k) * len(origins) + label)
@@ -578,16 +582,35 @@ def _outline_rings(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray, sco
     x0, y0 = origins[label, 0], origins[label, 1]
     x = ((col - x0) + np.where(vertical, 0.0, fraction) - 0.5) + x0
     y = ((row - y0) + np.where(vertical, fraction, 0.0) - 0.5) + y0
+    first = k == 0
+    cells = cell[first], label[first], case[first], padded.shape[1]
     order = np.lexsort((position, ring))
     x, y, label, emitted = x[order], y[order], label[order], ((cell * 2 + k) * len(origins))[order]
     starts = np.flatnonzero(np.r_[True, ring[order][1:] != ring[order][:-1]])
+    boundary = _Boundary(*cells, np.bincount(label[starts], minlength=len(origins)))
     area = np.abs(_ring_sums(x * _next_in_ring(y, starts) - _next_in_ring(x, starts) * y, starts))
     # The largest ring of each instance (the others are holes or smaller parts); among equal ones skimage's first.
     best = np.lexsort((np.minimum.reduceat(emitted, starts), -area, label[starts]))
     best = best[np.r_[True, label[starts][best][1:] != label[starts][best][:-1]]]
     lengths = np.diff(np.r_[starts, len(x)])[best]
     take = np.repeat(starts[best] - np.cumsum(np.r_[0, lengths[:-1]]), lengths) + np.arange(lengths.sum())
-    return np.stack([x[take], y[take]], axis=1), np.r_[0, np.cumsum(lengths)[:-1]]
+    return np.stack([x[take], y[take]], axis=1), np.r_[0, np.cumsum(lengths)[:-1]], boundary
+
+
+class _Boundary(NamedTuple):
+    """The cells of a padded label map where instances end, once per cell and instance (:func:`_cell_segments`):
+    ``cell`` (flat over the cells of a map ``width`` pixels wide), ``label`` and ``case``; and ``rings``, the
+    number of outline rings of each label (its parts and holes)."""
+    cell: np.ndarray
+    label: np.ndarray
+    case: np.ndarray
+    width: int
+    rings: np.ndarray
+
+
+_CORNERS_IN = np.array([bin(case).count("1") for case in range(16)])
+_LONE_CORNER = np.zeros((16, 2), np.intp)  # (row, column) in its cell of the one corner of cases 1, 2, 4, 8
+_LONE_CORNER[[1, 2, 4, 8]] = [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 def _next_in_ring(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -627,25 +650,8 @@ def instance_outlines(labels: np.ndarray, score: np.ndarray | None = None, level
     """
     objects = ndi.find_objects(labels)
     ids = _present_labels(objects)
-    vertices, starts = _outline_rings(labels, ids, _window_origins(objects), score, level)
+    vertices, starts, _ = _outline_rings(labels, ids, _window_origins(objects), score, level)
     return list(zip(ids.tolist(), np.split(vertices, starts[1:]), strict=True))
-
-
-def instance_centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label and centroid of each instance: ``describe_instances``'s ``centroid_x`` and ``centroid_y`` (to the
-    bit) without outlines or other features, to choose which instances to describe.
-
-    Returns
-    -------
-    ids, centroid_x, centroid_y : ndarray
-        The labels present, in order, and their centroids in pixel units (pixel centres at ``j + 0.5``).
-    """
-    objects = ndi.find_objects(labels)
-    origins = _window_origins(objects)
-    ids = _present_labels(objects)
-    _, owner, x, y = _window_pixels(labels, ids, origins)
-    m00, m10, m01 = (np.bincount(owner, weights=v, minlength=len(origins))[ids] for v in (None, x, y))
-    return ids, m10 / m00 + origins[ids, 0] + 0.5, m01 / m00 + origins[ids, 1] + 0.5
 
 
 def _window_pixels(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -661,14 +667,16 @@ def _window_pixels(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray) -> 
 
 
 def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray,
-                    hematoxylin: np.ndarray | None, score: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Centroid, eccentricity, solidity and mean hematoxylin and score of the pixels of each of ``ids``.
+                    window: tuple[np.ndarray, ...], boundary: _Boundary, hematoxylin: np.ndarray | None,
+                    score: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Centroid, eccentricity, solidity and mean hematoxylin and score of the pixels of each of ``ids``
+    (``window``: their :func:`_window_pixels`).
 
     The moments are sums over all instances' pixels at once, as ``cv2.moments`` of each one's window
     computes them (integer sums in window coordinates, then its central-moment formulas), so centroids and
     eccentricities equal the per-window values to the bit; the means are float64 sums.
     """
-    pixels, owner, x, y = _window_pixels(labels, ids, origins)
+    pixels, owner, x, y = window
 
     def sums(values=None):
         return np.bincount(owner, weights=values, minlength=len(origins))[ids].astype(np.float64)
@@ -683,24 +691,52 @@ def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins:
         eccentricity = np.where(l1 > 0, np.sqrt(1 - l2 / l1), 0.0)
     nan = np.full(len(ids), np.nan)
     return {"centroid_x": m10 / m00 + origins[ids, 0] + 0.5, "centroid_y": m01 / m00 + origins[ids, 1] + 0.5,
-            "eccentricity": eccentricity, "solidity": _solidities(labels, ids, objects, origins),
+            "eccentricity": eccentricity, "solidity": _solidities(labels, ids, objects, origins, boundary, m00),
             "mean_hematoxylin_od": nan if hematoxylin is None else sums(hematoxylin.ravel()[pixels]) / m00,
             "score": nan if score is None else sums(score.ravel()[pixels]) / m00}
 
 
-def _solidities(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray) -> np.ndarray:
-    """:func:`_pixel_solidity` of each of ``ids``, on its window."""
-    out = np.empty(len(ids))
+def _solidities(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray, boundary: _Boundary,
+                areas: np.ndarray) -> np.ndarray:
+    """:func:`_pixel_solidity` of each of ``ids`` (``areas``: their pixel counts), to the bit.
+
+    Most instances are one piece without holes and without two of their pixels meeting only at a corner;
+    their solidity comes from their boundary cells (cells of 2 x 2 pixel centres): the outline through the
+    edge pixels' centres encloses each cell whose four corners are the instance's and half of each cell with
+    three, and the convex hull's corners are pixels alone in a cell. The others go to OpenCV on their windows.
+    """
+    n = len(origins)
+    corners = _CORNERS_IN[boundary.case]
+    full_cells = (4 * areas - np.bincount(boundary.label, corners, n)[ids]) / 4  # each pixel is in 4 cells
+    area = full_cells + 0.5 * np.bincount(boundary.label, corners == 3, n)[ids]
+    hull = _hull_areas(boundary, ids)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(hull > 0, np.minimum(1.0, area / hull), 1.0)
+    irregular = boundary.rings != 1
+    irregular[boundary.label[(boundary.case == 6) | (boundary.case == 9)]] = True
     origin = origins.tolist()
-    for k, label in enumerate(ids.tolist()):
+    for k in np.flatnonzero(irregular[ids]).tolist():
+        label = int(ids[k])
         rows, cols = objects[label - 1]
         x0, y0 = origin[label]
         out[k] = _pixel_solidity((labels[y0:rows.stop + 1, x0:cols.stop + 1] == label).view(np.uint8))
     return out
 
 
+def _hull_areas(boundary: _Boundary, ids: np.ndarray) -> np.ndarray:
+    """Area of the convex hull of the pixel centres of each of ``ids`` (sorted), from its corners alone in a cell
+    (a pixel the hull turns at is alone in the cell on its outer side), by OpenCV."""
+    lone = _CORNERS_IN[boundary.case] == 1
+    label, case = boundary.label[lone], boundary.case[lone]
+    row, col = np.divmod(boundary.cell[lone], boundary.width - 1)
+    order = np.argsort(label, kind="stable")
+    points = np.stack([col + _LONE_CORNER[case, 1], row + _LONE_CORNER[case, 0]], axis=1).astype(np.int32)[order]
+    groups = np.split(points, np.searchsorted(label[order], ids[1:]))
+    return np.array([cv2.contourArea(cv2.convexHull(group)) for group in groups])
+
+
 def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None,
-                       score: np.ndarray | None = None, level: float = 0.5, only: np.ndarray | None = None
+                       score: np.ndarray | None = None, level: float = 0.5, select=None
                        ) -> tuple[list[np.ndarray], pd.DataFrame]:
     """Outline polygon (:func:`instance_outlines`) and shape/intensity features of each instance, in the
     map's pixel units.
@@ -711,8 +747,10 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
 
     Parameters
     ----------
-    only : array of int, optional
-        The labels to describe (e.g. those whose :func:`instance_centroids` a caller keeps); default: all.
+    select : callable, optional
+        ``select(labels, centroid_x, centroid_y)`` of all instances present (arrays, label order) returns
+        which of them to describe (bool array), e.g. those whose centroid a tile owns; the others are neither
+        outlined nor measured. Default: all.
 
     Returns
     -------
@@ -720,14 +758,23 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
     features : DataFrame with :data:`FEATURE_COLUMNS` plus ``label``, in label order
     """
     objects = ndi.find_objects(labels)
-    present = _present_labels(objects)
-    ids = present if only is None else np.intersect1d(present, np.asarray(only, np.int64))
+    ids = _present_labels(objects)
+    origins = _window_origins(objects)
+    window = _window_pixels(labels, ids, origins)
+    if select is not None and len(ids):
+        owner, x, y = window[1:]
+        m00, m10, m01 = (np.bincount(owner, weights=v, minlength=len(origins))[ids] for v in (None, x, y))
+        chosen = np.asarray(select(ids, m10 / m00 + origins[ids, 0] + 0.5, m01 / m00 + origins[ids, 1] + 0.5),
+                            bool)
+        ids = ids[chosen]
+        keep = np.zeros(len(origins), bool)
+        keep[ids] = True
+        window = tuple(values[keep[owner]] for values in window)
     if not len(ids):
         return [], pd.DataFrame(columns=["label"] + FEATURE_COLUMNS)
-    origins = _window_origins(objects)
-    vertices, starts = _outline_rings(labels, ids, origins, score, level)
+    vertices, starts, boundary = _outline_rings(labels, ids, origins, score, level)
     x, y = vertices.T
-    features = _pixel_features(labels, ids, objects, origins, hematoxylin, score)
+    features = _pixel_features(labels, ids, objects, origins, window, boundary, hematoxylin, score)
     features["area_px"] = np.abs(0.5 * _ring_sums(x * _next_in_ring(y, starts) - _next_in_ring(x, starts) * y,
                                                   starts))
     features["perimeter_px"] = _ring_sums(np.hypot(_next_in_ring(x, starts) - x, _next_in_ring(y, starts) - y),

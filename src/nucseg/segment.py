@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import io
 from .inference import image_instances
-from .instances import InstanceParams, describe_instances, gate_unit_for, hematoxylin_level, instance_centroids
+from .instances import InstanceParams, describe_instances, gate_unit_for, hematoxylin_level
 from .model import load_weights, predict, resolve_device
 from .slides import open_slide, resolve_mpp
 from .stain import hematoxylin_od, tissue_pixels
@@ -438,10 +438,10 @@ def postprocess_blocks(batch, probs, blocks, scale: float, mpp_work: float, inst
     for (i, image), prob, block in zip(batch, probs, blocks, strict=True):
         hema = hematoxylin_od(image)
         labels = image_instances(image, prob, mpp_work, inst_params, level, hematoxylin=hema)
-        owned = _owned_labels(labels, block, scale, tissue)
-        if not len(owned):
+        polys, feats = describe_instances(labels, hema, prob[0], inst_params.foreground_threshold,
+                                          select=functools.partial(_owned, block=block, scale=scale, tissue=tissue))
+        if not len(feats):
             continue
-        polys, feats = describe_instances(labels, hema, prob[0], inst_params.foreground_threshold, only=owned)
         rx, ry = block.read_origin
         columns.append({
             "centroid_x": (feats.centroid_x.to_numpy() + rx) / scale,
@@ -459,16 +459,15 @@ def postprocess_blocks(batch, probs, blocks, scale: float, mpp_work: float, inst
     return frame, _valid_polygons(rings), owners
 
 
-def _owned_labels(labels: np.ndarray, block: Block, scale: float, tissue) -> np.ndarray:
-    """The labels of the instances of ``block``'s read region whose centroid lies in its core (and on
-    ``tissue``, level-0, when given)."""
-    ids, cx, cy = instance_centroids(labels)
+def _owned(ids: np.ndarray, cx: np.ndarray, cy: np.ndarray, block: Block, scale: float, tissue) -> np.ndarray:
+    """Which instances of ``block``'s read region (labels ``ids``, centroids ``cx``, ``cy`` in its pixels) the
+    block owns: those whose centroid lies in its core (and on ``tissue``, level-0, when given)."""
     rx, ry = block.read_origin
     lx, ly = cx + rx, cy + ry
     own = (lx >= block.cx) & (lx < block.cx + block.core) & (ly >= block.cy) & (ly < block.cy + block.core)
     if tissue is not None and own.any():
         own[own] = shapely.contains_xy(tissue, lx[own] / scale, ly[own] / scale)
-    return ids[own]
+    return own
 
 
 def _valid_polygons(rings: list[np.ndarray]) -> list[Polygon]:
