@@ -357,6 +357,8 @@ def test_hematoxylin_od_is_skimages(rng):
     rgb = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
     rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 254, 3]]
     np.testing.assert_array_equal(hematoxylin_od(rgb), np.clip(rgb2hed(rgb)[..., 0], 0, None).astype(np.float32))
+    view = rgb[:, ::3]  # not contiguous
+    np.testing.assert_array_equal(hematoxylin_od(view), np.clip(rgb2hed(view)[..., 0], 0, None).astype(np.float32))
 
 
 def test_flooding_only_crowded_components_is_the_watershed(rng):

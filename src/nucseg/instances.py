@@ -182,7 +182,7 @@ def flood_markers(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> 
     markers : ndarray (H, W) int, 0 = no marker; nonzero only inside ``mask``
     mask : ndarray (H, W) bool
     """
-    n, components = cv2.connectedComponents(mask.view(np.uint8), connectivity=4)
+    n, components, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4)
     marked = np.flatnonzero(markers)
     span = int(markers.max()) + 1
     component, label = np.divmod(np.unique(components.ravel()[marked].astype(np.int64) * span
@@ -194,9 +194,9 @@ def flood_markers(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> 
     out = lut[components]
     crowded = n_labels > 1
     if crowded.any():
-        region = crowded[components]
-        box = ndi.find_objects(region.view(np.uint8))[0]
-        region = region[box]
+        left, top, width, height = stats[crowded, :4].T
+        box = slice(top.min(), (top + height).max()), slice(left.min(), (left + width).max())
+        region = crowded[components[box]]
         flooded = watershed(relief[box], np.where(region, markers[box], 0), mask=region)
         out[box][region] = flooded[region]
     return out

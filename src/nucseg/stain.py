@@ -13,19 +13,21 @@ from skimage.filters import threshold_otsu
 from skimage.util import img_as_float
 
 # skimage.color.separate_stains' per-channel optical density, -log(max(v / 255, 1e-6)) / -log(1e-6), of each
-# 8-bit value: looked up instead of computed per pixel.
+# 8-bit value, times each channel's hematoxylin coefficient: looked up (OpenCV) instead of computed per pixel.
 _OD_OF_BYTE = np.log(np.maximum(img_as_float(np.arange(256, dtype=np.uint8)), 1e-6)) / np.log(1e-6)
+_HEMATOXYLIN_OF_BYTE = (_OD_OF_BYTE[:, None] * hed_from_rgb[:, 0]).reshape(256, 1, 3)
 
 
 def hematoxylin_od(rgb: np.ndarray) -> np.ndarray:
     """Hematoxylin optical density (colour deconvolution, Ruifrok & Johnston), float32 >= 0.
 
     ``skimage.color.rgb2hed(rgb)[..., 0]`` clipped at 0; for 8-bit images the same arithmetic, for the
-    hematoxylin channel only, on looked-up optical densities (about ten times faster than rgb2hed;
-    identical values for all 2^24 colours).
+    hematoxylin channel only, on looked-up terms (about twenty times faster than rgb2hed; identical values
+    for all 2^24 colours).
     """
-    if rgb.dtype == np.uint8 and rgb.ndim >= 2 and rgb.shape[-1] == 3:
-        hema = _OD_OF_BYTE[rgb] @ hed_from_rgb[:, 0]
+    if rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[-1] == 3:
+        terms = cv2.LUT(np.ascontiguousarray(rgb), _HEMATOXYLIN_OF_BYTE)
+        hema = terms[..., 0] + terms[..., 1] + terms[..., 2]  # the order of the matrix product's sum
     else:
         hema = rgb2hed(rgb)[..., 0]
     return np.clip(hema, 0, None).astype(np.float32)
