@@ -731,15 +731,29 @@ def _hull_areas(boundary: _Boundary, ids: np.ndarray) -> np.ndarray:
     row, col = np.divmod(boundary.cell[lone], boundary.width - 1)
     order = np.argsort(label, kind="stable")
     points = np.stack([col + _LONE_CORNER[case, 1], row + _LONE_CORNER[case, 0]], axis=1).astype(np.int32)[order]
-    groups = np.split(points, np.searchsorted(label[order], ids[1:]))
-    return np.array([cv2.contourArea(cv2.convexHull(group)) for group in groups])
+    ends = np.searchsorted(label[order], ids, side="right").tolist()
+    return np.array([cv2.contourArea(cv2.convexHull(points[a:b])) for a, b in zip([0, *ends[:-1]], ends, strict=True)])
 
 
 def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None,
                        score: np.ndarray | None = None, level: float = 0.5, select=None
                        ) -> tuple[list[np.ndarray], pd.DataFrame]:
     """Outline polygon (:func:`instance_outlines`) and shape/intensity features of each instance, in the
-    map's pixel units.
+    map's pixel units: :func:`instance_table`'s, one polygon per instance.
+
+    Returns
+    -------
+    polygons : list of ndarray (k, 2) float (x, y)
+    features : DataFrame with :data:`FEATURE_COLUMNS` plus ``label``, in label order
+    """
+    vertices, starts, frame = instance_table(labels, hematoxylin, score, level, select)
+    return np.split(vertices, starts[1:]) if len(frame) else [], frame
+
+
+def instance_table(labels: np.ndarray, hematoxylin: np.ndarray | None = None, score: np.ndarray | None = None,
+                   level: float = 0.5, select=None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Outlines (:func:`instance_outlines`) and shape/intensity features of the instances, in the map's pixel
+    units, the outlines' vertices in one array.
 
     Pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)``; its centre is ``(j + 0.5, i + 0.5)``. Area and
     perimeter are the polygon's; centroid, eccentricity and solidity (:func:`_pixel_solidity`) come from
@@ -754,7 +768,10 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
 
     Returns
     -------
-    polygons : list of ndarray (k, 2) float (x, y)
+    vertices : ndarray (k, 2) float (x, y)
+        The outlines, one after another.
+    starts : ndarray of int
+        Where each instance's outline starts in ``vertices``.
     features : DataFrame with :data:`FEATURE_COLUMNS` plus ``label``, in label order
     """
     objects = ndi.find_objects(labels)
@@ -771,7 +788,7 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
         keep[ids] = True
         window = tuple(values[keep[owner]] for values in window)
     if not len(ids):
-        return [], pd.DataFrame(columns=["label"] + FEATURE_COLUMNS)
+        return np.zeros((0, 2)), np.zeros(0, np.int64), pd.DataFrame(columns=["label"] + FEATURE_COLUMNS)
     vertices, starts, boundary = _outline_rings(labels, ids, origins, score, level)
     x, y = vertices.T
     features = _pixel_features(labels, ids, objects, origins, window, boundary, hematoxylin, score)
@@ -779,5 +796,4 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
                                                   starts))
     features["perimeter_px"] = _ring_sums(np.hypot(_next_in_ring(x, starts) - x, _next_in_ring(y, starts) - y),
                                           starts)
-    frame = pd.DataFrame({"label": ids, **{name: features[name] for name in FEATURE_COLUMNS}})
-    return np.split(vertices, starts[1:]), frame
+    return vertices, starts, pd.DataFrame({"label": ids, **{name: features[name] for name in FEATURE_COLUMNS}})

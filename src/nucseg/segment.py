@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import io
 from .inference import image_instances
-from .instances import InstanceParams, describe_instances, gate_unit_for, hematoxylin_level
+from .instances import InstanceParams, gate_unit_for, hematoxylin_level, instance_table
 from .model import load_weights, predict, resolve_device
 from .slides import open_slide, resolve_mpp
 from .stain import hematoxylin_od, tissue_pixels
@@ -434,12 +434,13 @@ def postprocess_blocks(batch, probs, blocks, scale: float, mpp_work: float, inst
     owners : list of int
         The block index (from ``batch``) of each nucleus.
     """
-    columns, rings, owners = [], [], []
+    columns, vertices, lengths, owners = [], [], [], []
     for (i, image), prob, block in zip(batch, probs, blocks, strict=True):
         hema = hematoxylin_od(image)
         labels = image_instances(image, prob, mpp_work, inst_params, level, hematoxylin=hema)
-        polys, feats = describe_instances(labels, hema, prob[0], inst_params.foreground_threshold,
-                                          select=functools.partial(_owned, block=block, scale=scale, tissue=tissue))
+        points, starts, feats = instance_table(labels, hema, prob[0], inst_params.foreground_threshold,
+                                               select=functools.partial(_owned, block=block, scale=scale,
+                                                                        tissue=tissue))
         if not len(feats):
             continue
         rx, ry = block.read_origin
@@ -451,12 +452,13 @@ def postprocess_blocks(batch, probs, blocks, scale: float, mpp_work: float, inst
             "solidity": feats.solidity.to_numpy(), "mean_hematoxylin_od": feats.mean_hematoxylin_od.to_numpy(),
             "tile_x": np.full(len(feats), round(block.cx / scale), np.int64),
             "tile_y": np.full(len(feats), round(block.cy / scale), np.int64), "score": feats.score.to_numpy()})
-        rings.extend((points + (rx, ry)) / scale for points in polys)
+        vertices.append((points + (rx, ry)) / scale)
+        lengths.append(np.diff(np.r_[starts, len(points)]))
         owners.extend([i] * len(feats))
     if not columns:
         return pd.DataFrame(columns=list(NUCLEI_SCHEMA)), [], []
     frame = pd.DataFrame({name: np.concatenate([c[name] for c in columns]) for name in NUCLEI_SCHEMA})
-    return frame, _valid_polygons(rings), owners
+    return frame, _valid_polygons(np.concatenate(vertices), np.concatenate(lengths)), owners
 
 
 def _owned(ids: np.ndarray, cx: np.ndarray, cy: np.ndarray, block: Block, scale: float, tissue) -> np.ndarray:
@@ -470,14 +472,13 @@ def _owned(ids: np.ndarray, cx: np.ndarray, cy: np.ndarray, block: Block, scale:
     return own
 
 
-def _valid_polygons(rings: list[np.ndarray]) -> list[Polygon]:
-    """:func:`_valid_polygon` of each ring, built and checked all at once (most rings are valid)."""
-    if not rings:
-        return []
-    index = np.repeat(np.arange(len(rings)), [len(r) for r in rings])
-    polygons = shapely.polygons(shapely.linearrings(np.concatenate(rings), indices=index))
+def _valid_polygons(vertices: np.ndarray, lengths: np.ndarray) -> list[Polygon]:
+    """:func:`_valid_polygon` of each ring (``lengths`` vertices each, one after another in ``vertices``), built
+    and checked all at once (most rings are valid)."""
+    polygons = shapely.polygons(shapely.linearrings(vertices, indices=np.repeat(np.arange(len(lengths)), lengths)))
+    ends = np.cumsum(lengths)
     for k in np.flatnonzero(~shapely.is_valid(polygons)):
-        polygons[k] = _valid_polygon(rings[k])
+        polygons[k] = _valid_polygon(vertices[ends[k] - lengths[k]:ends[k]])
     return list(polygons)
 
 
