@@ -495,7 +495,10 @@ def _cell_segments(padded: np.ndarray) -> tuple[np.ndarray, ...]:
         label = label[first]
         found_cell.append(cells[first])
         found_label.append(label)
-        found_case.append(sum((values[j][first] == label).astype(np.intp) << j for j in range(4)))
+        case = np.zeros(len(label), np.uint8)
+        for j in range(4):
+            case |= (values[j][first] == label).view(np.uint8) << j
+        found_case.append(case)
     cell, label, case = (np.concatenate(parts) for parts in (found_cell, found_label, found_case))
     saddle = _SEGMENT_TABLE[case, 1, 0] >= 0
     cell, label = np.r_[cell, cell[saddle]], np.r_[label, label[saddle]]
@@ -539,8 +542,9 @@ def _ring_positions(from_key: np.ndarray, to_key: np.ndarray, emitted: np.ndarra
     position : ndarray
         Per segment, its rank in its ring counted from the ring's start.
     """
-    by_key = np.argsort(from_key)
-    succ = by_key[np.searchsorted(from_key, to_key, sorter=by_key)]
+    segment_of = np.empty(int(from_key.max()) + 1 if len(from_key) else 0, np.int32)  # crossing -> its segment
+    segment_of[from_key] = np.arange(len(from_key), dtype=np.int32)
+    succ = segment_of[to_key]
     ring, step = emitted, succ
     while True:  # pointer doubling: the latest segment within 2^k steps, until a round changes nothing
         wider = np.maximum(ring, ring[step])
@@ -584,7 +588,7 @@ def _outline_rings(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray, sco
     y = ((row - y0) + np.where(vertical, fraction, 0.0) - 0.5) + y0
     first = k == 0
     cells = cell[first], label[first], case[first], padded.shape[1]
-    order = np.lexsort((position, ring))
+    order = _ring_order(ring, position)
     x, y, label, emitted = x[order], y[order], label[order], ((cell * 2 + k) * len(origins))[order]
     starts = np.flatnonzero(np.r_[True, ring[order][1:] != ring[order][:-1]])
     boundary = _Boundary(*cells, np.bincount(label[starts], minlength=len(origins)))
@@ -611,6 +615,17 @@ class _Boundary(NamedTuple):
 _CORNERS_IN = np.array([bin(case).count("1") for case in range(16)])
 _LONE_CORNER = np.zeros((16, 2), np.intp)  # (row, column) in its cell of the one corner of cases 1, 2, 4, 8
 _LONE_CORNER[[1, 2, 4, 8]] = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def _ring_order(ring: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """``np.lexsort((position, ring))`` where each ring's positions are 0, 1, ...: rings in order of their ids,
+    each from its start, without sorting the segments."""
+    heads = np.sort(ring[position == 0])  # each ring's id once
+    rank = np.searchsorted(heads, ring)
+    first = np.r_[0, np.cumsum(np.bincount(rank, minlength=len(heads)))[:-1]]
+    order = np.empty(len(ring), np.intp)
+    order[first[rank] + position] = np.arange(len(ring))
+    return order
 
 
 def _next_in_ring(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
