@@ -148,8 +148,8 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
         cores = mask & ((fg - bnd) > params.marker_threshold)
         relief = bnd
     cores = cv2.morphologyEx(cores.view(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    n, core_labels, stats, _ = cv2.connectedComponentsWithStats(cores, connectivity=4)
-    small = stats[:, cv2.CC_STAT_AREA] < params.min_marker_um2 / mpp**2
+    n, core_labels = cv2.connectedComponents(cores, connectivity=4)  # without stats: twice as fast
+    small = np.bincount(core_labels.ravel(), minlength=n) < params.min_marker_um2 / mpp**2
     small[0] = False
     if small.any():
         core_labels[small[core_labels]] = 0
@@ -182,7 +182,7 @@ def flood_markers(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> 
     markers : ndarray (H, W) int, 0 = no marker; nonzero only inside ``mask``
     mask : ndarray (H, W) bool
     """
-    n, components, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4)
+    n, components = cv2.connectedComponents(mask.view(np.uint8), connectivity=4)
     marked = np.flatnonzero(markers)
     span = int(markers.max()) + 1
     component, label = np.divmod(np.unique(components.ravel()[marked].astype(np.int64) * span
@@ -194,9 +194,10 @@ def flood_markers(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> 
     out = lut[components]
     crowded = n_labels > 1
     if crowded.any():
-        left, top, width, height = stats[crowded, :4].T
-        box = slice(top.min(), (top + height).max()), slice(left.min(), (left + width).max())
-        region = crowded[components[box]]
+        region = crowded[components]
+        rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        region = region[box]
         flooded = watershed(relief[box], np.where(region, markers[box], 0), mask=region)
         out[box][region] = flooded[region]
     return out
