@@ -7,6 +7,7 @@ def download_input(wildcards):
 
 
 def _is_uuid(text):
+    # nucseg.download.fetch.UUID_RE's test, repeated: planning runs without nucseg installed (common.smk).
     return re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", text) is not None
 
 
