@@ -755,7 +755,7 @@ def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None
                        score: np.ndarray | None = None, level: float = 0.5, select=None
                        ) -> tuple[list[np.ndarray], pd.DataFrame]:
     """Outline polygon (:func:`instance_outlines`) and shape/intensity features of each instance, in the
-    map's pixel units: :func:`instance_table`'s, one polygon per instance.
+    map's pixel units: :func:`instance_table`'s (same parameters), one polygon per instance.
 
     Returns
     -------
