@@ -25,7 +25,7 @@ def hematoxylin_od(rgb: np.ndarray) -> np.ndarray:
     hematoxylin channel only, on looked-up terms (about twenty times faster than rgb2hed; identical values
     for all 2^24 colours).
     """
-    if rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[-1] == 3:
+    if rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[-1] == 3 and rgb.size:
         terms = cv2.LUT(np.ascontiguousarray(rgb), _HEMATOXYLIN_OF_BYTE)
         hema = terms[..., 0] + terms[..., 1] + terms[..., 2]  # the order of the matrix product's sum
     else:
