@@ -651,9 +651,9 @@ def _window_origins(objects: list) -> np.ndarray:
     """Per label (row 0: background), (x0, y0) of its bounding box (``ndi.find_objects``) grown by a pixel of
     context, clipped to the map."""
     origins = np.zeros((len(objects) + 1, 2), np.int64)
-    for label, sl in enumerate(objects, start=1):
-        if sl is not None:
-            origins[label] = max(sl[1].start - 1, 0), max(sl[0].start - 1, 0)
+    if objects:
+        starts = np.array([(sl[1].start, sl[0].start) if sl is not None else (1, 1) for sl in objects])
+        origins[1:] = np.maximum(starts - 1, 0)
     return origins
 
 
