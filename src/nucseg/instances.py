@@ -682,11 +682,20 @@ def _window_pixels(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray) -> 
     return pixels, owner, cols - origins[owner, 0], rows - origins[owner, 1]
 
 
+def _first_moments(window: tuple[np.ndarray, ...], ids: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``m00``, ``m10``, ``m01`` (float64) of each of ``ids`` (``window``: their :func:`_window_pixels`) and its
+    centroid in the map's pixel units (pixel centres at ``j + 0.5``)."""
+    owner, x, y = window[1:]
+    m00, m10, m01 = (np.bincount(owner, weights=v, minlength=len(origins))[ids].astype(np.float64)
+                     for v in (None, x, y))
+    return m00, m10, m01, m10 / m00 + origins[ids, 0] + 0.5, m01 / m00 + origins[ids, 1] + 0.5
+
+
 def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray,
-                    window: tuple[np.ndarray, ...], boundary: _Boundary, hematoxylin: np.ndarray | None,
-                    score: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Centroid, eccentricity, solidity and mean hematoxylin and score of the pixels of each of ``ids``
-    (``window``: their :func:`_window_pixels`).
+                    window: tuple[np.ndarray, ...], first: tuple[np.ndarray, ...], boundary: _Boundary,
+                    hematoxylin: np.ndarray | None, score: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Eccentricity, solidity and mean hematoxylin and score of the pixels of each of ``ids`` (``window``:
+    their :func:`_window_pixels`; ``first``: their :func:`_first_moments`).
 
     The moments are sums over all instances' pixels at once, as ``cv2.moments`` of each one's window
     computes them (integer sums in window coordinates, then its central-moment formulas), so centroids and
@@ -697,7 +706,7 @@ def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins:
     def sums(values=None):
         return np.bincount(owner, weights=values, minlength=len(origins))[ids].astype(np.float64)
 
-    m00, m10, m01 = sums(), sums(x), sums(y)
+    m00, m10, m01 = first[:3]
     m20, m02, m11 = sums(x * x), sums(y * y), sums(x * y)
     cx, cy = m10 * (1.0 / m00), m01 * (1.0 / m00)
     mu20, mu02, mu11 = (m20 - m10 * cx) / m00, (m02 - m01 * cy) / m00, (m11 - m10 * cy) / m00
@@ -706,8 +715,7 @@ def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins:
     with np.errstate(divide="ignore", invalid="ignore"):
         eccentricity = np.where(l1 > 0, np.sqrt(1 - l2 / l1), 0.0)
     nan = np.full(len(ids), np.nan)
-    return {"centroid_x": m10 / m00 + origins[ids, 0] + 0.5, "centroid_y": m01 / m00 + origins[ids, 1] + 0.5,
-            "eccentricity": eccentricity, "solidity": _solidities(labels, ids, objects, origins, boundary, m00),
+    return {"eccentricity": eccentricity, "solidity": _solidities(labels, ids, objects, origins, boundary, m00),
             "mean_hematoxylin_od": nan if hematoxylin is None else sums(hematoxylin.ravel()[pixels]) / m00,
             "score": nan if score is None else sums(score.ravel()[pixels]) / m00}
 
@@ -794,20 +802,19 @@ def instance_table(labels: np.ndarray, hematoxylin: np.ndarray | None = None, sc
     ids = _present_labels(objects)
     origins = _window_origins(objects)
     window = _window_pixels(labels, ids, origins)
+    first = _first_moments(window, ids, origins)
     if select is not None and len(ids):
-        owner, x, y = window[1:]
-        m00, m10, m01 = (np.bincount(owner, weights=v, minlength=len(origins))[ids] for v in (None, x, y))
-        chosen = np.asarray(select(ids, m10 / m00 + origins[ids, 0] + 0.5, m01 / m00 + origins[ids, 1] + 0.5),
-                            bool)
-        ids = ids[chosen]
+        chosen = np.asarray(select(ids, *first[3:]), bool)
+        ids, first = ids[chosen], tuple(values[chosen] for values in first)
         keep = np.zeros(len(origins), bool)
         keep[ids] = True
-        window = tuple(values[keep[owner]] for values in window)
+        window = tuple(values[keep[window[1]]] for values in window)
     if not len(ids):
         return np.zeros((0, 2)), np.zeros(0, np.int64), pd.DataFrame(columns=["label"] + FEATURE_COLUMNS)
     vertices, starts, boundary = _outline_rings(labels, ids, origins, score, level)
     x, y = vertices.T
-    features = _pixel_features(labels, ids, objects, origins, window, boundary, hematoxylin, score)
+    features = _pixel_features(labels, ids, objects, origins, window, first, boundary, hematoxylin, score)
+    features["centroid_x"], features["centroid_y"] = first[3:]
     features["area_px"] = np.abs(0.5 * _ring_sums(x * _next_in_ring(y, starts) - _next_in_ring(x, starts) * y,
                                                   starts))
     features["perimeter_px"] = _ring_sums(np.hypot(_next_in_ring(x, starts) - x, _next_in_ring(y, starts) - y),
