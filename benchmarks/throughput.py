@@ -10,7 +10,9 @@ model's resolution, 0.5 µm/px for the shipped model, a quarter as many):
   * post-processing per core (``postprocess_working_mpx_per_s_per_core``): ``nucseg.segment.postprocess_blocks``
     (gate, instance extraction, ownership, outlines, features, polygons) on real network outputs of 24 blocks of
     the largest slide, one thread in a fresh process; ``--baseline-src`` times another checkout's code on the same
-    blocks, alternating with this one (``--rounds``), and reports the speed-up;
+    blocks, alternating with this one (``--rounds``), and reports the speed-up; with it, the hand-over that
+    post-processing processes add (``handover_pickle_ms_per_block``, in the worker) and the main process's serial
+    share (``main_process_ms_per_block``: unpickle, seam filter, GeoParquet rows), which bounds a many-core node;
   * end-to-end: ``nucseg segment`` (read + network + post-processing + GeoParquet), per slide size, with its
     peak RSS in a fresh process (memory must not grow with the slide), and its ratio to the network-only rate
     around it, in working pixels (the top-level ratio: the largest slide's);
@@ -159,11 +161,12 @@ def _sync(dev) -> None:
 
 
 POSTPROCESS_TIMER = """
-import json, sys, time
+import json, pickle, sys, tempfile, time
+from pathlib import Path
 import cv2, numpy as np, torch
 torch.set_num_threads(1)
 cv2.setNumThreads(1)
-from nucseg import segment
+from nucseg import io, segment
 data = np.load(sys.argv[1])
 blocks = [segment.Block(*map(int, b)) for b in data["blocks"]]
 batch, probs = list(enumerate(data["images"])), data["probs"]
@@ -171,14 +174,39 @@ scale, mpp_work, level = float(data["scale"]), float(data["mpp_work"]), float(da
 level = None if np.isnan(level) else level
 # The public entry point; checkouts from before it was public (a --baseline-src) had it private.
 postprocess = getattr(segment, "postprocess_blocks", None) or segment._postprocess_batch
+
+
+# Seconds to pickle a result in the worker, and for the main process to unpickle it, drop seam duplicates
+# and add its rows to the open file (the serial part on a many-core node); the fastest of 3 (the first uses of
+# the writer and the tree, and garbage collections, come in bursts).
+def handover(result, writer):
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        blob = pickle.dumps(result)
+        pickled = time.perf_counter()
+        frame, outlines, owners = pickle.loads(blob)
+        keep = segment.SeamFilter(scale, segment.SegmentParams().margin_px(mpp_work)).filter(
+            outlines, [blocks[i] for i in owners])
+        writer.write(frame.iloc[keep].reset_index(drop=True),
+                     outlines.take(keep) if hasattr(outlines, "take") else [outlines[k] for k in keep])
+        times.append((pickled - started, time.perf_counter() - pickled))
+    return np.min(times, axis=0)
+
+
 out = {}
 for name, gated in (("no_gate", False), ("gate", True)):
     params = segment.SegmentParams(hematoxylin_gate=gated).instance_params("DX")
     started = time.perf_counter()
-    frame, _, _ = postprocess(batch, probs, blocks, scale, mpp_work, params, None, level if gated else None)
+    result = postprocess(batch, probs, blocks, scale, mpp_work, params, None, level if gated else None)
     seconds = time.perf_counter() - started
-    out[name] = {"postprocess_working_mpx_per_s_per_core": len(blocks) * int(data["tile"]) ** 2 / 1e6 / seconds,
-                 "n_nuclei": len(frame)}
+    with tempfile.TemporaryDirectory() as tmp:
+        with io.GeoParquetWriter(Path(tmp) / "n.parquet", segment.NUCLEI_SCHEMA) as writer:
+            pickled, main = handover(result, writer)
+    n = len(blocks)
+    out[name] = {"postprocess_working_mpx_per_s_per_core": n * int(data["tile"]) ** 2 / 1e6 / seconds,
+                 "handover_pickle_ms_per_block": 1e3 * pickled / n, "main_process_ms_per_block": 1e3 * main / n,
+                 "n_nuclei": len(result[0])}
 print(json.dumps(out))
 """
 
@@ -236,7 +264,8 @@ def postprocess_per_core(slide: Path, checkpoint: Path, tile: int, device: str, 
     key = "postprocess_working_mpx_per_s_per_core"
 
     def summary(results: list[dict]) -> dict:
-        return {name: {key: round(float(np.median([r[name][key] for r in results])), 3),
+        return {name: {**{k: round(float(np.median([r[name][k] for r in results])), 3)
+                          for k in results[0][name] if k != "n_nuclei"},
                        "n_nuclei": results[0][name]["n_nuclei"]} for name in results[0]}
 
     out = {"n_blocks": n_blocks, "rounds": rounds, **summary(runs["current"])}

@@ -29,14 +29,14 @@ def test_seam_filter_drops_a_nucleus_kept_twice_across_a_block_border():
     seams = SeamFilter(scale=0.5, reach=20)  # polygons in level-0 px = 2 x working px
     box = shapely.box
     first = [box(180, 80, 204, 104), box(60, 60, 80, 80), box(186, 180, 206, 200)]  # two at A's border
-    assert list(seams.filter(first, [a, a, a])) == [0, 1, 2]
+    assert list(seams.filter(io.EncodedGeometries.of(first), [a, a, a])) == [0, 1, 2]
     second = [box(190, 82, 210, 106),   # the first one's twin, centroid across the seam: dropped
               box(203, 20, 230, 44),    # a different nucleus touching nothing of A's
               box(202, 176, 224, 198),  # shares 18 % of A's third one: kept
               box(192, 190, 212, 210),  # A's third one's twin (35 % shared) in the diagonal block: dropped
               box(700, 700, 720, 720)]  # a far block: compared with nothing
     owners = [right, right, right, below_right, far]
-    assert list(seams.filter(second, owners)) == [1, 2, 4] and seams.n_dropped == 2
+    assert list(seams.filter(io.EncodedGeometries.of(second), owners)) == [1, 2, 4] and seams.n_dropped == 2
 
 
 def test_postprocessing_describes_only_the_nuclei_a_block_owns(rng):
@@ -67,11 +67,11 @@ def test_postprocessing_describes_only_the_nuclei_a_block_owns(rng):
     np.testing.assert_array_equal(frame.centroid_x, lx[own] / scale)
     np.testing.assert_allclose(frame.area_um2, feats.area_px[own] * mpp**2)
     np.testing.assert_array_equal(frame.solidity, feats.solidity[own])
-    for polygon, k in zip(polygons, np.flatnonzero(own), strict=True):
+    for polygon, k in zip(polygons.decode(), np.flatnonzero(own), strict=True):
         np.testing.assert_array_equal(shapely.get_coordinates(polygon)[:-1], (polys[k] + (rx, ry)) / scale)
     assert list(frame.columns) == list(NUCLEI_SCHEMA) and frame.tile_x.dtype == np.int64
     empty, none, nobody = postprocess_blocks([(0, image)], np.zeros_like(prob), [block], scale, mpp, params, None, None)
-    assert empty.empty and list(empty.columns) == list(NUCLEI_SCHEMA) and none == [] and nobody == []
+    assert empty.empty and list(empty.columns) == list(NUCLEI_SCHEMA) and len(none) == 0 and nobody == []
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +307,26 @@ def test_streamed_row_groups_and_abort(tmp_path):
             w.write(frame.iloc[:5], polys[:5])
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == [tmp_path / "n.parquet"]
+
+
+def test_encoded_outlines_cross_processes_and_write_what_shapely_writes(tmp_path):
+    """Outlines are handed from a post-processing process to the writer encoded: after pickling, a subset
+    writes the same table, geometries, bounds and geometry types as the shapely originals."""
+    import pickle
+
+    polys = [shapely.box(i, 2 * i, i + 3, 2 * i + 1) for i in range(6)] + [shapely.LineString([(0, 0), (9, 1)])]
+    frame = pd.DataFrame({c: np.arange(7, dtype="int64" if c.startswith("tile") else "float64")
+                          for c in NUCLEI_SCHEMA})
+    encoded = pickle.loads(pickle.dumps(io.EncodedGeometries.of(polys)))
+    keep = np.array([1, 4, 6])
+    for name, geoms in (("shapely", [polys[k] for k in keep]), ("encoded", encoded.take(keep))):
+        with io.GeoParquetWriter(tmp_path / f"{name}.parquet", NUCLEI_SCHEMA) as w:
+            w.write(frame.iloc[keep], geoms)
+    ours, theirs = pq.read_table(tmp_path / "encoded.parquet"), pq.read_table(tmp_path / "shapely.parquet")
+    assert ours.equals(theirs) and ours.schema.metadata[b"geo"] == theirs.schema.metadata[b"geo"]
+    back = gpd.read_parquet(tmp_path / "encoded.parquet")
+    assert [g.wkt for g in back.geometry] == [polys[k].wkt for k in keep]
+    assert set(back.geom_type) == {"Polygon", "LineString"} and back.total_bounds.tolist() == [0, 0, 9, 9]
 
 
 class _RunsCode:

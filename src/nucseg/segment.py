@@ -266,9 +266,9 @@ def _segment_into(writer, slide_path, backend: str, net: _Network, facts: dict, 
     if facts["level"] is None:  # no contrast on the slide: nothing to gate at
         net = replace(net, instances=replace(net.instances, hematoxylin_gate=False))
     seams = SeamFilter(facts["scale"], margin)
-    for frame, geoms, owners in _segment_blocks(reader, net, facts["tissue"], facts["level"], progress):
-        keep = seams.filter(geoms, [blocks[i] for i in owners])
-        writer.write(frame.iloc[keep].reset_index(drop=True), [geoms[k] for k in keep])
+    for frame, outlines, owners in _segment_blocks(reader, net, facts["tissue"], facts["level"], progress):
+        keep = seams.filter(outlines, [blocks[i] for i in owners])
+        writer.write(frame.iloc[keep].reset_index(drop=True), outlines.take(keep))
     return {"n_blocks": len(blocks), "n_seam_duplicates": seams.n_dropped}
 
 
@@ -308,7 +308,7 @@ def _detect_tissue(slide, mpp: float):
 
 
 def _segment_blocks(reader: BlockReader, net: _Network, tissue, level: float | None, progress: bool):
-    """Yield ``(features frame, polygons, block index of each nucleus)`` per batch of blocks, in block order.
+    """Yield ``(features frame, outlines, block index of each nucleus)`` per batch of blocks, in block order.
 
     Tiles are read in DataLoader workers; instance extraction and features of a batch run in a thread (or
     ``params.postprocess_workers`` processes) while the network processes the next ones. At most
@@ -400,7 +400,7 @@ def _collate(items):
 
 
 def postprocess_blocks(batch, probs, blocks, scale: float, mpp_work: float, inst_params: InstanceParams,
-                       tissue, level: float | None) -> tuple[pd.DataFrame, list[Polygon], list[int]]:
+                       tissue, level: float | None) -> tuple[pd.DataFrame, io.EncodedGeometries, list[int]]:
     """The nuclei a batch of blocks owns, from the network's outputs on their read regions: instances
     (:func:`nucseg.inference.image_instances`), ownership, then outlines and features of the owned ones only.
 
@@ -429,8 +429,8 @@ def postprocess_blocks(batch, probs, blocks, scale: float, mpp_work: float, inst
     -------
     frame : DataFrame
         One row per nucleus, the columns of :data:`NUCLEI_SCHEMA` (level-0 px and µm).
-    polygons : list of Polygon
-        The nuclei's valid outlines, level-0 px.
+    outlines : nucseg.io.EncodedGeometries
+        The nuclei's valid outlines (polygons), level-0 px, encoded for the hand-over to the writer.
     owners : list of int
         The block index (from ``batch``) of each nucleus.
     """
@@ -456,9 +456,10 @@ def postprocess_blocks(batch, probs, blocks, scale: float, mpp_work: float, inst
         lengths.append(np.diff(np.r_[starts, len(points)]))
         owners.extend([i] * len(feats))
     if not columns:
-        return pd.DataFrame(columns=list(NUCLEI_SCHEMA)), [], []
+        return pd.DataFrame(columns=list(NUCLEI_SCHEMA)), io.EncodedGeometries.of([]), []
     frame = pd.DataFrame({name: np.concatenate([c[name] for c in columns]) for name in NUCLEI_SCHEMA})
-    return frame, _valid_polygons(np.concatenate(vertices), np.concatenate(lengths)), owners
+    polygons = _valid_polygons(np.concatenate(vertices), np.concatenate(lengths))
+    return frame, io.EncodedGeometries.of(polygons), owners
 
 
 def _owned(ids: np.ndarray, cx: np.ndarray, cy: np.ndarray, block: Block, scale: float, tissue) -> np.ndarray:
@@ -505,8 +506,11 @@ class SeamFilter:
         self._border: dict[tuple[int, int], list[Polygon]] = {}
         self.n_dropped = 0
 
-    def filter(self, polygons: list[Polygon], blocks: list[Block]) -> np.ndarray:
-        """Indices of ``polygons`` (owned by ``blocks``, given in raster order) that are no duplicates."""
+    def filter(self, outlines: io.EncodedGeometries, blocks: list[Block]) -> np.ndarray:
+        """Indices of ``outlines`` (owned by ``blocks``, given in raster order) that are no duplicates.
+
+        Only the outlines whose bounding box meets an earlier neighbour's border nucleus are decoded.
+        """
         by_block: dict[Block, list[int]] = {}
         for k, block in enumerate(blocks):
             by_block.setdefault(block, []).append(k)
@@ -515,34 +519,36 @@ class SeamFilter:
             mine = np.array(mine)
             earlier = [p for dx, dy in ((-1, 0), (-1, -1), (0, -1), (1, -1))
                        for p in self._border.get((block.cx + dx * block.core, block.cy + dy * block.core), [])]
-            kept = mine[~self._duplicates([polygons[k] for k in mine], earlier)]
+            kept = mine[~self._duplicates(outlines.take(mine), earlier)]
             keep.extend(kept)
             self.n_dropped += len(mine) - len(kept)
-            self._remember(block, [polygons[k] for k in kept])
+            self._remember(block, outlines.take(kept))
         return np.array(sorted(keep), dtype=np.int64)
 
-    def _duplicates(self, polygons: list[Polygon], earlier: list[Polygon]) -> np.ndarray:
-        dup = np.zeros(len(polygons), bool)
-        if not polygons or not earlier:
+    def _duplicates(self, outlines: io.EncodedGeometries, earlier: list[Polygon]) -> np.ndarray:
+        dup = np.zeros(len(outlines), bool)
+        if not len(outlines) or not earlier:
             return dup
-        polygons, earlier = np.array(polygons, dtype=object), np.array(earlier, dtype=object)
-        mine, theirs = shapely.STRtree(earlier).query(polygons, predicate="intersects")
+        earlier = np.array(earlier, dtype=object)
+        mine, theirs = shapely.STRtree(earlier).query(shapely.box(*outlines.bounds.T))  # bounding boxes meet
         if len(mine):
-            a, b = polygons[mine], earlier[theirs]
+            a, b = shapely.from_wkb(outlines.wkb[mine]), earlier[theirs]
             shared = shapely.area(shapely.intersection(a, b))
-            dup[mine[shared >= self.min_overlap * np.minimum(shapely.area(a), shapely.area(b))]] = True
+            same = shapely.intersects(a, b) & (shared >= self.min_overlap * np.minimum(shapely.area(a),
+                                                                                        shapely.area(b)))
+            dup[mine[same]] = True
         return dup
 
-    def _remember(self, block: Block, polygons: list[Polygon]) -> None:
+    def _remember(self, block: Block, outlines: io.EncodedGeometries) -> None:
         # Blocks above the previous row can neighbour no later block.
         for key in [k for k in self._border if k[1] < block.cy - block.core]:
             del self._border[key]
-        if not polygons:
+        if not len(outlines):
             return
-        x0, y0, x1, y1 = shapely.bounds(np.array(polygons, dtype=object)).T * self.scale
+        x0, y0, x1, y1 = outlines.bounds.T * self.scale
         near = ((x0 < block.cx + self.reach) | (y0 < block.cy + self.reach)
                 | (x1 > block.cx + block.core - self.reach) | (y1 > block.cy + block.core - self.reach))
-        self._border[(block.cx, block.cy)] = [p for p, n in zip(polygons, near, strict=True) if n]
+        self._border[(block.cx, block.cy)] = list(outlines.take(near).decode())
 
 
 def _valid_polygon(points: np.ndarray) -> Polygon:
