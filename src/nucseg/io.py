@@ -209,6 +209,31 @@ class EncodedGeometries:
         return cls(shapely.to_wkb(geometries), shapely.bounds(geometries).reshape(-1, 4),
                    shapely.get_type_id(geometries))
 
+    @classmethod
+    def polygons(cls, vertices: np.ndarray, lengths: np.ndarray) -> EncodedGeometries:
+        """Polygons without holes, each one ring of ``lengths[i]`` vertices (one after another in ``vertices``
+        ``(k, 2)``, x then y, not closed), written as WKB the way GEOS writes it, without building geometries.
+
+        The rings must be simple (no self-intersection or self-contact), as outlines traced by marching
+        squares are: nothing here checks it.
+        """
+        lengths = np.asarray(lengths, np.int64)
+        if not len(lengths):
+            return cls.of([])
+        starts = np.r_[0, np.cumsum(lengths)[:-1]]
+        closed = lengths + 1  # WKB rings repeat their first vertex
+        ring = np.repeat(np.arange(len(lengths)), closed)
+        step = np.arange(len(ring)) - np.repeat(np.cumsum(closed) - closed, closed)
+        coords = np.asarray(vertices, "<f8")[starts[ring] + step % lengths[ring]].tobytes()
+        header = np.zeros(len(lengths), [("order", "u1"), ("type", "<u4"), ("rings", "<u4"), ("points", "<u4")])
+        header["order"], header["type"], header["rings"], header["points"] = 1, 3, 1, closed
+        heads, ends = header.tobytes(), 16 * np.cumsum(closed)
+        spans = zip((ends - 16 * closed).tolist(), ends.tolist(), strict=True)
+        wkb = np.empty(len(lengths), object)
+        wkb[:] = [heads[13 * i:13 * i + 13] + coords[a:b] for i, (a, b) in enumerate(spans)]
+        low, high = np.minimum.reduceat(vertices, starts), np.maximum.reduceat(vertices, starts)
+        return cls(wkb, np.column_stack([low, high]).astype(np.float64), np.full(len(lengths), 3, np.int32))
+
     def __len__(self) -> int:
         return len(self.wkb)
 

@@ -458,8 +458,8 @@ def postprocess_blocks(batch, probs, blocks, scale: float, mpp_work: float, inst
     if not columns:
         return pd.DataFrame(columns=list(NUCLEI_SCHEMA)), io.EncodedGeometries.of([]), []
     frame = pd.DataFrame({name: np.concatenate([c[name] for c in columns]) for name in NUCLEI_SCHEMA})
-    polygons = _valid_polygons(np.concatenate(vertices), np.concatenate(lengths))
-    return frame, io.EncodedGeometries.of(polygons), owners
+    # Marching-squares rings are simple: valid polygons, written as WKB without GEOS (tests/test_instances.py).
+    return frame, io.EncodedGeometries.polygons(np.concatenate(vertices), np.concatenate(lengths)), owners
 
 
 def _owned(ids: np.ndarray, cx: np.ndarray, cy: np.ndarray, block: Block, scale: float, tissue) -> np.ndarray:
@@ -471,16 +471,6 @@ def _owned(ids: np.ndarray, cx: np.ndarray, cy: np.ndarray, block: Block, scale:
     if tissue is not None and own.any():
         own[own] = shapely.contains_xy(tissue, lx[own] / scale, ly[own] / scale)
     return own
-
-
-def _valid_polygons(vertices: np.ndarray, lengths: np.ndarray) -> list[Polygon]:
-    """:func:`_valid_polygon` of each ring (``lengths`` vertices each, one after another in ``vertices``), built
-    and checked all at once (most rings are valid)."""
-    polygons = shapely.polygons(shapely.linearrings(vertices, indices=np.repeat(np.arange(len(lengths)), lengths)))
-    ends = np.cumsum(lengths)
-    for k in np.flatnonzero(~shapely.is_valid(polygons)):
-        polygons[k] = _valid_polygon(vertices[ends[k] - lengths[k]:ends[k]])
-    return list(polygons)
 
 
 class SeamFilter:
@@ -549,15 +539,3 @@ class SeamFilter:
         near = ((x0 < block.cx + self.reach) | (y0 < block.cy + self.reach)
                 | (x1 > block.cx + block.core - self.reach) | (y1 > block.cy + block.core - self.reach))
         self._border[(block.cx, block.cy)] = list(outlines.take(near).decode())
-
-
-def _valid_polygon(points: np.ndarray) -> Polygon:
-    """A valid polygon from a contour: self-touching outlines keep their largest part."""
-    poly = Polygon(points)
-    if poly.is_valid:
-        return poly
-    parts = shapely.get_parts(shapely.make_valid(poly))
-    while any(p.geom_type in ("MultiPolygon", "GeometryCollection") for p in parts):
-        parts = shapely.get_parts(parts)
-    polygons = [p for p in parts if p.geom_type == "Polygon"]
-    return max(polygons, key=lambda p: p.area) if polygons else poly.convex_hull
