@@ -186,8 +186,7 @@ def handover(result, writer):
         blob = pickle.dumps(result)
         pickled = time.perf_counter()
         frame, outlines, owners = pickle.loads(blob)
-        keep = segment.SeamFilter(scale, segment.SegmentParams().margin_px(mpp_work)).filter(
-            outlines, [blocks[i] for i in owners])
+        keep = segment.SeamFilter(scale, blocks[0].margin).filter(outlines, [blocks[i] for i in owners])
         writer.write(frame.iloc[keep].reset_index(drop=True),
                      outlines.take(keep) if hasattr(outlines, "take") else [outlines[k] for k in keep])
         times.append((pickled - started, time.perf_counter() - pickled))
