@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import geopandas as gpd
 import numpy as np
 import pandas as pd
@@ -155,6 +157,24 @@ def test_postprocessing_in_processes_gives_the_same_file(segmented, demo_slide, 
     assert len(a) > 50
     pd.testing.assert_frame_equal(a.drop(columns="geometry"), b.drop(columns="geometry"))
     assert a.geometry.geom_equals_exact(b.geometry, 0).all()
+
+
+def test_batches_reach_worker_processes_through_shared_memory_when_it_has_room():
+    """Arrays go to post-processing processes as torch tensors (multiprocessing moves them through /dev/shm),
+    unless /dev/shm cannot hold every batch in flight twice over: then as arrays, pickled through a pipe."""
+    import shutil
+
+    import torch
+
+    from nucseg.segment import _through_shared_memory
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm on this system: arrays always go through the pipe")
+    array = np.zeros((4, 2, 64, 64), np.float32)
+    sent = _through_shared_memory(array, 3)
+    assert isinstance(sent, torch.Tensor) and np.shares_memory(sent.numpy(), array)
+    too_many = shutil.disk_usage("/dev/shm").free // array.nbytes
+    assert _through_shared_memory(array, too_many) is array
 
 
 def test_slide_hematoxylin_level_is_per_slide_and_splits_nuclei_from_the_rest(demo_slide, demo_tissue):
