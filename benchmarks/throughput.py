@@ -14,7 +14,7 @@ model's resolution, 0.5 µm/px for the shipped model, a quarter as many):
     post-processing processes add (``handover_pickle_ms_per_block``, in the worker) and the main process's serial
     share (``main_process_ms_per_block``: unpickle, seam filter, GeoParquet rows), which bounds a many-core node,
     and the main process's CPU to send a batch's inputs to the processes (``input_handover_*_main_cpu_ms_per_block``:
-    pickled through a pipe, or through shared memory as ``nucseg segment`` does);
+    pickled through a pipe, in fresh shared memory, or through the ring of shared buffers ``nucseg segment`` uses);
   * end-to-end: ``nucseg segment`` (read + network + post-processing + GeoParquet), per slide size, with its
     peak RSS in a fresh process (memory must not grow with the slide), and its ratio to the network-only rate
     around it, in working pixels (the top-level ratio: the largest slide's);
@@ -279,24 +279,32 @@ def postprocess_per_core(slide: Path, checkpoint: Path, tile: int, device: str, 
 
 def input_handover(inputs: Path, workers: int = 2, repeats: int = 4, batch: int = 4) -> dict:
     """The main process's CPU (all its threads) per block to send batches of read regions and probabilities
-    (``inputs``) to ``workers`` post-processing processes: pickled through a pipe, or as torch tensors, which
-    multiprocessing moves through shared memory (``nucseg segment``'s way when /dev/shm has room). On a many-core
-    GPU node the main process does this for every block, serially."""
+    (``inputs``) to ``workers`` post-processing processes: pickled through a pipe, as fresh torch tensors (which
+    multiprocessing moves through shared memory), or copied into ``nucseg segment``'s ring of reused shared
+    buffers (``nucseg.segment._SharedRing``). On a many-core GPU node the main process does this for every block,
+    serially."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     import torch
 
+    from nucseg.segment import _SharedRing
+
     data = np.load(inputs)
     images, probs = data["images"], data["probs"]
     out = {}
-    for name, send in (("pipe", lambda a: a), ("shared_memory", torch.from_numpy)):
+    for name, send in (("pipe", lambda *a: a), ("fresh_shared_memory", lambda *a: map(torch.from_numpy, a)),
+                       ("shared_ring", _SharedRing(workers + 2))):
         batches = [(images[k:k + batch].copy(), probs[k:k + batch].copy())  # fresh arrays: each goes once
                    for _ in range(repeats) for k in range(0, len(images), batch)]
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             pool.submit(len, ()).result()  # the workers are up
-            cpu = time.process_time()
-            for future in [pool.submit(len, (send(a), send(b))) for a, b in batches]:
+            cpu, pending = time.process_time(), []
+            for arrays in batches:  # at most workers + 1 in flight, as in nucseg segment
+                pending.append(pool.submit(len, tuple(send(*arrays))))
+                while len(pending) > workers:
+                    pending.pop(0).result()
+            for future in pending:
                 future.result()
             seconds = time.process_time() - cpu
         out[f"input_handover_{name}_main_cpu_ms_per_block"] = round(1e3 * seconds / (repeats * len(images)), 2)

@@ -159,22 +159,29 @@ def test_postprocessing_in_processes_gives_the_same_file(segmented, demo_slide, 
     assert a.geometry.geom_equals_exact(b.geometry, 0).all()
 
 
-def test_batches_reach_worker_processes_through_shared_memory_when_it_has_room():
-    """Arrays go to post-processing processes as torch tensors (multiprocessing moves them through /dev/shm),
-    unless /dev/shm cannot hold every batch in flight twice over: then as arrays, pickled through a pipe."""
+def test_batches_reach_worker_processes_through_a_ring_of_shared_buffers():
+    """A batch's arrays go to post-processing processes copied into shared-memory tensors that are reused every
+    ``slots`` batches (a shorter last batch fills their first rows); without room for the ring in /dev/shm they
+    go as they are, pickled through a pipe."""
     import shutil
 
-    import torch
-
-    from nucseg.segment import _through_shared_memory
+    from nucseg.segment import _SharedRing
 
     if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm on this system: arrays always go through the pipe")
-    array = np.zeros((4, 2, 64, 64), np.float32)
-    sent = _through_shared_memory(array, 3)
-    assert isinstance(sent, torch.Tensor) and np.shares_memory(sent.numpy(), array)
-    too_many = shutil.disk_usage("/dev/shm").free // array.nbytes
-    assert _through_shared_memory(array, too_many) is array
+    rng = np.random.default_rng(0)
+    ring = _SharedRing(slots=3)
+    batches = [(rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8), rng.random((4, 2, 8, 8), dtype=np.float32))
+               for _ in range(4)] + [(np.zeros((2, 8, 8, 3), np.uint8), np.ones((2, 2, 8, 8), np.float32))]
+    sent = [ring(*batch) for batch in batches]
+    for batch, tensors in zip(batches[-2:], sent[-2:], strict=True):   # each slot holds its latest batch
+        for array, tensor in zip(batch, tensors, strict=True):
+            assert tensor.is_shared() and tensor.numpy().dtype == array.dtype
+            np.testing.assert_array_equal(tensor.numpy(), array)
+    pointers = [[t.data_ptr() for t in tensors] for tensors in sent]
+    assert pointers[3] == pointers[0] and pointers[4] == pointers[1] and pointers[1] != pointers[0]
+    too_small = _SharedRing(slots=shutil.disk_usage("/dev/shm").free // sum(a.nbytes for a in batches[0]))
+    assert all(x is y for x, y in zip(too_small(*batches[0]), batches[0], strict=True))
 
 
 def test_slide_hematoxylin_level_is_per_slide_and_splits_nuclei_from_the_rest(demo_slide, demo_tissue):

@@ -328,8 +328,7 @@ def _segment_blocks(reader: BlockReader, net: _Network, tissue, level: float | N
         for batch in tqdm(loader, desc="segment", unit="batch", disable=not progress):
             ids, images = [i for i, _ in batch], np.stack([img for _, img in batch])
             probs = predict(net.model, images, net.device, params.tta)
-            pending.append(pool.submit(postprocess, ids, send(images, workers + 1), send(probs, workers + 1),
-                                       [reader.blocks[i] for i in ids]))
+            pending.append(pool.submit(postprocess, ids, *send(images, probs), [reader.blocks[i] for i in ids]))
             while len(pending) > workers:
                 yield pending.popleft().result()
                 _release_freed_memory()
@@ -349,17 +348,18 @@ def blocks_per_batch(batch_size: int, blocks: list[Block]) -> int:
 def _postprocess_pool(workers: int, context: dict):
     """An executor, the function it runs on ``(ids, images, probs, blocks)`` and how the arrays are sent to it:
     one thread, or ``workers`` processes that receive ``context`` (the tissue geometry above all) once instead of
-    with every batch, and the arrays through shared memory (:func:`_through_shared_memory`)."""
+    with every batch, and the arrays through shared memory (:class:`_SharedRing`; at most ``workers + 1``
+    batches are in flight, :func:`_segment_blocks`)."""
     if workers == 1:
         if context["tissue"] is not None:
             shapely.prepare(context["tissue"])
         with ThreadPoolExecutor(max_workers=1) as pool:
-            yield pool, functools.partial(_postprocess_arrays, **context), lambda array, _: array
+            yield pool, functools.partial(_postprocess_arrays, **context), lambda *arrays: arrays
         return
     # spawn, not fork: forking a process that runs torch's thread pools can deadlock the children.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_postprocess_worker, initargs=(context,)) as pool:
-        yield pool, _postprocess_in_worker, _through_shared_memory
+        yield pool, _postprocess_in_worker, _SharedRing(workers + 2)
 
 
 _WORKER_CONTEXT: dict = {}
@@ -384,17 +384,44 @@ def _postprocess_arrays(ids, images, probs, blocks, **context):
     return postprocess_blocks(list(zip(ids, images, strict=True)), probs, blocks, **context)
 
 
-def _through_shared_memory(array: np.ndarray, in_flight: int):
-    """``array`` for a post-processing process: as a torch tensor, which multiprocessing hands over through shared
-    memory instead of pickling it through a pipe (the main process's CPU per 640² block and its probabilities:
-    about 11 ms -> 6.4 ms, ``benchmarks/throughput.py``), when /dev/shm has room for ``in_flight`` such arrays
-    twice over; else the array itself (a container's /dev/shm is 64 MB by default, too small for a GPU node's
-    batches)."""
-    try:
-        room = shutil.disk_usage("/dev/shm").free
-    except OSError:
-        room = 0
-    return torch.from_numpy(array) if room > 2 * in_flight * array.nbytes else array
+def _holds(buffer: torch.Tensor, array: np.ndarray) -> bool:
+    """Whether ``buffer``'s first rows can take ``array``."""
+    return buffer.shape[1:] == array.shape[1:] and len(buffer) >= len(array) and buffer.numpy().dtype == array.dtype
+
+
+class _SharedRing:
+    """Sends a batch's arrays to post-processing processes through a ring of ``slots`` shared-memory buffers.
+
+    Each array is copied into its slot's buffer (torch tensors in /dev/shm, allocated on first use and then
+    reused), and multiprocessing sends the processes only a handle to it: the main process's CPU per 640² block
+    and its probabilities is about 0.7 ms, against 11 ms pickled through a pipe and 6 ms in fresh shared memory
+    (``benchmarks/throughput.py``). A slot is written again ``slots`` batches later, when the batch that used it
+    is done (fewer than ``slots`` are in flight). When /dev/shm cannot hold the ring twice over (a container's
+    default is 64 MB) the arrays go by pipe instead.
+    """
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self._buffers: list[list[torch.Tensor]] = [[] for _ in range(slots)]
+        self._sent = 0
+        self._shared: bool | None = None  # decided at the first batch
+
+    def __call__(self, *arrays: np.ndarray) -> tuple:
+        if self._shared is None:
+            try:
+                room = shutil.disk_usage("/dev/shm").free
+            except OSError:
+                room = 0
+            self._shared = room > 2 * self.slots * sum(a.nbytes for a in arrays)
+        if not self._shared:
+            return arrays
+        buffers = self._buffers[self._sent % self.slots]
+        self._sent += 1
+        if len(buffers) != len(arrays) or not all(map(_holds, buffers, arrays)):
+            buffers[:] = [torch.empty(a.shape, dtype=torch.from_numpy(a).dtype).share_memory_() for a in arrays]
+        for a, b in zip(arrays, buffers, strict=True):
+            b.numpy()[:len(a)] = a
+        return tuple(b[:len(a)] for a, b in zip(arrays, buffers, strict=True))
 
 
 def _release_freed_memory() -> None:
