@@ -288,7 +288,7 @@ def input_handover(inputs: Path, workers: int = 2, repeats: int = 4, batch: int 
 
     import torch
 
-    from nucseg.segment import _SharedRing
+    from nucseg.segment import _release_freed_memory, _SharedRing
 
     data = np.load(inputs)
     images, probs = data["images"], data["probs"]
@@ -300,10 +300,11 @@ def input_handover(inputs: Path, workers: int = 2, repeats: int = 4, batch: int 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             pool.submit(len, ()).result()  # the workers are up
             cpu, pending = time.process_time(), []
-            for arrays in batches:  # at most workers + 1 in flight, as in nucseg segment
+            for arrays in batches:  # at most workers + 1 in flight, freed memory handed back, as in nucseg segment
                 pending.append(pool.submit(len, tuple(send(*arrays))))
                 while len(pending) > workers:
                     pending.pop(0).result()
+                    _release_freed_memory()
             for future in pending:
                 future.result()
             seconds = time.process_time() - cpu
