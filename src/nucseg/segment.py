@@ -395,9 +395,9 @@ class _SharedRing:
     Each array is copied into its slot's buffer (torch tensors in /dev/shm, allocated on first use and then
     reused), and multiprocessing sends the processes only a handle to it: the main process's CPU per 640² block
     and its probabilities is about 2 ms, against about 6 ms pickled through a pipe and 5 ms in fresh shared memory
-    (``benchmarks/throughput.py``, freed memory handed back after each batch as here). A slot is written again ``slots`` batches later, when the batch that used it
-    is done (fewer than ``slots`` are in flight). When /dev/shm cannot hold the ring twice over (a container's
-    default is 64 MB) the arrays go by pipe instead.
+    (``benchmarks/throughput.py``, freed memory handed back after each batch as here). A slot is written again
+    ``slots`` batches later, when the batch that used it is done (fewer than ``slots`` are in flight). When
+    /dev/shm cannot hold the ring twice over (a container's default is 64 MB) the arrays go by pipe instead.
     """
 
     def __init__(self, slots: int):
