@@ -319,11 +319,10 @@ def test_outlines_are_simple_rings_written_as_geos_writes_them(rng):
     awkward maps (holes, corner contacts, labels touching labels, salt-and-pepper noise, interpolated or plain
     crossings) are valid polygons, and the WKB, bounds and types are GEOS's own."""
     import shapely
+    from scipy import ndimage as ndi
 
     from nucseg.instances import instance_table
     from nucseg.io import EncodedGeometries
-
-    from scipy import ndimage as ndi
 
     maps = [_awkward_labels(rng) for _ in range(3)]
     for share in (0.3, 0.5, 0.6):  # noise: 4-connected pieces (labels meeting at corners) and 8-connected ones

@@ -7,6 +7,7 @@ image. All size parameters are in µm / µm².
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -682,12 +683,16 @@ def _window_pixels(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray) -> 
     return pixels, owner, cols - origins[owner, 0], rows - origins[owner, 1]
 
 
+def _instance_sums(window: tuple[np.ndarray, ...], ids: np.ndarray, n_labels: int, values=None) -> np.ndarray:
+    """Per instance of ``ids`` (``window``: their :func:`_window_pixels`), the float64 sum of ``values`` over its
+    pixels (None: the pixel count)."""
+    return np.bincount(window[1], weights=values, minlength=n_labels)[ids].astype(np.float64)
+
+
 def _first_moments(window: tuple[np.ndarray, ...], ids: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
     """``m00``, ``m10``, ``m01`` (float64) of each of ``ids`` (``window``: their :func:`_window_pixels`) and its
     centroid in the map's pixel units (pixel centres at ``j + 0.5``)."""
-    owner, x, y = window[1:]
-    m00, m10, m01 = (np.bincount(owner, weights=v, minlength=len(origins))[ids].astype(np.float64)
-                     for v in (None, x, y))
+    m00, m10, m01 = (_instance_sums(window, ids, len(origins), v) for v in (None, window[2], window[3]))
     return m00, m10, m01, m10 / m00 + origins[ids, 0] + 0.5, m01 / m00 + origins[ids, 1] + 0.5
 
 
@@ -701,11 +706,8 @@ def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins:
     computes them (integer sums in window coordinates, then its central-moment formulas), so centroids and
     eccentricities equal the per-window values to the bit; the means are float64 sums.
     """
-    pixels, owner, x, y = window
-
-    def sums(values=None):
-        return np.bincount(owner, weights=values, minlength=len(origins))[ids].astype(np.float64)
-
+    pixels, _, x, y = window
+    sums = functools.partial(_instance_sums, window, ids, len(origins))
     m00, m10, m01 = first[:3]
     m20, m02, m11 = sums(x * x), sums(y * y), sums(x * y)
     cx, cy = m10 * (1.0 / m00), m01 * (1.0 / m00)

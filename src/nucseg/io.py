@@ -217,14 +217,14 @@ class EncodedGeometries:
         The rings must be simple (no self-intersection or self-contact), as outlines traced by marching
         squares are: nothing here checks it.
         """
-        lengths = np.asarray(lengths, np.int64)
+        lengths, vertices = np.asarray(lengths, np.int64), np.asarray(vertices, "<f8")
         if not len(lengths):
             return cls.of([])
         starts = np.r_[0, np.cumsum(lengths)[:-1]]
         closed = lengths + 1  # WKB rings repeat their first vertex
         ring = np.repeat(np.arange(len(lengths)), closed)
         step = np.arange(len(ring)) - np.repeat(np.cumsum(closed) - closed, closed)
-        coords = np.asarray(vertices, "<f8")[starts[ring] + step % lengths[ring]].tobytes()
+        coords = vertices[starts[ring] + step % lengths[ring]].tobytes()
         header = np.zeros(len(lengths), [("order", "u1"), ("type", "<u4"), ("rings", "<u4"), ("points", "<u4")])
         header["order"], header["type"], header["rings"], header["points"] = 1, 3, 1, closed
         heads, ends = header.tobytes(), 16 * np.cumsum(closed)
@@ -232,7 +232,7 @@ class EncodedGeometries:
         wkb = np.empty(len(lengths), object)
         wkb[:] = [heads[13 * i:13 * i + 13] + coords[a:b] for i, (a, b) in enumerate(spans)]
         low, high = np.minimum.reduceat(vertices, starts), np.maximum.reduceat(vertices, starts)
-        return cls(wkb, np.column_stack([low, high]).astype(np.float64), np.full(len(lengths), 3, np.int32))
+        return cls(wkb, np.column_stack([low, high]), np.full(len(lengths), 3, np.int32))
 
     def __len__(self) -> int:
         return len(self.wkb)
