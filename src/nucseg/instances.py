@@ -18,7 +18,9 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.measure import find_contours
-from skimage.segmentation import find_boundaries, watershed
+from skimage.segmentation import find_boundaries
+
+from .kernels import flood, label_maxima
 
 
 @dataclass(frozen=True)
@@ -170,16 +172,16 @@ def extract_instances(prob: np.ndarray, mpp: float, params: InstanceParams = Ins
 
 def flood_markers(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``skimage.segmentation.watershed(relief, markers, mask=mask)`` as int32, faster: the flooding runs only
-    where it has a choice to make.
+    where it has a choice to make, in :func:`nucseg.kernels.flood`.
 
     A 4-connected component of ``mask`` holding the pixels of one marker label is all that label's (and one
-    without a marker stays 0), whatever the relief; most nuclei are such components. The watershed floods
-    only the components with two or more markers, cropped to their bounding box. Within a component the
-    flooding order does not depend on the pixels outside it, so the labels are the watershed's to the pixel.
+    without a marker stays 0), whatever the relief; most nuclei are such components. Only the components with
+    two or more markers are flooded. Within a component the flooding order does not depend on the pixels
+    outside it, so the labels are the watershed's to the pixel.
 
     Parameters
     ----------
-    relief : ndarray (H, W) float
+    relief : ndarray (H, W) float32 (as the network's probabilities; other types are cast to it)
     markers : ndarray (H, W) int, 0 = no marker; nonzero only inside ``mask``
     mask : ndarray (H, W) bool
     """
@@ -196,11 +198,8 @@ def flood_markers(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> 
     crowded = n_labels > 1
     if crowded.any():
         region = crowded[components]
-        rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
-        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
-        region = region[box]
-        flooded = watershed(relief[box], np.where(region, markers[box], 0), mask=region)
-        out[box][region] = flooded[region]
+        out[region] = markers[region]
+        flood(np.ascontiguousarray(relief, np.float32), out, region)
     return out
 
 
@@ -314,20 +313,7 @@ def label_peaks(image: np.ndarray, labels: np.ndarray, min_distance: int) -> np.
 def _label_maxima(image: np.ndarray, labels: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Row and column, in raster order, of every labelled pixel not below any pixel of its own label within
     ``radius`` (a square window; the image's outside counts as no label)."""
-    pad = max(radius, 1)
-    lab, img = _padded(labels, pad).ravel(), _padded(image, pad).ravel()
-    width = labels.shape[1] + 2 * pad
-    idx = np.flatnonzero(lab)
-    # A pixel below a neighbour of its label is no maximum of any window: most are dropped in 3 x 3 first.
-    for off in _window_offsets(width, 1):
-        if off:
-            idx = idx[(lab[idx + off] != lab[idx]) | (img[idx + off] <= img[idx])]
-    if radius > 1 and len(idx):
-        near = idx[:, None] + _window_offsets(width, radius)
-        higher = (lab[near] == lab[idx][:, None]) & (img[near] > img[idx][:, None])
-        idx = idx[~higher.any(axis=1)]
-    rows, cols = np.divmod(idx, width)
-    return rows - pad, cols - pad
+    return np.divmod(label_maxima(image, labels, max(radius, 1)), labels.shape[1])
 
 
 def _padded(array: np.ndarray, width: int, value=0, dtype=None) -> np.ndarray:
@@ -335,12 +321,6 @@ def _padded(array: np.ndarray, width: int, value=0, dtype=None) -> np.ndarray:
     out = np.full((array.shape[0] + 2 * width, array.shape[1] + 2 * width), value, dtype or array.dtype)
     out[width:-width, width:-width] = array
     return out
-
-
-def _window_offsets(width: int, radius: int) -> np.ndarray:
-    """Flat offsets, in a raster ``width`` pixels wide, of the square window of ``radius`` around a pixel."""
-    dy, dx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    return (dy * width + dx).ravel()
 
 
 def _spaced(rows: np.ndarray, cols: np.ndarray, owner: np.ndarray, min_distance: int) -> np.ndarray:
