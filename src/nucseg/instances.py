@@ -20,7 +20,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import find_contours
 from skimage.segmentation import find_boundaries
 
-from .kernels import flood, label_maxima
+from .kernels import boundary_cells, flood, label_maxima, ring_positions
 
 
 @dataclass(frozen=True)
@@ -466,22 +466,7 @@ def _cell_segments(padded: np.ndarray) -> tuple[np.ndarray, ...]:
         for the label (bits 1, 2, 4, 8: its upper left, upper right, lower left, lower right corner) and the
         segment's edges.
     """
-    corners = [padded[:-1, :-1], padded[:-1, 1:], padded[1:, :-1], padded[1:, 1:]]
-    cells = np.flatnonzero((corners[0] != corners[1]) | (corners[0] != corners[2]) | (corners[0] != corners[3]))
-    values = [corner.ravel()[cells] for corner in corners]
-    found_cell, found_label, found_case = [], [], []
-    for k, label in enumerate(values):
-        first = label != 0  # each label of a cell once, at its first corner
-        for other in values[:k]:
-            first &= label != other
-        label = label[first]
-        found_cell.append(cells[first])
-        found_label.append(label)
-        case = np.zeros(len(label), np.uint8)
-        for j in range(4):
-            case |= (values[j][first] == label).view(np.uint8) << j
-        found_case.append(case)
-    cell, label, case = (np.concatenate(parts) for parts in (found_cell, found_label, found_case))
+    cell, label, case = boundary_cells(padded)
     saddle = _SEGMENT_TABLE[case, 1, 0] >= 0
     cell, label = np.r_[cell, cell[saddle]], np.r_[label, label[saddle]]
     k = np.r_[np.zeros(len(case), np.intp), np.ones(int(saddle.sum()), np.intp)]
@@ -526,23 +511,7 @@ def _ring_positions(from_key: np.ndarray, to_key: np.ndarray, emitted: np.ndarra
     """
     segment_of = np.empty(int(from_key.max()) + 1 if len(from_key) else 0, np.int32)  # crossing -> its segment
     segment_of[from_key] = np.arange(len(from_key), dtype=np.int32)
-    succ = segment_of[to_key]
-    ring, step = emitted, succ
-    while True:  # pointer doubling: the latest segment within 2^k steps, until a round changes nothing
-        wider = np.maximum(ring, ring[step])
-        if np.array_equal(wider, ring):
-            break
-        ring, step = wider, step[step]
-    n = len(succ)
-    is_start = np.zeros(n, bool)
-    is_start[succ[emitted == ring]] = True
-    back = np.empty(n, np.intp)
-    back[succ] = np.arange(n)
-    back[is_start] = np.flatnonzero(is_start)
-    position = (~is_start).astype(np.int64)
-    while not np.array_equal(back[back], back):  # list ranking back to the start
-        position, back = position + position[back], back[back]
-    return ring, position
+    return ring_positions(segment_of[to_key], emitted)
 
 
 def _outline_rings(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray, score: np.ndarray | None,

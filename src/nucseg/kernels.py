@@ -142,3 +142,70 @@ def label_maxima(image: np.ndarray, labels: np.ndarray, radius: int) -> np.ndarr
                 found[n] = row * width + col
                 n += 1
     return found[:n]
+
+
+@numba.njit(**_JIT)
+def boundary_cells(padded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each 2 x 2 cell of a label map and label whose field (its pixels in, others out) changes in the cell.
+
+    Parameters
+    ----------
+    padded : ndarray (H, W) int, a label map with a border of zeros
+
+    Returns
+    -------
+    cell, label, case : ndarray
+        The cell (flat, row-major over the ``(H - 1) x (W - 1)`` cells, named by their upper-left pixel), the
+        label and its corners in the cell (bits 1, 2, 4, 8: upper left, upper right, lower left, lower right).
+        Ordered by the corner where the label first occurs in the cell (in that bit order), then by cell.
+    """
+    height, width = padded.shape
+    size = (height - 1) * (width - 1)
+    cells, labels = np.empty((4, size), np.int64), np.empty((4, size), padded.dtype)
+    cases, counts = np.empty((4, size), np.uint8), np.zeros(4, np.int64)
+    for row in range(height - 1):
+        for col in range(width - 1):
+            corners = (padded[row, col], padded[row, col + 1], padded[row + 1, col], padded[row + 1, col + 1])
+            if corners[0] == corners[1] and corners[0] == corners[2] and corners[0] == corners[3]:
+                continue
+            for first in range(4):
+                label = corners[first]
+                seen = label == 0
+                for j in range(first):
+                    seen |= corners[j] == label
+                if seen:
+                    continue
+                case = 0
+                for j in range(4):
+                    if corners[j] == label:
+                        case |= 1 << j
+                n = counts[first]
+                cells[first, n], labels[first, n], cases[first, n] = row * (width - 1) + col, label, case
+                counts[first] += 1
+    return (np.concatenate((cells[0, :counts[0]], cells[1, :counts[1]], cells[2, :counts[2]], cells[3, :counts[3]])),
+            np.concatenate((labels[0, :counts[0]], labels[1, :counts[1]], labels[2, :counts[2]],
+                            labels[3, :counts[3]])),
+            np.concatenate((cases[0, :counts[0]], cases[1, :counts[1]], cases[2, :counts[2]], cases[3, :counts[3]])))
+
+
+@numba.njit(**_JIT)
+def ring_positions(successor: np.ndarray, emitted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment of closed rings (``successor``: the next segment in its ring), its ring's id, the largest
+    ``emitted`` in the ring, and its rank counted from the ring's start, the successor of that segment."""
+    n = len(successor)
+    ring, position, done = np.empty(n, emitted.dtype), np.empty(n, np.int64), np.zeros(n, np.bool_)
+    for segment in range(n):
+        if done[segment]:
+            continue
+        last, at = segment, successor[segment]
+        while at != segment:
+            if emitted[at] > emitted[last]:
+                last = at
+            at = successor[at]
+        at, rank = successor[last], 0
+        while True:
+            ring[at], position[at], done[at] = emitted[last], rank, True
+            if at == last:
+                break
+            at, rank = successor[at], rank + 1
+    return ring, position
