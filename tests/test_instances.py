@@ -430,3 +430,24 @@ def test_compiled_flood_breaks_ties_as_skimages_heap_does(rng):
         flood(relief.astype(np.float32), markers, mask)
         np.testing.assert_array_equal(markers, expected)
     assert differs > 50  # maps where the order of flooding matters
+
+
+def test_compiled_hull_areas_are_opencvs(rng):
+    """Convex hulls of integer points, with duplicates, collinear runs and fewer than three points, have
+    OpenCV's areas exactly."""
+    from nucseg.kernels import hull_areas
+
+    owner, xs, ys, expected = [], [], [], []
+    for label in range(1, 301):
+        n = int(rng.integers(1, 30))
+        x = rng.integers(0, 12, n) if label % 3 else np.full(n, 5)  # every third label: a vertical line
+        y = rng.integers(0, 12, n) if label % 5 else 2 * x  # every fifth: a diagonal
+        points = np.stack([x, y], axis=1).astype(np.int32)
+        expected.append(cv2.contourArea(cv2.convexHull(points)))
+        owner += [label] * n
+        xs += x.tolist()
+        ys += y.tolist()
+    order = rng.permutation(len(owner))
+    got = hull_areas(*(np.asarray(v, np.int64)[order] for v in (owner, xs, ys)), np.arange(1, 301))
+    np.testing.assert_array_equal(got, expected)
+    assert (np.asarray(expected) == 0).sum() > 50 and (np.asarray(expected) > 0).sum() > 100

@@ -7,7 +7,6 @@ image. All size parameters are in µm / µm².
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,7 +19,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import find_contours
 from skimage.segmentation import find_boundaries
 
-from .kernels import boundary_cells, flood, label_maxima, ring_positions
+from .kernels import boundary_cells, flood, hull_areas, label_maxima, ring_positions, window_sums
 
 
 @dataclass(frozen=True)
@@ -620,45 +619,33 @@ def instance_outlines(labels: np.ndarray, score: np.ndarray | None = None, level
     return list(zip(ids.tolist(), np.split(vertices, starts[1:]), strict=True))
 
 
-def _window_pixels(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Flat index, label and (x, y) in its label's window (``origins``, :func:`_window_origins`) of every
-    pixel of the instances ``ids``: the terms of ``cv2.moments`` of each window, for all windows at once."""
-    keep = np.zeros(len(origins), bool)
-    keep[ids] = True
-    flat = labels.ravel()
-    pixels = np.flatnonzero(keep[flat])
-    owner = flat[pixels]
-    rows, cols = np.divmod(pixels, labels.shape[1])
-    return pixels, owner, cols - origins[owner, 0], rows - origins[owner, 1]
+def _window_sums(labels: np.ndarray, origins: np.ndarray, hematoxylin: np.ndarray | None,
+                 score: np.ndarray | None) -> np.ndarray:
+    """:func:`nucseg.kernels.window_sums`: per label, its pixels' moments in its window (``origins``,
+    :func:`_window_origins`) and their hematoxylin and score sums, for all windows at once."""
+    none = np.empty((0, 0), np.float32)
+    return window_sums(labels, origins, none if hematoxylin is None else hematoxylin, none if score is None else score)
 
 
-def _instance_sums(window: tuple[np.ndarray, ...], ids: np.ndarray, n_labels: int, values=None) -> np.ndarray:
-    """Per instance of ``ids`` (``window``: their :func:`_window_pixels`), the float64 sum of ``values`` over its
-    pixels (None: the pixel count)."""
-    return np.bincount(window[1], weights=values, minlength=n_labels)[ids].astype(np.float64)
-
-
-def _first_moments(window: tuple[np.ndarray, ...], ids: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``m00``, ``m10``, ``m01`` (float64) of each of ``ids`` (``window``: their :func:`_window_pixels`) and its
-    centroid in the map's pixel units (pixel centres at ``j + 0.5``)."""
-    m00, m10, m01 = (_instance_sums(window, ids, len(origins), v) for v in (None, window[2], window[3]))
+def _first_moments(sums: np.ndarray, ids: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``m00``, ``m10``, ``m01`` (float64) of each of ``ids`` (``sums``: :func:`_window_sums`) and its centroid
+    in the map's pixel units (pixel centres at ``j + 0.5``)."""
+    m00, m10, m01 = sums[ids, 0], sums[ids, 1], sums[ids, 2]
     return m00, m10, m01, m10 / m00 + origins[ids, 0] + 0.5, m01 / m00 + origins[ids, 1] + 0.5
 
 
-def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray,
-                    window: tuple[np.ndarray, ...], first: tuple[np.ndarray, ...], boundary: _Boundary,
-                    hematoxylin: np.ndarray | None, score: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Eccentricity, solidity and mean hematoxylin and score of the pixels of each of ``ids`` (``window``:
-    their :func:`_window_pixels`; ``first``: their :func:`_first_moments`).
+def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray, sums: np.ndarray,
+                    first: tuple[np.ndarray, ...], boundary: _Boundary, hematoxylin: bool, score: bool
+                    ) -> dict[str, np.ndarray]:
+    """Eccentricity, solidity and mean hematoxylin and score (when ``hematoxylin``, ``score``) of the pixels
+    of each of ``ids`` (``sums``: :func:`_window_sums`; ``first``: their :func:`_first_moments`).
 
-    The moments are sums over all instances' pixels at once, as ``cv2.moments`` of each one's window
-    computes them (integer sums in window coordinates, then its central-moment formulas), so centroids and
-    eccentricities equal the per-window values to the bit; the means are float64 sums.
+    The moments are sums over each instance's pixels in its window, as ``cv2.moments`` computes them (integer
+    sums in window coordinates, then its central-moment formulas), so centroids and eccentricities equal the
+    per-window values to the bit; the means are float64 sums.
     """
-    pixels, _, x, y = window
-    sums = functools.partial(_instance_sums, window, ids, len(origins))
     m00, m10, m01 = first[:3]
-    m20, m02, m11 = sums(x * x), sums(y * y), sums(x * y)
+    m20, m02, m11 = sums[ids, 3], sums[ids, 4], sums[ids, 5]
     cx, cy = m10 * (1.0 / m00), m01 * (1.0 / m00)
     mu20, mu02, mu11 = (m20 - m10 * cx) / m00, (m02 - m01 * cy) / m00, (m11 - m10 * cy) / m00
     common = np.sqrt(4 * mu11**2 + (mu20 - mu02) ** 2)
@@ -667,8 +654,8 @@ def _pixel_features(labels: np.ndarray, ids: np.ndarray, objects: list, origins:
         eccentricity = np.where(l1 > 0, np.sqrt(1 - l2 / l1), 0.0)
     nan = np.full(len(ids), np.nan)
     return {"eccentricity": eccentricity, "solidity": _solidities(labels, ids, objects, origins, boundary, m00),
-            "mean_hematoxylin_od": nan if hematoxylin is None else sums(hematoxylin.ravel()[pixels]) / m00,
-            "score": nan if score is None else sums(score.ravel()[pixels]) / m00}
+            "mean_hematoxylin_od": sums[ids, 6] / m00 if hematoxylin else nan,
+            "score": sums[ids, 7] / m00 if score else nan}
 
 
 def _solidities(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.ndarray, boundary: _Boundary,
@@ -700,14 +687,12 @@ def _solidities(labels: np.ndarray, ids: np.ndarray, objects: list, origins: np.
 
 def _hull_areas(boundary: _Boundary, ids: np.ndarray) -> np.ndarray:
     """Area of the convex hull of the pixel centres of each of ``ids`` (sorted), from its corners alone in a cell
-    (a pixel the hull turns at is alone in the cell on its outer side), by OpenCV."""
+    (a pixel the hull turns at is alone in the cell on its outer side)."""
     lone = _CORNERS_IN[boundary.case] == 1
     label, case = boundary.label[lone], boundary.case[lone]
     row, col = np.divmod(boundary.cell[lone], boundary.width - 1)
-    order = np.argsort(label, kind="stable")
-    points = np.stack([col + _LONE_CORNER[case, 1], row + _LONE_CORNER[case, 0]], axis=1).astype(np.int32)[order]
-    ends = np.searchsorted(label[order], ids, side="right").tolist()
-    return np.array([cv2.contourArea(cv2.convexHull(points[a:b])) for a, b in zip([0, *ends[:-1]], ends, strict=True)])
+    return hull_areas(label.astype(np.int64), col + _LONE_CORNER[case, 1], row + _LONE_CORNER[case, 0],
+                      ids.astype(np.int64))
 
 
 def describe_instances(labels: np.ndarray, hematoxylin: np.ndarray | None = None,
@@ -752,19 +737,17 @@ def instance_table(labels: np.ndarray, hematoxylin: np.ndarray | None = None, sc
     objects = ndi.find_objects(labels)
     ids = _present_labels(objects)
     origins = _window_origins(objects)
-    window = _window_pixels(labels, ids, origins)
-    first = _first_moments(window, ids, origins)
+    sums = _window_sums(labels, origins, hematoxylin, score)
+    first = _first_moments(sums, ids, origins)
     if select is not None and len(ids):
         chosen = np.asarray(select(ids, *first[3:]), bool)
         ids, first = ids[chosen], tuple(values[chosen] for values in first)
-        keep = np.zeros(len(origins), bool)
-        keep[ids] = True
-        window = tuple(values[keep[window[1]]] for values in window)
     if not len(ids):
         return np.zeros((0, 2)), np.zeros(0, np.int64), pd.DataFrame(columns=["label"] + FEATURE_COLUMNS)
     vertices, starts, boundary = _outline_rings(labels, ids, origins, score, level)
     x, y = vertices.T
-    features = _pixel_features(labels, ids, objects, origins, window, first, boundary, hematoxylin, score)
+    features = _pixel_features(labels, ids, objects, origins, sums, first, boundary, hematoxylin is not None,
+                               score is not None)
     features["centroid_x"], features["centroid_y"] = first[3:]
     features["area_px"] = np.abs(0.5 * _ring_sums(x * _next_in_ring(y, starts) - _next_in_ring(x, starts) * y,
                                                   starts))

@@ -209,3 +209,88 @@ def ring_positions(successor: np.ndarray, emitted: np.ndarray) -> tuple[np.ndarr
                 break
             at, rank = successor[at], rank + 1
     return ring, position
+
+
+@numba.njit(**_JIT)
+def window_sums(labels: np.ndarray, origins: np.ndarray, hematoxylin: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Per label, float64 sums over its pixels, added in raster order as ``np.bincount`` adds them.
+
+    Parameters
+    ----------
+    labels : ndarray (H, W) int, 0 = none
+    origins : ndarray (n_labels, 2) int, per label the (x0, y0) of the window its moments are taken in
+    hematoxylin, score : ndarray (H, W) float, or empty ``(0, 0)`` when there are none
+
+    Returns
+    -------
+    ndarray (n_labels, 8) float64: the pixel count, x, y, x², y² and xy in the label's window (``cv2.moments``'
+    raw moments m00, m10, m01, m20, m02, m11), hematoxylin and score (0 when not given).
+    """
+    sums = np.zeros((len(origins), 8))
+    with_hematoxylin, with_score = hematoxylin.size > 0, score.size > 0
+    for row in range(labels.shape[0]):
+        for col in range(labels.shape[1]):
+            label = labels[row, col]
+            if label == 0:
+                continue
+            x, y = col - origins[label, 0], row - origins[label, 1]
+            total = sums[label]
+            total[0] += 1.0
+            total[1] += x
+            total[2] += y
+            total[3] += x * x
+            total[4] += y * y
+            total[5] += x * y
+            if with_hematoxylin:
+                total[6] += np.float64(hematoxylin[row, col])
+            if with_score:
+                total[7] += np.float64(score[row, col])
+    return sums
+
+
+@numba.njit(**_JIT, inline="always")
+def _turn(ax, ay, bx, by, cx, cy) -> int:
+    return (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
+
+
+@numba.njit(**_JIT)
+def _hull_area(xs: np.ndarray, ys: np.ndarray) -> float:
+    """Area of the convex hull of integer points sorted by x then y (Andrew's monotone chain), exact."""
+    n = len(xs)
+    hull = np.empty(2 * n + 1, np.int64)
+    size = 0
+    for sweep in range(2):  # the lower chain left to right, then the upper one back
+        base = size
+        for k in range(n):
+            i = k if sweep == 0 else n - 1 - k
+            while size - base >= 2 and _turn(xs[hull[size - 2]], ys[hull[size - 2]], xs[hull[size - 1]],
+                                             ys[hull[size - 1]], xs[i], ys[i]) <= 0:
+                size -= 1
+            hull[size] = i
+            size += 1
+        size -= 1  # each chain's last point starts the other
+    twice = 0
+    for k in range(size):
+        a, b = hull[k], hull[(k + 1) % size]
+        twice += xs[a] * ys[b] - xs[b] * ys[a]
+    return 0.5 * abs(twice)
+
+
+@numba.njit(**_JIT)
+def hull_areas(owner: np.ndarray, xs: np.ndarray, ys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Area of the convex hull of the integer points (``xs``, ``ys``) of each of ``ids`` (``owner``: each point's
+    id), as ``cv2.contourArea(cv2.convexHull(points))`` gives it (the same double, whole or half)."""
+    order = np.argsort(owner * np.int64(1 << 42) + xs * np.int64(1 << 21) + ys)  # by owner, then x, then y
+    owner, xs, ys = owner[order], xs[order], ys[order]
+    areas = np.zeros(len(ids))
+    start = 0
+    for k in range(len(ids)):
+        while start < len(owner) and owner[start] < ids[k]:
+            start += 1
+        end = start
+        while end < len(owner) and owner[end] == ids[k]:
+            end += 1
+        if end - start >= 3:
+            areas[k] = _hull_area(xs[start:end], ys[start:end])
+        start = end
+    return areas
