@@ -19,7 +19,8 @@ from skimage.filters import threshold_otsu
 from skimage.measure import find_contours
 from skimage.segmentation import find_boundaries
 
-from .kernels import boundary_cells, flood, hull_areas, label_maxima, ring_positions, window_sums
+from .kernels import (boundary_cells, crossings, exact_roots, flood, hull_areas, label_maxima, ring_positions,
+                      window_sums)
 
 
 @dataclass(frozen=True)
@@ -239,8 +240,7 @@ def distance_to_background(mask: np.ndarray) -> np.ndarray:
     top = float(dist.max()) if dist.size else 0.0
     if top > 1000:  # squared distances past ~1e6 no longer round back exactly from single precision
         return ndi.distance_transform_edt(mask).astype(np.float32)
-    squared = np.rint(np.square(dist)).astype(np.int32)
-    return np.sqrt(np.arange(round(top * top) + 2, dtype=np.float64)).astype(np.float32)[squared]
+    return exact_roots(dist)
 
 
 def _with_coreless_components(core_labels: np.ndarray, n: int, mask: np.ndarray) -> np.ndarray:
@@ -448,9 +448,6 @@ _CASE_SEGMENTS = {1: ((0, 2),), 2: ((3, 0),), 3: ((3, 2),), 4: ((2, 1),), 5: ((0
 _SEGMENT_TABLE = np.full((16, 2, 2), -1, np.intp)  # [case, k-th segment, from/to edge]
 for _case, _segments in _CASE_SEGMENTS.items():
     _SEGMENT_TABLE[_case, :len(_segments)] = _segments
-# Each edge's upper or left corner in its cell (row, column offset) and whether the edge is vertical.
-_EDGE_CORNER = np.array([(0, 0), (1, 0), (0, 0), (0, 1)])
-_EDGE_VERTICAL = np.array([False, False, True, True])
 
 
 def _cell_segments(padded: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -472,27 +469,6 @@ def _cell_segments(padded: np.ndarray) -> tuple[np.ndarray, ...]:
     case = np.r_[case, case[saddle]]
     edges = _SEGMENT_TABLE[case, k]
     return cell, label, k, case, edges[:, 0], edges[:, 1]
-
-
-def _crossings(cell: np.ndarray, label: np.ndarray, edge: np.ndarray, padded: np.ndarray, inside: np.ndarray,
-               outside: np.ndarray, level: float) -> tuple[np.ndarray, ...]:
-    """Where each segment end crosses ``level`` on its cell ``edge``, for the segment's label.
-
-    ``inside``/``outside``: the field's value at each pixel (flat, as ``padded``) when it is or is not the
-    label's. Returns the crossing's key (unique per edge and label), the edge's upper/left pixel (row,
-    column, in ``padded``), the edge's orientation and the crossing's fraction along it, as skimage's.
-    """
-    width = padded.shape[1]
-    row, col = np.divmod(cell, width - 1)
-    row, col = row + _EDGE_CORNER[edge, 0], col + _EDGE_CORNER[edge, 1]
-    vertical = _EDGE_VERTICAL[edge]
-    a = row * width + col
-    b = a + np.where(vertical, width, 1)
-    a_in = padded.ravel()[a] == label
-    va = np.where(a_in, inside[a], outside[a])
-    vb = np.where(a_in, outside[b], inside[b])
-    key = (a * 2 + vertical) * 2 + ~a_in
-    return key, row, col, vertical, (level - va) / (vb - va)
 
 
 def _ring_positions(from_key: np.ndarray, to_key: np.ndarray, emitted: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -528,8 +504,8 @@ def _outline_rings(labels: np.ndarray, ids: np.ndarray, origins: np.ndarray, sco
     inside = _padded(np.broadcast_to(level + margin, labels.shape), 1, dtype=np.float64).ravel()
     outside = _padded(np.broadcast_to(level - margin, labels.shape), 1, level - 1.0, np.float64).ravel()
     cell, label, k, case, from_edge, to_edge = _cell_segments(padded)
-    key, row, col, vertical, fraction = _crossings(cell, label, from_edge, padded, inside, outside, level)
-    to_key = _crossings(cell, label, to_edge, padded, inside, outside, level)[0]
+    key, row, col, vertical, fraction = crossings(cell, label, from_edge, padded, inside, outside, level)
+    to_key = crossings(cell, label, to_edge, padded, inside, outside, level)[0]
     ring, position = _ring_positions(key, to_key, (cell * 2 + k) * len(origins) + label)
     # Window coordinates as skimage returns them (the padded map's shifted by the window origin), then the
     # map's, in outline()'s order of operations.

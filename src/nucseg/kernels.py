@@ -294,3 +294,44 @@ def hull_areas(owner: np.ndarray, xs: np.ndarray, ys: np.ndarray, ids: np.ndarra
             areas[k] = _hull_area(xs[start:end], ys[start:end])
         start = end
     return areas
+
+
+@numba.njit(**_JIT)
+def crossings(cell: np.ndarray, label: np.ndarray, edge: np.ndarray, padded: np.ndarray, inside: np.ndarray,
+              outside: np.ndarray, level: float) -> tuple[np.ndarray, ...]:
+    """Where each marching-squares segment end crosses ``level`` on its cell's ``edge`` (0 top, 1 bottom, 2 left,
+    3 right), for the segment's ``label``, as skimage's ``find_contours`` interpolates it.
+
+    ``cell`` is flat over the cells of ``padded`` (a label map with a border of zeros); ``inside``/``outside``:
+    the field's value at each pixel (flat, as ``padded``) when it is or is not the label's. Returns the
+    crossing's key (unique per edge and label), the edge's upper/left pixel (row, column, in ``padded``), whether
+    the edge is vertical and the crossing's fraction along it.
+    """
+    width, flat, n = padded.shape[1], padded.ravel(), len(cell)
+    key, row, col = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    vertical, fraction = np.empty(n, np.bool_), np.empty(n)
+    for i in range(n):
+        r, c = divmod(cell[i], width - 1)
+        r += edge[i] == 1
+        c += edge[i] == 3
+        down = edge[i] >= 2
+        a = r * width + c
+        b = a + (width if down else 1)
+        a_in = flat[a] == label[i]
+        va = inside[a] if a_in else outside[a]
+        vb = outside[b] if a_in else inside[b]
+        key[i] = (a * 2 + down) * 2 + (not a_in)
+        row[i], col[i], vertical[i], fraction[i] = r, c, down, (level - va) / (vb - va)
+    return key, row, col, vertical, fraction
+
+
+@numba.njit(**_JIT)
+def exact_roots(distance: np.ndarray) -> np.ndarray:
+    """Each float32 distance rounded to the whole squared distance it approximates and rooted again in double
+    precision, as float32: ``scipy.ndimage.distance_transform_edt``'s values from OpenCV's."""
+    out = np.empty_like(distance)
+    for i in range(distance.shape[0]):
+        for j in range(distance.shape[1]):
+            d = distance[i, j]
+            out[i, j] = np.float32(np.sqrt(np.float64(np.int32(np.rint(d * d)))))
+    return out
