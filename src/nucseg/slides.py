@@ -121,9 +121,10 @@ register_reader(Reader("openslide", _openslide_recognises, _open_openslide))
 BACKENDS = ("auto", *READERS)  # the CLI's and the config's choices
 
 
-def slide_file(path: Path) -> Path:
-    """The file to open for ``path``: the path itself, or for a folder the first file in it (by name;
-    else in its only subfolder) that a reader recognises (else its first file, which then fails to open).
+def slide_file(path: Path) -> tuple[Path, Reader | None]:
+    """The file to open for ``path``, and the reader that recognised it when one was asked: the path itself
+    (reader None), or for a folder the first file in it (by name; else in its only subfolder) that a reader
+    recognises (else its first file, reader None, which then fails to open).
 
     Raises
     ------
@@ -133,16 +134,17 @@ def slide_file(path: Path) -> Path:
     if not path.exists():
         raise SlideError(f"{path}: file not found")
     if not path.is_dir():
-        return path
+        return path, None
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
     for candidate in files:
-        if pick_reader(candidate, quiet=True) is not None:
-            return candidate
+        reader = pick_reader(candidate, quiet=True)
+        if reader is not None:
+            return candidate, reader
     if not files and len(entries) == 1:  # a linked folder (e.g. a DICOM series)
         return slide_file(entries[0])
     if files:  # none is a slide: opening the first says why
-        return files[0]
+        return files[0], None
     raise SlideError(f"{path}: no slide file in this folder")
 
 
@@ -180,8 +182,8 @@ class Slide:
     def __init__(self, path, backend: str = "auto"):
         if backend != "auto" and backend not in READERS:
             raise ValueError(f"unknown slide backend {backend!r}; choose auto or one of {tuple(READERS)}")
-        self.path = slide_file(Path(path))
-        reader = pick_reader(self.path) if backend == "auto" else READERS[backend]
+        self.path, found = slide_file(Path(path))
+        reader = (found or pick_reader(self.path)) if backend == "auto" else READERS[backend]
         self.backend = reader.name
         try:
             self._slide = reader.open(self.path)
