@@ -1,6 +1,6 @@
 """Compiled loops (numba) for the post-processing steps that no library call does fast enough.
 
-Each gives a library's result to the bit; the tests compare them with the library on maps built to tie.
+Each gives the library result it replaces to the bit; the tests compare them (the flooding on maps built to tie).
 Compiled once per machine (numba's cache beside this file, or in the user's cache folder when that is
 read-only) and released from the GIL, so post-processing threads run them beside the network.
 """
@@ -108,6 +108,19 @@ def flood(relief: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> None:
 
 
 @numba.njit(**_JIT)
+def exact_roots(distance: np.ndarray) -> np.ndarray:
+    """Each float32 distance rounded to the whole squared distance it approximates and rooted again in double
+    precision, as float32: ``scipy.ndimage.distance_transform_edt``'s values from OpenCV's."""
+    out = np.empty_like(distance)
+    for i in range(distance.shape[0]):
+        for j in range(distance.shape[1]):
+            d = distance[i, j]
+            out[i, j] = np.float32(np.sqrt(np.float64(np.int32(np.rint(d * d)))))
+    return out
+
+
+
+@numba.njit(**_JIT)
 def _below_a_neighbour(image, labels, row, col, radius) -> bool:
     """Whether a pixel of the same label within ``radius`` (a square window, clipped to the map) is higher."""
     height, width = labels.shape
@@ -182,10 +195,46 @@ def boundary_cells(padded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
                 n = counts[first]
                 cells[first, n], labels[first, n], cases[first, n] = row * (width - 1) + col, label, case
                 counts[first] += 1
-    return (np.concatenate((cells[0, :counts[0]], cells[1, :counts[1]], cells[2, :counts[2]], cells[3, :counts[3]])),
-            np.concatenate((labels[0, :counts[0]], labels[1, :counts[1]], labels[2, :counts[2]],
-                            labels[3, :counts[3]])),
-            np.concatenate((cases[0, :counts[0]], cases[1, :counts[1]], cases[2, :counts[2]], cases[3, :counts[3]])))
+    return _joined(cells, counts), _joined(labels, counts), _joined(cases, counts)
+
+
+@numba.njit(**_JIT)
+def _joined(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The first ``counts[j]`` values of each row ``j``, one row after another."""
+    out, start = np.empty(counts.sum(), rows.dtype), 0
+    for j in range(len(counts)):
+        out[start:start + counts[j]] = rows[j, :counts[j]]
+        start += counts[j]
+    return out
+
+
+@numba.njit(**_JIT)
+def crossings(cell: np.ndarray, label: np.ndarray, edge: np.ndarray, padded: np.ndarray, inside: np.ndarray,
+              outside: np.ndarray, level: float) -> tuple[np.ndarray, ...]:
+    """Where each marching-squares segment end crosses ``level`` on its cell's ``edge`` (0 top, 1 bottom, 2 left,
+    3 right), for the segment's ``label``, as skimage's ``find_contours`` interpolates it.
+
+    ``cell`` is flat over the cells of ``padded`` (a label map with a border of zeros); ``inside``/``outside``:
+    the field's value at each pixel (flat, as ``padded``) when it is or is not the label's. Returns the
+    crossing's key (unique per edge and label), the edge's upper/left pixel (row, column, in ``padded``), whether
+    the edge is vertical and the crossing's fraction along it.
+    """
+    width, flat, n = padded.shape[1], padded.ravel(), len(cell)
+    key, row, col = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    vertical, fraction = np.empty(n, np.bool_), np.empty(n)
+    for i in range(n):
+        r, c = divmod(cell[i], width - 1)
+        r += edge[i] == 1
+        c += edge[i] == 3
+        down = edge[i] >= 2
+        a = r * width + c
+        b = a + (width if down else 1)
+        a_in = flat[a] == label[i]
+        va = inside[a] if a_in else outside[a]
+        vb = outside[b] if a_in else inside[b]
+        key[i] = (a * 2 + down) * 2 + (not a_in)
+        row[i], col[i], vertical[i], fraction[i] = r, c, down, (level - va) / (vb - va)
+    return key, row, col, vertical, fraction
 
 
 @numba.njit(**_JIT)
@@ -294,44 +343,3 @@ def hull_areas(owner: np.ndarray, xs: np.ndarray, ys: np.ndarray, ids: np.ndarra
             areas[k] = _hull_area(xs[start:end], ys[start:end])
         start = end
     return areas
-
-
-@numba.njit(**_JIT)
-def crossings(cell: np.ndarray, label: np.ndarray, edge: np.ndarray, padded: np.ndarray, inside: np.ndarray,
-              outside: np.ndarray, level: float) -> tuple[np.ndarray, ...]:
-    """Where each marching-squares segment end crosses ``level`` on its cell's ``edge`` (0 top, 1 bottom, 2 left,
-    3 right), for the segment's ``label``, as skimage's ``find_contours`` interpolates it.
-
-    ``cell`` is flat over the cells of ``padded`` (a label map with a border of zeros); ``inside``/``outside``:
-    the field's value at each pixel (flat, as ``padded``) when it is or is not the label's. Returns the
-    crossing's key (unique per edge and label), the edge's upper/left pixel (row, column, in ``padded``), whether
-    the edge is vertical and the crossing's fraction along it.
-    """
-    width, flat, n = padded.shape[1], padded.ravel(), len(cell)
-    key, row, col = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
-    vertical, fraction = np.empty(n, np.bool_), np.empty(n)
-    for i in range(n):
-        r, c = divmod(cell[i], width - 1)
-        r += edge[i] == 1
-        c += edge[i] == 3
-        down = edge[i] >= 2
-        a = r * width + c
-        b = a + (width if down else 1)
-        a_in = flat[a] == label[i]
-        va = inside[a] if a_in else outside[a]
-        vb = outside[b] if a_in else inside[b]
-        key[i] = (a * 2 + down) * 2 + (not a_in)
-        row[i], col[i], vertical[i], fraction[i] = r, c, down, (level - va) / (vb - va)
-    return key, row, col, vertical, fraction
-
-
-@numba.njit(**_JIT)
-def exact_roots(distance: np.ndarray) -> np.ndarray:
-    """Each float32 distance rounded to the whole squared distance it approximates and rooted again in double
-    precision, as float32: ``scipy.ndimage.distance_transform_edt``'s values from OpenCV's."""
-    out = np.empty_like(distance)
-    for i in range(distance.shape[0]):
-        for j in range(distance.shape[1]):
-            d = distance[i, j]
-            out[i, j] = np.float32(np.sqrt(np.float64(np.int32(np.rint(d * d)))))
-    return out
