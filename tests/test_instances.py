@@ -418,18 +418,21 @@ def test_compiled_flood_breaks_ties_as_skimages_heap_does(rng):
 
     from nucseg.kernels import flood
 
-    differs = 0
+    differs = negative_zeros = 0
     for trial in range(200):
         shape = tuple(rng.integers(3, 40, 2))
-        relief = -rng.integers(0, 3, shape).astype(np.float32) * (trial % 2)  # 0.0 and -0.0 tie
-        relief += rng.integers(0, 3, shape).astype(np.float32) if trial % 4 < 2 else rng.random(shape) * 0.01
+        levels = rng.integers(-2, 3, shape) if trial % 4 < 2 else rng.random(shape) * 0.01
+        relief = np.asarray(levels if trial % 2 else np.abs(levels), np.float32)  # the same levels in float32
+        if trial % 4 == 1:  # -0.0 ties with 0.0
+            relief[(relief == 0) & (rng.random(shape) < 0.5)] = -0.0
+            negative_zeros += np.signbit(relief[relief == 0]).any()
         mask = rng.random(shape) < 0.8
         markers = np.where(mask & (rng.random(shape) < 0.08), rng.integers(1, 6, shape), 0).astype(np.int32)
         expected = watershed(relief, markers, mask=mask)
         differs += not np.array_equal(expected, watershed(relief.T, markers.T, mask=mask.T).T)  # another order
-        flood(relief.astype(np.float32), markers, mask)
+        flood(relief, markers, mask)
         np.testing.assert_array_equal(markers, expected)
-    assert differs > 50  # maps where the order of flooding matters
+    assert differs > 50 and negative_zeros > 40  # maps where the order of flooding matters; -0.0 in them
 
 
 def test_compiled_hull_areas_are_opencvs(rng):

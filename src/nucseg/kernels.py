@@ -329,7 +329,8 @@ def _hull_area(xs: np.ndarray, ys: np.ndarray) -> float:
 def hull_areas(owner: np.ndarray, xs: np.ndarray, ys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Area of the convex hull of the integer points (``xs``, ``ys``) of each of ``ids`` (``owner``: each point's
     id), as ``cv2.contourArea(cv2.convexHull(points))`` gives it (the same double, whole or half)."""
-    order = np.argsort(owner * np.int64(1 << 42) + xs * np.int64(1 << 21) + ys)  # by owner, then x, then y
+    # By owner, then x, then y, in one key: ids and coordinates below 2**21 (a map of 2 million px a side).
+    order = np.argsort(owner * np.int64(1 << 42) + xs * np.int64(1 << 21) + ys)
     owner, xs, ys = owner[order], xs[order], ys[order]
     areas = np.zeros(len(ids))
     start = 0
