@@ -76,6 +76,18 @@ def test_real_slide_without_mpp_uses_fallback_and_says_so(tmp_path):
     assert facts["tissue_area_mm2"] > 0.1
 
 
+def test_blur_verdict_does_not_depend_on_the_working_resolution(tmp_path):
+    """The real 10x-equivalent frozen section, given its ~1 µm/px: sampled for textures at 0.25 or at 0.5
+    µm/px (the shipped model's, which config/adapt.yaml and config/train.yaml set), its sharpness is
+    measured on the same pixels, so turning adaptation on cannot fail a slide that passes without it."""
+    facts = [detect_tissue(need(TCGA_TS), tmp_path / str(w), "ts1", mpp_work=w, mpp_override=1.0)
+             for w in (0.25, 0.5)]
+    keys = ("status", "sharpness_median", "blurred_fraction", "n_sharpness_patches")
+    assert facts[0]["n_tissue_tiles"] > facts[1]["n_tissue_tiles"]  # two tile grids, one blur sample
+    assert {k: facts[0][k] for k in keys} == {k: facts[1][k] for k in keys}
+    assert facts[0]["status"] == "ok" and facts[0]["n_sharpness_patches"] == 16
+
+
 def test_real_slide_with_mpp(tmp_path):
     facts = detect_tissue(need(CMU), tmp_path, "cmu", backend="openslide")
     assert facts["status"] == "ok" and facts["mpp"] == pytest.approx(0.499)

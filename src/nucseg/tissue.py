@@ -59,6 +59,7 @@ class TissueParams:
     pen_margin_um: float = 40.0      # tissue this close to ink is dropped with it (stroke edges, halo)
     max_pen_fraction: float = 0.3    # ink share of tissue + ink above this fails the slide
     blur_mpp: float = 1.0            # resolution the sharpness of the sampled patches is measured at
+    blur_patch_um: float = 64.0      # their edge (µm); read for the blur check alone, whatever mpp_work is
     min_sharpness: float = 250.0     # variance of the Laplacian over tissue pixels; below: blurred patch
     max_blurred_fraction: float = 0.5  # share of blurred sampled patches above this fails the slide
 
@@ -146,9 +147,9 @@ def sharpness(rgb: np.ndarray, mpp: float, target_mpp: float = 1.0) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_32F, ksize=1)[tissue].var())
 
 
-def blur_facts(patches: np.ndarray, mpp: float, params: TissueParams = TissueParams()) -> dict:
-    """Median sharpness of sampled tissue patches and the share of them that is blurred."""
-    values = np.array([sharpness(p, mpp, params.blur_mpp) for p in patches], float)
+def blur_facts(patches: np.ndarray, params: TissueParams = TissueParams()) -> dict:
+    """Median sharpness of tissue patches read at ``params.blur_mpp`` and the share of them that is blurred."""
+    values = np.array([sharpness(p, params.blur_mpp, params.blur_mpp) for p in patches], float)
     values = values[~np.isnan(values)]
     if not len(values):
         return {"sharpness_median": None, "blurred_fraction": None, "n_sharpness_patches": 0}
@@ -278,13 +279,27 @@ def sample_patches(slide, tiles: pd.DataFrame, n: int, patch_size: int, scale_wo
     return np.stack(patches)
 
 
+def sharpness_patches(slide, mask: np.ndarray, scale: float, mpp: float, params: TissueParams,
+                      seed: int) -> np.ndarray:
+    """Up to ``params.n_patches`` tissue patches of ``params.blur_patch_um`` read at ``params.blur_mpp``.
+
+    Drawn from a grid of their own size over ``mask`` (``scale``: mask px per level-0 px), so the blur
+    verdict depends neither on ``mpp_work`` nor on the tile size: a slide that passes with one
+    configuration passes with any other.
+    """
+    side0 = params.blur_patch_um / mpp
+    grid = tile_grid(mask, scale, side0, slide.dimensions, params.min_tile_fraction)
+    size = max(8, round(params.blur_patch_um / params.blur_mpp))
+    return sample_patches(slide, grid, params.n_patches, size, mpp / params.blur_mpp, seed)
+
+
 def slide_tissue(slide, mpp: float, params: TissueParams = TissueParams()):
     """Thumbnail at ``params.mask_mpp`` and its pen-ink and tissue masks (ink excluded from tissue).
 
     Returns
     -------
     thumb : ndarray (h, w, 3) uint8
-    scale : float, level-0 px per thumbnail px
+    scale : float, thumbnail px per level-0 px
     ink, tissue : ndarray (h, w) bool
     """
     thumb, scale = slide.read_thumbnail(params.mask_mpp, mpp)
@@ -347,7 +362,8 @@ def detect_tissue(slide_path, out_dir, slide_id: str, *, mpp_work: float = 0.25,
             _check(facts, params)
             patches = sample_patches(slide, tiles, params.n_patches, params.patch_size,
                                      info.mpp / mpp_work, seed_from(slide_id))
-            facts.update(blur_facts(patches, mpp_work, params))
+            facts.update(blur_facts(sharpness_patches(slide, mask, scale, info.mpp, params, seed_from(slide_id)),
+                                    params))
             _check(facts, params)
     except Exception as exc:  # this slide's problem, whatever it is: recorded, never a failed job
         reason = str(exc).replace(str(slide_path) + ": ", "")
