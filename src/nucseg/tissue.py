@@ -128,18 +128,14 @@ def _off_border(mask: np.ndarray) -> np.ndarray:
     return keep[labels]
 
 
-def sharpness(rgb: np.ndarray, mpp: float, target_mpp: float = 1.0) -> float:
-    """Variance of the Laplacian of the grey image at ``target_mpp`` over its tissue pixels.
+def sharpness(rgb: np.ndarray) -> float:
+    """Variance of the Laplacian of the grey image over its tissue pixels.
 
-    Measured at a moderate resolution (1 µm/px) so 20x and 40x scans are comparable. NaN when less than
-    a quarter of the patch is tissue (glass and fat are smooth whatever the focus). Measured values:
-    sharp real tissue 350-4800 (10th percentile >= 800); the same after a 1 µm Gaussian blur 90-410,
-    after 2 µm 10-45.
+    For patches read at a moderate resolution (``TissueParams.blur_mpp``, 1 µm/px) so 20x and 40x scans are
+    comparable. NaN when less than a quarter of the patch is tissue (glass and fat are smooth whatever the
+    focus). Measured values: sharp real tissue 350-4800 (10th percentile >= 800); the same after a 1 µm
+    Gaussian blur 90-410, after 2 µm 10-45.
     """
-    f = mpp / target_mpp
-    if abs(f - 1) > 1e-3:
-        size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
     tissue = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1] > 20
     if tissue.mean() < 0.25:
@@ -149,7 +145,7 @@ def sharpness(rgb: np.ndarray, mpp: float, target_mpp: float = 1.0) -> float:
 
 def blur_facts(patches: np.ndarray, params: TissueParams = TissueParams()) -> dict:
     """Median sharpness of tissue patches read at ``params.blur_mpp`` and the share of them that is blurred."""
-    values = np.array([sharpness(p, params.blur_mpp, params.blur_mpp) for p in patches], float)
+    values = np.array([sharpness(p) for p in patches], float)
     values = values[~np.isnan(values)]
     if not len(values):
         return {"sharpness_median": None, "blurred_fraction": None, "n_sharpness_patches": 0}
