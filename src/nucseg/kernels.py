@@ -119,7 +119,6 @@ def exact_roots(distance: np.ndarray) -> np.ndarray:
     return out
 
 
-
 @numba.njit(**_JIT)
 def _below_a_neighbour(image, labels, row, col, radius) -> bool:
     """Whether a pixel of the same label within ``radius`` (a square window, clipped to the map) is higher."""
